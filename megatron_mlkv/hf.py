@@ -1,0 +1,79 @@
+"""Reading and writing transformers-format folders: the one export path for conversion and training."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import MLKVConfig
+from .configuration_mlkv import MLKVGPTNeoXConfig
+from .model import MLKVTransformer
+from .modeling_mlkv import MLKVForCausalLM
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be read or written; the message names the path."""
+
+
+def copy_tokenizer_files(src: str | os.PathLike | None, dst: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files found in folder `src` (if any) into `dst`; returns their names."""
+    if src is None or not Path(src).is_dir():
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def export_pretrained(state_dict: dict, config: MLKVConfig, out_dir: str | os.PathLike, *,
+                      tokenizer_from: str | os.PathLike | None = None, overwrite: bool = False,
+                      max_shard_size: str = "2GB", dtype: torch.dtype | None = None,
+                      hf_kwargs: dict | None = None) -> Path:
+    """Write an `MLKVTransformer` state dict as a transformers folder that loads with
+    `AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)` without this package.
+
+    `hf_kwargs` adds config attributes such as the base's `bos_token_id`/`eos_token_id`. Written to
+    a temporary sibling and renamed at the end, so `out_dir` is either complete or absent.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    hf_config = MLKVGPTNeoXConfig.from_model_config(config, **(hf_kwargs or {}))
+    with torch.device("meta"):
+        model = MLKVForCausalLM(hf_config)
+    state = {f"model.{k}": (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+             for k, v in state_dict.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    if dtype is not None:
+        model.config.dtype = dtype
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        copy_tokenizer_files(tokenizer_from, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MLKVTransformer:
+    """Load an exported folder into the plain PyTorch model (for training and benchmarks)."""
+    if not (Path(path) / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json; expected a folder written by launch/convert.py")
+    try:
+        hf_model = MLKVForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot load the checkpoint ({str(e).splitlines()[0]})") from None
+    return hf_model.model
