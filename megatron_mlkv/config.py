@@ -99,6 +99,18 @@ class MLKVConfig:
         embeddings = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return embeddings + 2 * d + self.num_layers * per_layer + self.layout.kv_layers * kv
 
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6·N + 12·l·d·s, N = matmul weights outside the input embedding.
+
+        N counts the K/V projections of owner layers only, so MLKV's saved compute shows up in MFU.
+        """
+        d, dk = self.hidden_size, self.head_dim
+        attention = 2 * d * self.num_heads * dk
+        mlp = 2 * d * self.intermediate_size
+        kv = 2 * d * self.num_kv_heads * dk
+        n = self.num_layers * (attention + mlp) + self.layout.kv_layers * kv + d * self.vocab_size
+        return 6 * n + 12 * self.num_layers * d * seq_len
+
     # --- transformers config interchange (attribute names of GPTNeoXConfig) ---
 
     @classmethod

@@ -151,3 +151,12 @@ def cache_size_table(layers: int, heads: int, head_dim: int, batch: int, seq: in
                      "elements": elements, "bytes": elements * size, "gib": elements * size / 2**30,
                      "ratio_to_mha": elements / mha})
     return rows
+
+
+def format_cache_table(rows: list[dict]) -> str:
+    """`cache_size_table` rows as a markdown table."""
+    lines = ["| scheme | formula | KV heads | elements | bytes | GiB | vs MHA |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['scheme']} | {r['formula']} | {r['kv_heads_total']} | {r['elements']:,} | "
+                     f"{r['bytes']:,} | {r['gib']:.3f} | {r['ratio_to_mha']:.4f} |")
+    return "\n".join(lines)

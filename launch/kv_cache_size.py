@@ -1,0 +1,37 @@
+"""The theoretical KV cache size of MHA, GQA, MQA and MLKV for one model shape (the paper's Table 1).
+
+python launch/kv_cache_size.py --layers 96 --heads 96 --head-dim 128 --batch 8 --seq 1024 \
+    --kv-layers 24 --kv-groups 8 --dtype fp16
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from megatron_mlkv.layout import DTYPE_BYTES, LayoutError, cache_size_table, format_cache_table
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, required=True, help="l, decoder layers")
+    p.add_argument("--heads", type=int, required=True, help="h, query heads per layer")
+    p.add_argument("--head-dim", type=int, required=True, help="d_k")
+    p.add_argument("--batch", type=int, default=1, help="b")
+    p.add_argument("--seq", type=int, default=2048, help="s, cached tokens")
+    p.add_argument("--kv-layers", type=int, required=True, help="m, layers that own KV (MLKV)")
+    p.add_argument("--kv-groups", type=int, required=True, help="g, KV heads per owner layer (GQA, MLKV)")
+    p.add_argument("--dtype", default="fp16", choices=sorted(DTYPE_BYTES))
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    args = p.parse_args(argv)
+    try:
+        rows = cache_size_table(args.layers, args.heads, args.head_dim, args.batch, args.seq,
+                                args.kv_layers, args.kv_groups, args.dtype)
+    except LayoutError as e:
+        sys.exit(f"error: {e}")
+    print(format_cache_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
