@@ -212,12 +212,9 @@ def valid_tp_sizes(num_heads: int, num_kv_heads: int, max_tp: int | None = None)
 
 
 def check_tp_config(config: MLKVConfig, tp: int) -> str:
-    """`validate_tp` for a model config plus the MLP width; returns 'shard' or 'replicate'."""
-    mode = validate_tp(config.num_heads, config.num_kv_heads, tp)
-    if config.intermediate_size % tp:
-        raise TensorParallelError(f"intermediate_size = {config.intermediate_size} is not divisible by "
-                                  f"T = {tp} (h = {config.num_heads}, g = {config.num_kv_heads})")
-    return mode
+    """`validate_tp` for a model config; returns 'shard' or 'replicate'. Any MLP width works: one
+    that T does not divide (conversion matches parameter counts, e.g. 3,093) is zero-padded."""
+    return validate_tp(config.num_heads, config.num_kv_heads, tp)
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
@@ -418,14 +415,15 @@ class RowParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group=None, *,
-                 input_is_parallel: bool = True, device=None, dtype=None):
+                 input_is_parallel: bool = True, pad: bool = False, device=None, dtype=None):
         super().__init__()
         tp = group_size(group)
-        self.spec = _spec(in_features, 1, tp)
+        self.spec = _spec(in_features, 1, tp, padded=pad)
         self.in_features, self.out_features = in_features, out_features
+        self.local_in_features = self.spec.padded_size // tp
         self.group, self.input_is_parallel = group, input_is_parallel
         factory = dict(device=device, dtype=dtype)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // tp, **factory))
+        self.weight = nn.Parameter(torch.empty(out_features, self.local_in_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         _tag(self.weight, True, 1)  # the bias stays untagged: replicated, counted on TP rank 0
 
@@ -451,7 +449,7 @@ class RowParallelLinear(nn.Module):
 
     def extra_repr(self) -> str:
         tp = group_size(self.group)
-        return (f"in_features={self.in_features} (local {self.in_features // tp}), "
+        return (f"in_features={self.in_features} (local {self.local_in_features}), "
                 f"out_features={self.out_features}, bias={self.bias is not None}")
 
 
@@ -590,8 +588,10 @@ MLKV_TP_PLAN: dict[str, str] = {
     "layers.*.attention.key": "colwise_kv",
     "layers.*.attention.value": "colwise_kv",
     "layers.*.attention.dense": "rowwise",
-    "layers.*.mlp.dense_h_to_4h": "colwise",
-    "layers.*.mlp.dense_4h_to_h": "rowwise",
+    # MLP width zero-padded to a multiple of T: padded units have zero weights in and out, so
+    # gelu(0) = 0 adds nothing, their gradients are exactly 0 and they stay 0 (dropped on export)
+    "layers.*.mlp.dense_h_to_4h": "colwise_padded",
+    "layers.*.mlp.dense_4h_to_h": "rowwise_padded",
     "embed_out": "vocab_head",
 }
 
@@ -613,10 +613,11 @@ def shard_specs(config: MLKVConfig, tp: int) -> dict[str, ShardSpec]:
     for key, tensor in full.state_dict(keep_vars=True).items():
         module_name, _, param = key.rpartition(".")
         style = _style(module_name)
-        if style in ("colwise", "colwise_kv"):
-            specs[key] = _spec(tensor.shape[0], 0, tp if style == "colwise" else s_kv)
-        elif style == "rowwise" and param == "weight":
-            specs[key] = _spec(tensor.shape[1], 1, tp)
+        if style in ("colwise", "colwise_kv", "colwise_padded"):
+            specs[key] = _spec(tensor.shape[0], 0, s_kv if style == "colwise_kv" else tp,
+                               padded=style == "colwise_padded")
+        elif style in ("rowwise", "rowwise_padded") and param == "weight":
+            specs[key] = _spec(tensor.shape[1], 1, tp, padded=style == "rowwise_padded")
         elif style in ("vocab_embedding", "vocab_head"):
             specs[key] = _spec(tensor.shape[0], 0, tp, padded=True)
         else:
@@ -689,7 +690,7 @@ class TensorParallelPlan:
         c, t = self.config, self.tp_size
         kv = (f"{c.num_kv_heads // t} KV heads/rank (sharded)" if self.kv_mode == "shard" else
               f"1 KV head/rank, each replicated on {t // c.num_kv_heads} ranks")
-        return (f"TP={t}: {c.num_heads // t} query heads/rank, {kv}, MLP {c.intermediate_size // t}/rank, "
+        return (f"TP={t}: {c.num_heads // t} query heads/rank, {kv}, MLP {-(-c.intermediate_size // t)}/rank, "
                 f"vocabulary {self.local_vocab_size}/rank (padded {c.vocab_size} -> {self.padded_vocab_size})")
 
     def kv_heads(self, tp_rank: int | None = None) -> list[int]:
@@ -705,13 +706,13 @@ class TensorParallelPlan:
             return ColumnParallelLinear.from_linear(module, g, pad=True)  # never gathered
         if style == "enter_region":
             return TPRegionLayerNorm.from_layer_norm(module, g)
-        if style == "colwise":  # input already entered the region in the preceding TPRegionLayerNorm
-            return ColumnParallelLinear.from_linear(module, g, copy_input=False)
+        if style in ("colwise", "colwise_padded"):  # input entered the region in the preceding LayerNorm
+            return ColumnParallelLinear.from_linear(module, g, copy_input=False, pad=style == "colwise_padded")
         if style == "colwise_kv":
             return ColumnParallelLinear.from_linear(module, g, num_shards=self.kv_shards,
                                                     replica_group=self.replica_group, copy_input=False)
-        if style == "rowwise":
-            return RowParallelLinear.from_linear(module, g)
+        if style in ("rowwise", "rowwise_padded"):
+            return RowParallelLinear.from_linear(module, g, pad=style == "rowwise_padded")
         raise TensorParallelError(f"unknown tensor-parallel style '{style}'")
 
     def apply(self, model: MLKVTransformer) -> MLKVTransformer:
