@@ -1,0 +1,618 @@
+"""Uptraining with DeepSpeed: the loop behind `deepspeed launch/uptrain.py`.
+
+Division of labour: the DeepSpeed JSON config owns batch size, ZeRO stage, precision and gradient
+clipping; this module owns the model, the data order, the optimizer hyper-parameters (the paper's
+AdamW recipe) and the schedule (linear warm-up over 20% of the steps, then cosine decay).
+
+Every run sees the same global batches in the same order whatever the number of ranks: step k
+always trains on rows `RowSampler.batch(k)`, split across data-parallel ranks, and the loss is the
+mean over the real (non-padding) tokens of the whole global batch. So resuming at step k needs only
+k, and ZeRO stages, DP sizes and TP sizes all optimise the same objective.
+
+Run folder:
+    RUN_DIR/run_config.json          what must not change between a run and its resumption
+    RUN_DIR/metrics.jsonl            one JSON object per logged step (and per validation)
+    RUN_DIR/tensorboard/             the same scalars as TensorBoard events
+    RUN_DIR/checkpoints/step_N/      DeepSpeed checkpoints; complete once `step_N/COMPLETE` exists
+    RUN_DIR/hf/step_N/               transformers export of each checkpoint
+    RUN_DIR/eval/step_N.json         lm-evaluation-harness results (with --eval-tasks)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import tensor_parallel as tp
+from .config import MLKVConfig
+from .data import DataError, PackedDataset, RowSampler, collate, rank_slice
+from .hf import CheckpointError, export_pretrained, load_pretrained
+
+COMPLETE = "COMPLETE"
+# run_config.json keys a resumed run must share with the run it continues
+RESUME_KEYS = ("init", "data", "valid_data", "valid_rows", "tp", "seed", "global_batch", "total_steps",
+               "lr", "min_lr_ratio", "warmup_ratio", "weight_decay")
+
+
+class UptrainError(ValueError):
+    """Bad input to an uptraining run; the message names the flag, file or value."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; training stops and the last good checkpoint stays."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration: the DeepSpeed JSON and the schedule
+# --------------------------------------------------------------------------------------------------
+
+def load_ds_config(path: str, world_size: int, tp_size: int) -> dict:
+    """Read and check a DeepSpeed config; fill `train_batch_size` and the gradient accumulation.
+
+    Returns the dict to hand to `deepspeed.initialize`. A contradiction (batch sizes that do not
+    multiply out, bf16 and fp16 both on, ZeRO-3 with tensor parallelism) is an `UptrainError`.
+    """
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise UptrainError(f"--ds_config {path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise UptrainError(f"--ds_config {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(cfg, dict):
+        raise UptrainError(f"--ds_config {path}: expected a JSON object")
+    if world_size % tp_size:
+        raise UptrainError(f"--tp {tp_size} must divide the number of ranks {world_size}")
+    dp = world_size // tp_size
+    micro = cfg.get("train_micro_batch_size_per_gpu")
+    gas = cfg.get("gradient_accumulation_steps")
+    total = cfg.get("train_batch_size")
+    for key, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", gas),
+                       ("train_batch_size", total)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UptrainError(f"--ds_config {path}: {key} = {value!r} must be a positive integer")
+    if micro is None and (total is None or gas is None):
+        if total is None:
+            raise UptrainError(f"--ds_config {path}: set train_micro_batch_size_per_gpu (or train_batch_size)")
+        gas = gas or 1
+    if micro is None:
+        if total % (gas * dp):
+            raise UptrainError(f"--ds_config {path}: train_batch_size {total} is not divisible by "
+                               f"gradient_accumulation_steps {gas} x {dp} data-parallel ranks")
+        micro = total // (gas * dp)
+    if gas is None:
+        gas = 1 if total is None else total // (micro * dp)
+        if gas < 1 or (total is not None and total % (micro * dp)):
+            raise UptrainError(f"--ds_config {path}: train_batch_size {total} is not a multiple of "
+                               f"micro-batch {micro} x {dp} data-parallel ranks")
+    if total is not None and total != micro * gas * dp:
+        raise UptrainError(f"--ds_config {path}: train_batch_size {total} != train_micro_batch_size_per_gpu "
+                           f"{micro} x gradient_accumulation_steps {gas} x {dp} data-parallel ranks")
+    bf16 = cfg.get("bf16", {}).get("enabled", False)
+    fp16 = cfg.get("fp16", {}).get("enabled", False)
+    if bf16 and fp16:
+        raise UptrainError(f"--ds_config {path}: bf16 and fp16 are both enabled; choose one")
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise UptrainError(f"--ds_config {path}: zero_optimization.stage = {stage!r}; allowed 0, 1, 2, 3")
+    if stage == 3 and tp_size > 1:
+        raise UptrainError(f"--ds_config {path}: ZeRO stage 3 cannot be combined with --tp {tp_size}; "
+                           f"use zero1.json or zero2.json with tensor parallelism")
+    if "optimizer" in cfg or "scheduler" in cfg:
+        raise UptrainError(f"--ds_config {path}: remove the 'optimizer'/'scheduler' sections; uptrain.py "
+                           f"owns them (--lr, --weight-decay, --warmup-ratio)")
+    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas,
+               train_batch_size=micro * gas * dp)
+    cfg.setdefault("gradient_clipping", 1.0)
+    cfg.setdefault("steps_per_print", 10 ** 9)
+    return cfg
+
+
+def lr_factor(step: int, total_steps: int, warmup_ratio: float, min_ratio: float) -> float:
+    """Multiplier of the peak lr before optimizer step `step` (0-based): linear warm-up over
+    `warmup_ratio` of the run, then cosine decay to `min_ratio`."""
+    warmup = int(warmup_ratio * total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices and embeddings, none on biases and LayerNorm."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            (no_decay if name == "bias" or isinstance(module, nn.LayerNorm) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --------------------------------------------------------------------------------------------------
+# The model DeepSpeed wraps
+# --------------------------------------------------------------------------------------------------
+
+class LossModel(nn.Module):
+    """The MLKV model plus its next-token losses, computed inside forward so that ZeRO-3 has every
+    weight the loss uses gathered. Returns per-token float32 losses (b, s-1), 0 where ignored."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids)
+        return tp.token_losses(self.model, logits[:, :-1], labels[:, 1:])
+
+
+# --------------------------------------------------------------------------------------------------
+# Run folder: checkpoints, metrics
+# --------------------------------------------------------------------------------------------------
+
+def complete_steps(ckpt_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints under `ckpt_dir`, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    steps = []
+    for d in ckpt_dir.iterdir():
+        if d.name.startswith("step_") and d.name[5:].isdigit() and (d / COMPLETE).is_file():
+            steps.append(int(d.name[5:]))
+    return sorted(steps)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """metrics.jsonl plus TensorBoard scalars (rank 0 only). On resume at step k, records after k
+    (logged by the interrupted run after its last checkpoint) are dropped from both."""
+
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if record.get("step", 0) <= start_step:
+                    kept.append(line)
+            atomic_write(self.path, "".join(f"{line}\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.file = open(self.path, "a")
+
+    def log(self, record: dict, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and value is not None:
+                tag = key if "/" in key else f"{prefix}/{key}"
+                self.tb.add_scalar(tag, value, record["step"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------------
+
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype) -> float:
+    """The dense matrix-multiply rate measured on `device` (the MFU denominator)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    reps = 20 if device.type == "cuda" else 3
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def max_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _fault(kind: str, step: int) -> bool:
+    """Test hook: MLKV_FAULT='kill-in-save@N' or 'nan-loss@N' injects that fault at step N."""
+    spec = os.environ.get("MLKV_FAULT", "")
+    return spec == f"{kind}@{step}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+def _fail(message: str, rank: int, code: int = 2) -> None:
+    if rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _open_data(prefix: str, flag: str, config: MLKVConfig) -> PackedDataset:
+    try:
+        ds = PackedDataset(prefix)
+    except (DataError, OSError) as e:
+        raise UptrainError(f"{flag} {prefix}: {e}") from None
+    if ds.seq_len > config.max_position_embeddings:
+        raise UptrainError(f"{flag} {prefix}: rows of {ds.seq_len} tokens exceed the model's "
+                           f"max_position_embeddings {config.max_position_embeddings}")
+    if ds.max_token_id >= config.vocab_size:
+        raise UptrainError(f"{flag} {prefix}: token id {ds.max_token_id} is beyond the model's vocabulary "
+                           f"of {config.vocab_size}; pack with the model's tokenizer")
+    return ds
+
+
+def _distributed_env() -> None:
+    """Environment for a single process started without the deepspeed launcher."""
+    if "RANK" not in os.environ:
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+
+
+class Trainer:
+    """One uptraining run; `Trainer(args).run()` on every rank."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.run_dir = Path(args.out)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.ds_config = load_ds_config(args.ds_config, self.world, args.tp)
+        self.micro = self.ds_config["train_micro_batch_size_per_gpu"]
+        self.gas = self.ds_config["gradient_accumulation_steps"]
+        self.global_batch = self.ds_config["train_batch_size"]
+        init = Path(args.init)
+        if not (init / "config.json").is_file():
+            raise UptrainError(f"--init {init}: no config.json; expected a folder written by launch/convert.py")
+        from .configuration_mlkv import MLKVGPTNeoXConfig
+        try:
+            self.hf_config = MLKVGPTNeoXConfig.from_pretrained(init)
+            self.config = self.hf_config.model_config()
+        except Exception as e:
+            raise UptrainError(f"--init {init}: cannot read config.json ({str(e).splitlines()[0]})") from None
+        if args.tp > 1:
+            try:
+                tp.check_tp_config(self.config, args.tp)
+            except tp.TensorParallelError as e:
+                raise UptrainError(f"--tp {args.tp}: {e}") from None
+        self.data = _open_data(args.data, "--data", self.config)
+        self.valid = _open_data(args.valid_data, "--valid-data", self.config) if args.valid_data else None
+        self._plan_rows()
+
+    def _plan_rows(self) -> None:
+        args, n = self.args, len(self.data)
+        if args.valid_rows < 0:
+            raise UptrainError(f"--valid-rows {args.valid_rows} must be >= 0")
+        if self.valid is not None:
+            self.valid_rows = np.arange(min(len(self.valid), args.valid_rows or len(self.valid)))
+            train_rows = n
+        else:
+            if args.valid_rows >= n:
+                raise UptrainError(f"--valid-rows {args.valid_rows} leaves no training rows of the {n} in --data")
+            self.valid_rows = np.arange(n - args.valid_rows, n)
+            train_rows = n - args.valid_rows
+        self.sampler = RowSampler(train_rows, self.global_batch, seed=args.data_seed)
+        steps_per_pass = train_rows // self.global_batch
+        if args.train_iters is not None:
+            total = args.train_iters
+        elif args.train_tokens is not None:
+            total = math.ceil(args.train_tokens / (self.global_batch * self.data.seq_len))
+        else:
+            total = steps_per_pass
+        if total < 1 or (steps_per_pass < 1 and args.train_iters is None and args.train_tokens is None):
+            raise UptrainError(f"--data {args.data}: {train_rows} training rows make no global batch of "
+                               f"{self.global_batch} rows (micro-batch {self.micro} x accumulation {self.gas} "
+                               f"x data-parallel {self.world // args.tp})")
+        self.total_steps = total
+
+    # --- set-up -----------------------------------------------------------------------------------
+
+    def _run_config(self) -> dict:
+        a = self.args
+        return {"init": str(Path(a.init).resolve()), "data": str(Path(a.data).resolve()),
+                "valid_data": str(Path(a.valid_data).resolve()) if a.valid_data else None,
+                "valid_rows": a.valid_rows, "tp": a.tp, "seed": a.seed, "global_batch": self.global_batch,
+                "total_steps": self.total_steps, "lr": a.lr, "min_lr_ratio": a.min_lr_ratio,
+                "warmup_ratio": a.warmup_ratio, "weight_decay": a.weight_decay, "world_size": self.world,
+                "micro_batch": self.micro, "gradient_accumulation": self.gas, "seq_len": self.data.seq_len,
+                "ds_config": self.ds_config, "layout": self.config.layout.to_dict()}
+
+    def _check_resumable(self) -> None:
+        path = self.run_dir / "run_config.json"
+        current = self._run_config()
+        if path.exists():
+            saved = json.loads(path.read_text())
+            for key in RESUME_KEYS:
+                if saved.get(key) != current[key]:
+                    raise UptrainError(f"--out {self.run_dir} holds a run with {key} = {saved.get(key)!r}, this "
+                                       f"command gives {current[key]!r}; rerun the same command to resume, or "
+                                       f"choose a new --out")
+        elif self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, json.dumps(current, indent=2) + "\n")
+
+    def _build_engine(self):
+        import deepspeed
+        torch.manual_seed(self.args.seed)
+        model = load_pretrained(self.args.init, dtype=torch.float32)
+        if self.args.activation_checkpointing:
+            model.gradient_checkpointing = True
+        if self.device.type == "cuda":
+            model.to(self.device)
+        if self.args.tp > 1:
+            model = tp.parallelize(model, self.groups.tp_group)
+        wrapped = LossModel(model)
+        groups = param_groups(wrapped, self.args.weight_decay)
+        offload = self.ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+        adam = dict(lr=self.args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=self.args.weight_decay)
+        if offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **adam)
+        else:
+            optimizer = torch.optim.AdamW(groups, fused=self.device.type == "cuda", **adam)
+        total, warm, floor = self.total_steps, self.args.warmup_ratio, self.args.min_lr_ratio
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warm, floor))
+        engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=self.ds_config, mpu=self.groups.mpu() if self.args.tp > 1 else None)
+        return engine
+
+    # --- steps ------------------------------------------------------------------------------------
+
+    def _micro_batches(self, step: int):
+        """This rank's `gas` micro-batches of step `step`, and the global batch's real-token count."""
+        rows = self.sampler.batch(step)
+        n_tokens = sum(int(self.data.loss_mask(r)[1:].sum()) for r in rows)
+        mine = rank_slice(rows, self.groups.dp_rank, self.groups.dp_size)
+        batches = [collate(self.data, mine[i * self.micro:(i + 1) * self.micro]) for i in range(self.gas)]
+        return batches, max(1, n_tokens)
+
+    def train_step(self, step: int) -> float:
+        """One optimizer step; returns the global mean token loss."""
+        batches, n_tokens = self._micro_batches(step)
+        scale = self.groups.dp_size * self.gas / n_tokens  # DeepSpeed averages over DP and accumulation
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for batch in batches:
+            losses = self.engine(batch["input_ids"].to(self.device), batch["labels"].to(self.device))
+            total = losses.sum()
+            if _fault("nan-loss", step + 1):
+                total = total * float("nan")
+            loss_sum += total.detach().double().cpu()
+            self.engine.backward(total * scale)
+            self.engine.step()
+        if self.groups.dp_size > 1:
+            dist.all_reduce(loss_sum, group=self.groups.dp_group)
+        return loss_sum.item() / n_tokens
+
+    @torch.no_grad()
+    def validation_loss(self) -> float | None:
+        """Mean token loss over the held-out rows (all ranks; rows split across data-parallel ranks)."""
+        rows = self.valid_rows
+        if len(rows) == 0:
+            return None
+        ds = self.valid if self.valid is not None else self.data
+        self.engine.eval()
+        mine = rows[self.groups.dp_rank::self.groups.dp_size]
+        sums = torch.zeros(2, dtype=torch.float64)
+        for i in range(0, len(mine), self.micro):
+            batch = collate(ds, mine[i:i + self.micro])
+            losses = self.engine(batch["input_ids"].to(self.device), batch["labels"].to(self.device))
+            sums[0] += losses.sum().double().cpu()
+            sums[1] += (batch["labels"][:, 1:] != -100).sum()
+        self.engine.train()
+        if self.groups.dp_size > 1:
+            dist.all_reduce(sums, group=self.groups.dp_group)
+        return (sums[0] / sums[1].clamp(min=1)).item()
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def _full_state_dict(self) -> dict | None:
+        """The TP=1 model state dict on rank 0 (None elsewhere); collective."""
+        stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        if stage == 3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
+            return {k.removeprefix("model."): v for k, v in sd.items()} if self.rank == 0 else None
+        model = self.engine.module.model
+        if self.args.tp > 1:
+            sd = tp.gather_full_state_dict(model, self.groups.tp_group)
+        else:
+            sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return sd if self.rank == 0 else None
+
+    def save(self, step: int, valid_loss: float | None) -> None:
+        tag = f"step_{step}"
+        state = {"step": step, "rows_consumed": step * self.global_batch,
+                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                         "torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}}
+        folder = self.ckpt_dir / tag
+        if self.rank == 0 and folder.exists():  # a save that was cut short: replace it
+            shutil.rmtree(folder)
+        dist.barrier()
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state, save_latest=False)
+        sd = self._full_state_dict()
+        if self.rank == 0:
+            export_dir = self.run_dir / "hf" / tag
+            export_pretrained(sd, self.config, export_dir, tokenizer_from=self.args.init, overwrite=True,
+                              dtype=next(iter(sd.values())).dtype, hf_kwargs=self._hf_kwargs())
+        dist.barrier()
+        if _fault("kill-in-save", step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.rank == 0:
+            atomic_write(folder / COMPLETE, json.dumps({"step": step, "valid_loss": valid_loss}) + "\n")
+            self._prune()
+            if self.args.eval_tasks:
+                self._evaluate(step, self.run_dir / "hf" / tag)
+        dist.barrier()
+
+    def _hf_kwargs(self) -> dict:
+        names = ("bos_token_id", "eos_token_id", "pad_token_id")
+        return {n: getattr(self.hf_config, n) for n in names if getattr(self.hf_config, n, None) is not None}
+
+    def _prune(self) -> None:
+        """Keep the newest `--keep-last` complete checkpoints; drop incomplete ones older than them."""
+        if not self.args.keep_last:
+            return
+        steps = complete_steps(self.ckpt_dir)
+        keep = set(steps[-self.args.keep_last:])
+        for d in self.ckpt_dir.iterdir():
+            if d.is_dir() and d.name.startswith("step_") and d.name[5:].isdigit() and int(d.name[5:]) not in keep \
+                    and int(d.name[5:]) < max(keep):
+                shutil.rmtree(d, ignore_errors=True)
+
+    def _evaluate(self, step: int, model_dir: Path) -> None:
+        from .evaluate import eval_scalars, try_evaluate_checkpoint
+        out = self.run_dir / "eval" / f"step_{step}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result, error = try_evaluate_checkpoint(str(model_dir), self.args.eval_tasks.split(","),
+                                                include_path=self.args.eval_include_path,
+                                                limit=self.args.eval_limit, out_path=str(out))
+        if error is not None:
+            print(f"warning: evaluation at step {step} failed: {error}", file=sys.stderr, flush=True)
+            self.metrics.log({"step": step, "eval_error": error})
+            return
+        self.metrics.log({"step": step, **eval_scalars(result)})
+
+    def _resume(self) -> int:
+        steps = complete_steps(self.ckpt_dir)
+        if not steps:
+            return 0
+        tag = f"step_{steps[-1]}"
+        tp.check_resume_tp(self.ckpt_dir, self.args.tp, tag)
+        _, state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        if state is None:
+            raise CheckpointError(f"{self.ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+        return int(state["step"])
+
+    # --- main loop --------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        import deepspeed
+        from tqdm import tqdm
+
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self._check_resumable()
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.groups = tp.init_groups(self.args.tp)
+        dist.barrier()
+        self.engine = self._build_engine()
+        start = self._resume()
+        self.metrics = MetricsLog(self.run_dir, start, enabled=self.rank == 0)
+        if start >= self.total_steps:
+            if self.rank == 0:
+                print(f"{self.run_dir}: already complete ({start} of {self.total_steps} steps)")
+            return 0
+        seq = self.data.seq_len
+        dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else \
+            torch.float16 if self.ds_config.get("fp16", {}).get("enabled") else torch.float32
+        if self.device.type == "cpu" and dtype != torch.float32:
+            peak = matmul_flops_per_s(self.device, torch.float32)
+        else:
+            peak = matmul_flops_per_s(self.device, dtype)
+        flops_per_token = self.config.flops_per_token(seq)
+        bar = tqdm(total=self.total_steps, initial=start, desc="uptrain", unit="step", disable=self.rank != 0,
+                   dynamic_ncols=True)
+        last_valid = None
+        try:
+            for step in range(start, self.total_steps):
+                t0 = time.perf_counter()
+                lr = self.engine.get_lr()[0]  # the rate this step uses
+                loss = self.train_step(step)
+                if not math.isfinite(loss):
+                    good = complete_steps(self.ckpt_dir)
+                    where = f"the last good checkpoint is {self.ckpt_dir / f'step_{good[-1]}'}" if good else \
+                        "no checkpoint was saved yet"
+                    raise NonFiniteLoss(f"step {step + 1}: the loss is {loss}; stopped, {where}")
+                sync(self.device)
+                dt = time.perf_counter() - t0
+                done = step + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if done % self.args.log_interval == 0 or done == self.total_steps or done == start + 1:
+                    tokens = self.global_batch * seq / dt
+                    norm = self.engine.get_global_grad_norm()
+                    self.metrics.log({
+                        "step": done, "loss": loss, "lr": lr,
+                        "grad_norm": float(norm) if norm is not None else None,
+                        "tokens_per_s": tokens, "tokens_per_s_per_device": tokens / self.world,
+                        "mfu": tokens / self.world * flops_per_token / self.args.tp / peak,
+                        "max_memory_bytes": max_memory_bytes(self.device), "step_time_s": dt,
+                        "rows_consumed": done * self.global_batch})
+                if done % self.args.save_interval == 0 or done == self.total_steps:
+                    last_valid = self.validation_loss()
+                    if last_valid is not None:
+                        self.metrics.log({"step": done, "valid_loss": last_valid}, prefix="valid")
+                        bar.write(f"step {done}: validation loss {last_valid:.4f}") if self.rank == 0 else None
+                    self.save(done, last_valid)
+        finally:
+            bar.close()
+            self.metrics.close()
+        if self.rank == 0:
+            print(f"done: {self.total_steps} steps; TensorBoard: tensorboard --logdir {self.run_dir / 'tensorboard'}; "
+                  f"transformers export: {self.run_dir / 'hf' / f'step_{self.total_steps}'}")
+        return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point for launch/uptrain.py: errors become one line and an exit code."""
+    _distributed_env()
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        return Trainer(args).run()
+    except (UptrainError, CheckpointError, tp.TensorParallelError) as e:
+        _fail(str(e), rank)
+    except NonFiniteLoss as e:
+        _fail(str(e), rank, code=3)
+    return 1

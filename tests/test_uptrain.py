@@ -1,0 +1,328 @@
+"""Uptraining through the real `deepspeed` launcher on the CPU (two gloo ranks).
+
+The oracle for resume is an uninterrupted run of the same command; for ZeRO stages, the ZeRO-2 run.
+Configs are the shipped ones with bf16 off (float32 makes the stage comparison tight) and a
+CPU-sized micro-batch.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_mlkv.convert import convert_checkpoint
+from megatron_mlkv.data import pack
+from megatron_mlkv.demo import train_tokenizer, write_corpus
+from megatron_mlkv.train import lr_factor
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 8
+
+
+def ds_config(tmp: Path, stage_file: str, micro: int = 4, **changes) -> Path:
+    cfg = json.loads((ROOT / "ds_configs" / stage_file).read_text())
+    cfg["train_micro_batch_size_per_gpu"] = micro
+    cfg["bf16"] = {"enabled": False}
+    cfg.update(changes)
+    path = tmp / f"{stage_file.removesuffix('.json')}_{micro}_{len(changes)}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tokenizer, packed train/valid data, a tiny GPT-NeoX base and its MLKV conversion."""
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tmp = tmp_path_factory.mktemp("uptrain")
+    corpus = write_corpus(tmp / "train.jsonl", 300, seed=0)
+    valid = write_corpus(tmp / "valid.jsonl", 30, seed=1)
+    tok_dir = train_tokenizer(corpus, tmp / "tok", vocab_size=300)
+    pack([str(corpus)], str(tok_dir), 64, str(tmp / "train"), progress=False)
+    pack([str(valid)], str(tok_dir), 64, str(tmp / "valid"), progress=False)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(0)
+    base = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=4,
+                                            num_attention_heads=4, intermediate_size=64,
+                                            max_position_embeddings=64, eos_token_id=tok.eos_token_id))
+    base.save_pretrained(tmp / "base")
+    tok.save_pretrained(tmp / "base")
+    convert_checkpoint(str(tmp / "base"), tmp / "mlkv", kv_layers=2, kv_groups=1, progress=False)
+    return tmp
+
+
+def uptrain(workdir: Path, out: Path, config: Path, *extra, ranks: int = 2, env=None, wait=True, init=None):
+    cmd = ["deepspeed", "--num_gpus", str(ranks), str(ROOT / "launch" / "uptrain.py"), "--ds_config", str(config),
+           "--init", str(init or workdir / "mlkv"), "--data", str(workdir / "train"), "--valid-data", str(workdir / "valid"),
+           "--out", str(out), "--train-iters", str(STEPS), "--lr", "3e-3", *map(str, extra)]
+    full_env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                    **(env or {}))
+    if not wait:
+        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def losses(run: Path) -> dict[int, float]:
+    records = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def ok(result) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def zero2_run(workdir):
+    """The uninterrupted reference run: ZeRO-2, 2 ranks, checkpoints every 4 steps."""
+    run = workdir / "runs" / "zero2"
+    ok(uptrain(workdir, run, ds_config(workdir, "zero2.json"), "--save-interval", 4))
+    return run
+
+
+@pytest.mark.slow
+def test_two_rank_zero2_loss_falls_and_everything_is_written(zero2_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForCausalLM
+
+    got = losses(zero2_run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert sum(got[s] for s in (7, 8)) < sum(got[s] for s in (1, 2)) - 0.2
+    records = [json.loads(line) for line in (zero2_run / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if "loss" in r)
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "max_memory_bytes"):
+        assert key in first and first[key] is not None, key
+    lrs = [r["lr"] for r in records if "lr" in r]
+    # warm-up over int(0.2 * 8) = 1 step, then cosine decay from 3e-3 to 3e-4
+    assert lrs == pytest.approx([3e-3 * lr_factor(s, STEPS, 0.2, 0.1) for s in range(STEPS)])
+    assert lrs[0] == pytest.approx(3e-3) and lrs[2] < lrs[1] and lrs[-1] > 3e-4
+    valid = [r["valid_loss"] for r in records if "valid_loss" in r]
+    assert len(valid) == 2 and valid[1] < valid[0]
+    # TensorBoard events hold the same scalars
+    acc = EventAccumulator(str(zero2_run / "tensorboard"))
+    acc.Reload()
+    tb = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert tb.keys() == got.keys()
+    assert all(abs(tb[s] - got[s]) < 1e-5 * abs(got[s]) for s in got)
+    assert [e.step for e in acc.Scalars("valid/valid_loss")] == [4, 8]
+    # complete checkpoints and transformers exports at 4 and 8
+    for step in (4, 8):
+        assert (zero2_run / "checkpoints" / f"step_{step}" / "COMPLETE").is_file()
+        model = AutoModelForCausalLM.from_pretrained(zero2_run / "hf" / f"step_{step}", trust_remote_code=True)
+        assert model.config.num_kv_heads == 1 and model.config.kv_owner == [0, 0, 2, 2]
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_run_does_nothing(workdir, zero2_run):
+    before = (zero2_run / "metrics.jsonl").read_text()
+    result = uptrain(workdir, zero2_run, ds_config(workdir, "zero2.json"), "--save-interval", 4)
+    ok(result)
+    assert "already complete" in result.stdout
+    assert (zero2_run / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_killed_during_a_save_resumes_with_identical_losses(workdir, zero2_run):
+    run = workdir / "runs" / "kill_in_save"
+    config = ds_config(workdir, "zero2.json")
+    killed = uptrain(workdir, run, config, "--save-interval", 2, env={"MLKV_FAULT": "kill-in-save@6"})
+    assert killed.returncode != 0
+    assert (run / "checkpoints" / "step_6").is_dir() and not (run / "checkpoints" / "step_6" / "COMPLETE").exists()
+    assert max(losses(run)) == 6
+    ok(uptrain(workdir, run, config, "--save-interval", 2))
+    assert losses(run) == losses(zero2_run)  # exactly: same rows, lr, optimizer state, RNG
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_resumes_with_identical_losses(workdir, zero2_run):
+    run = workdir / "runs" / "sigkill"
+    config = ds_config(workdir, "zero2.json")
+    proc = uptrain(workdir, run, config, "--save-interval", 3, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and max(losses(run), default=0) >= 5:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 5 <= max(losses(run)) < STEPS
+    ok(uptrain(workdir, run, config, "--save-interval", 3))
+    assert losses(run) == losses(zero2_run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero1.json", "zero3.json"])
+def test_zero_stages_give_the_same_losses(workdir, zero2_run, stage):
+    run = workdir / "runs" / stage.removesuffix(".json")
+    ok(uptrain(workdir, run, ds_config(workdir, stage), "--save-interval", 8))
+    got, ref = losses(run), losses(zero2_run)
+    assert got.keys() == ref.keys()
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), step
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(workdir):
+    run = workdir / "runs" / "nan"
+    result = uptrain(workdir, run, ds_config(workdir, "zero2.json"), "--save-interval", 2,
+                     env={"MLKV_FAULT": "nan-loss@3"})
+    assert result.returncode != 0
+    assert "step 3: the loss is nan" in result.stderr
+    assert "step_2" in result.stderr
+    assert (run / "checkpoints" / "step_2" / "COMPLETE").is_file()
+    assert not (run / "checkpoints" / "step_4").exists()
+
+
+def grad_norms(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["grad_norm"] for r in records if "grad_norm" in r}
+
+
+def assert_same_run(got: Path, ref: Path) -> None:
+    a, b = losses(got), losses(ref)
+    assert a.keys() == b.keys()
+    for step in b:
+        assert a[step] == pytest.approx(b[step], rel=1e-5), step
+    na, nb = grad_norms(got), grad_norms(ref)
+    for step in nb:  # the clipped global norm: sharded grads summed, replicated ones counted once
+        assert na[step] == pytest.approx(nb[step], rel=1e-4), step
+
+
+@pytest.mark.slow
+def test_tp2_with_replicated_kv_heads_matches_tp1(workdir, zero2_run):
+    """MLKV m=2, g=1 < T=2: each KV head replicated on both ranks, non-owner layers reuse the local
+    shard. TP=2 x DP=1 with micro-batch 8 sees the same global batches as TP=1 x DP=2 with 4."""
+    run = workdir / "runs" / "tp2_mlkv"
+    ok(uptrain(workdir, run, ds_config(workdir, "zero2.json", micro=8), "--tp", 2, "--save-interval", 8))
+    assert_same_run(run, zero2_run)
+    # the export merges the TP shards into the TP=1 layout
+    ref = load_file_dir(zero2_run / "hf" / f"step_{STEPS}")
+    got = load_file_dir(run / "hf" / f"step_{STEPS}")
+    assert got.keys() == ref.keys()
+    assert all(got[k].shape == ref[k].shape for k in ref)
+
+
+@pytest.mark.slow
+def test_tp2_with_sharded_kv_heads_matches_tp1(workdir):
+    """g = 2 = T: each rank owns one KV head; m = 2 < l = 4."""
+    gqa = workdir / "mlkv_2_2"
+    if not gqa.exists():
+        convert_checkpoint(str(workdir / "base"), gqa, 2, 2, progress=False)
+    ref, run = workdir / "runs" / "tp1_g2", workdir / "runs" / "tp2_g2"
+    ok(uptrain(workdir, ref, ds_config(workdir, "zero2.json", micro=8), "--save-interval", 8, ranks=1, init=gqa))
+    ok(uptrain(workdir, run, ds_config(workdir, "zero2.json", micro=8), "--tp", 2, "--save-interval", 8, init=gqa))
+    assert_same_run(run, ref)
+
+
+@pytest.mark.slow
+def test_tp2_times_dp2_with_zero2_matches(workdir, zero2_run):
+    run = workdir / "runs" / "tp2_dp2"
+    ok(uptrain(workdir, run, ds_config(workdir, "zero2.json"), "--tp", 2, "--save-interval", 4, ranks=4))
+    assert_same_run(run, zero2_run)
+    # resume keeps T: a different --tp is refused with the saved value named
+    result = uptrain(workdir, run, ds_config(workdir, "zero2.json"), "--tp", 1, "--save-interval", 4, ranks=4)
+    assert result.returncode != 0 and "tp" in result.stderr
+
+
+def load_file_dir(folder: Path) -> dict:
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input: one line, exit code 2, before the first step (single process, no launcher needed)
+# --------------------------------------------------------------------------------------------------
+
+def run_single(workdir, tmp_path, *args, env=None, init=None, data=None, config=None):
+    cmd = [sys.executable, str(ROOT / "launch" / "uptrain.py"), "--ds_config",
+           str(config or ds_config(workdir, "zero2.json")), "--init", str(init or workdir / "mlkv"),
+           "--data", str(data or workdir / "train"), "--out", str(tmp_path / "run"), *map(str, args)]
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run(cmd, env={**clean, **(env or {})}, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("changes,fragments", [
+    ({"train_batch_size": 7}, ["train_batch_size 7", "micro"]),
+    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, ["bf16 and fp16"]),
+    ({"optimizer": {"type": "Adam"}}, ["optimizer"]),
+    ({"train_micro_batch_size_per_gpu": 0}, ["train_micro_batch_size_per_gpu"]),
+])
+def test_contradictory_ds_config_is_rejected(workdir, tmp_path, changes, fragments):
+    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    cfg.update(changes)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(cfg))
+    assert_one_line_error(run_single(workdir, tmp_path, config=path), str(path), *fragments)
+
+
+def test_unreadable_ds_config_and_zero3_with_tp(workdir, tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text('{"train_micro_batch_size_per_gpu": 4,\n oops}')
+    assert_one_line_error(run_single(workdir, tmp_path, config=bad), "invalid JSON at line 2")
+    assert_one_line_error(run_single(workdir, tmp_path, config=tmp_path / "missing.json"), "no such file")
+    two_ranks = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    assert_one_line_error(run_single(workdir, tmp_path, "--tp", 2, config=ds_config(workdir, "zero3.json"),
+                                     env=two_ranks), "ZeRO stage 3", "--tp 2")
+    assert_one_line_error(run_single(workdir, tmp_path, "--tp", 3), "--tp 3 must divide")
+
+
+def test_data_that_does_not_fit_the_model_is_rejected(workdir, tmp_path):
+    long_rows = tmp_path / "long"
+    pack([str(workdir / "valid.jsonl")], str(workdir / "tok"), 128, str(long_rows), progress=False)
+    assert_one_line_error(run_single(workdir, tmp_path, data=long_rows), "--data", "128 tokens",
+                          "max_position_embeddings 64")
+    small_vocab = tmp_path / "small_vocab"
+    convert_checkpoint(str(workdir / "base"), small_vocab, 2, 1, progress=False)
+    cfg = json.loads((small_vocab / "config.json").read_text())
+    cfg["vocab_size"] = 50  # the tokenizer's ids go up to ~300
+    (small_vocab / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(run_single(workdir, tmp_path, init=small_vocab), "beyond the model's vocabulary of 50")
+    assert_one_line_error(run_single(workdir, tmp_path, data=tmp_path / "nothing"), "--data")
+    assert_one_line_error(run_single(workdir, tmp_path, init=tmp_path), "--init", "no config.json")
+    assert_one_line_error(run_single(workdir, tmp_path, "--valid-rows", 10 ** 6), "--valid-rows")
+
+
+def test_invalid_tp_for_the_layout_is_rejected(workdir, tmp_path):
+    # h = 4, g = 1: T = 2 is valid (replicated KV); h = 4 with T = 3 fails on divisibility of the world
+    gqa = tmp_path / "gqa"
+    convert_checkpoint(str(workdir / "base"), gqa, 4, 2, progress=False)
+    env = {"RANK": "0", "WORLD_SIZE": "8", "LOCAL_RANK": "0"}
+    assert_one_line_error(run_single(workdir, tmp_path, "--tp", 8, init=gqa, env=env), "--tp 8")
+
+
+def test_resuming_with_different_settings_is_rejected(workdir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"lr": 1.0}))
+    assert_one_line_error(run_single(workdir, tmp_path), "holds a run with", "rerun the same command")
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    total = 100
+    f = [lr_factor(s, total, 0.2, 0.1) for s in range(total)]
+    assert f[0] == pytest.approx(1 / 20) and f[19] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(f[:19], f[1:20]))
+    assert all(a >= b for a, b in zip(f[20:], f[21:]))
+    assert f[-1] == pytest.approx(0.1, abs=1e-3)
+    assert lr_factor(60, total, 0.2, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
