@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-last", type=int, default=0, help="keep only the newest K DeepSpeed checkpoints (0: all)")
     p.add_argument("--log-interval", type=int, default=1, help="log metrics every N steps")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute layer activations in backward")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="do not torch.compile the layers (they are compiled on GPUs by default)")
+    p.add_argument("--loss", choices=("auto", "fused", "chunked", "logits"), default="auto",
+                   help="loss implementation: auto = liger's fused linear cross-entropy on GPUs, full logits elsewhere")
     p.add_argument("--seed", type=int, default=1234, help="model-side random seed")
     p.add_argument("--data-seed", type=int, default=None,
                    help="shuffle rows with this seed (default: the packed order, as the paper)")

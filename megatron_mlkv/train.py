@@ -40,6 +40,7 @@ from . import tensor_parallel as tp
 from .config import MLKVConfig
 from .data import DataError, PackedDataset, RowSampler, collate, rank_slice
 from .hf import CheckpointError, export_pretrained, load_pretrained
+from .loss import lm_loss_sum
 
 COMPLETE = "COMPLETE"
 # run_config.json keys a resumed run must share with the run it continues
@@ -147,16 +148,39 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 
 class LossModel(nn.Module):
-    """The MLKV model plus its next-token losses, computed inside forward so that ZeRO-3 has every
-    weight the loss uses gathered. Returns per-token float32 losses (b, s-1), 0 where ignored."""
+    """What DeepSpeed wraps: the MLKV model plus its next-token loss, computed inside forward so
+    that ZeRO-3 has every weight the loss uses gathered. Returns the float32 sum of token losses."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, loss_impl: str = "auto"):
         super().__init__()
-        self.model = model
+        self.model, self.loss_impl = model, loss_impl
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids)
-        return tp.token_losses(self.model, logits[:, :-1], labels[:, 1:])
+        return lm_loss_sum(self.model, input_ids, labels, self.loss_impl)
+
+
+def make_engine(model: nn.Module, ds_config: dict, lr: float = 6e-4, weight_decay: float = 0.01,
+                total_steps: int = 1, warmup_ratio: float = 0.2, min_lr_ratio: float = 0.1, loss: str = "auto",
+                mpu=None):
+    """`deepspeed.initialize` of `LossModel(model)` with the paper's AdamW and schedule.
+
+    AdamW is torch's fused one on GPUs (DeepSpeed's CPU Adam when the config offloads the
+    optimizer); ZeRO-3 computes the loss from full logits (see loss.py)."""
+    import deepspeed
+    zero = ds_config.get("zero_optimization", {})
+    wrapped = LossModel(model, "logits" if zero.get("stage", 0) == 3 else loss)
+    groups = param_groups(wrapped, weight_decay)
+    adam = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
+    if zero.get("offload_optimizer", {}).get("device") == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **adam)
+    else:
+        optimizer = torch.optim.AdamW(groups, fused=next(model.parameters()).is_cuda, **adam)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_ratio, min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, mpu=mpu)
+    return engine
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,7 +400,6 @@ class Trainer:
             atomic_write(path, json.dumps(current, indent=2) + "\n")
 
     def _build_engine(self):
-        import deepspeed
         torch.manual_seed(self.args.seed)
         model = load_pretrained(self.args.init, dtype=torch.float32)
         if self.args.activation_checkpointing:
@@ -385,20 +408,12 @@ class Trainer:
             model.to(self.device)
         if self.args.tp > 1:
             model = tp.parallelize(model, self.groups.tp_group)
-        wrapped = LossModel(model)
-        groups = param_groups(wrapped, self.args.weight_decay)
-        offload = self.ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
-        adam = dict(lr=self.args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=self.args.weight_decay)
-        if offload:
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **adam)
-        else:
-            optimizer = torch.optim.AdamW(groups, fused=self.device.type == "cuda", **adam)
-        total, warm, floor = self.total_steps, self.args.warmup_ratio, self.args.min_lr_ratio
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warm, floor))
-        engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=self.ds_config, mpu=self.groups.mpu() if self.args.tp > 1 else None)
-        return engine
+        if self.args.compile and self.device.type == "cuda":
+            for block in model.layers:  # per block: fast to compile, K/V handed between blocks as inputs
+                block.compile()
+        a = self.args
+        return make_engine(model, self.ds_config, a.lr, a.weight_decay, self.total_steps, a.warmup_ratio,
+                           a.min_lr_ratio, a.loss, self.groups.mpu() if a.tp > 1 else None)
 
     # --- steps ------------------------------------------------------------------------------------
 
@@ -416,8 +431,7 @@ class Trainer:
         scale = self.groups.dp_size * self.gas / n_tokens  # DeepSpeed averages over DP and accumulation
         loss_sum = torch.zeros((), dtype=torch.float64)
         for batch in batches:
-            losses = self.engine(batch["input_ids"].to(self.device), batch["labels"].to(self.device))
-            total = losses.sum()
+            total = self.engine(batch["input_ids"].to(self.device), batch["labels"].to(self.device))
             if _fault("nan-loss", step + 1):
                 total = total * float("nan")
             loss_sum += total.detach().double().cpu()
@@ -439,8 +453,8 @@ class Trainer:
         sums = torch.zeros(2, dtype=torch.float64)
         for i in range(0, len(mine), self.micro):
             batch = collate(ds, mine[i:i + self.micro])
-            losses = self.engine(batch["input_ids"].to(self.device), batch["labels"].to(self.device))
-            sums[0] += losses.sum().double().cpu()
+            total = self.engine(batch["input_ids"].to(self.device), batch["labels"].to(self.device))
+            sums[0] += total.double().cpu()
             sums[1] += (batch["labels"][:, 1:] != -100).sum()
         self.engine.train()
         if self.groups.dp_size > 1:
