@@ -1,0 +1,47 @@
+"""Training throughput on one GPU: our uptraining path vs transformers + DeepSpeed (ZeRO-2, bf16).
+
+python launch/bench_train.py --shapes pythia-160m,pythia-410m,pythia-1b --layouts mha,mqa-12,mlkv-6 \
+    --out benchmarks/results/train_h100.json
+
+The logic lives in megatron_mlkv/bench_train.py; results are discussed in benchmarks/README.md.
+"""
+import argparse
+import sys
+
+from megatron_mlkv.bench_train import DEFAULT_MICRO, LAYOUTS, format_table, run
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="pythia-160m,pythia-410m,pythia-1b", help="Pythia presets, comma-separated")
+    p.add_argument("--layouts", default="mha,mqa-12,mlkv-6", help=f"comma-separated, from {', '.join(LAYOUTS)}")
+    p.add_argument("--micro-batch", action="append", default=[], metavar="SHAPE=B",
+                   help="micro-batch per shape (default 160m 12, 410m 16, 1b 8)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--engines", default="mlkv,hf", help="mlkv, hf or both")
+    p.add_argument("--loss-check-steps", type=int, default=30, help="steps of the eager-vs-optimised loss curve")
+    p.add_argument("--out", default="benchmarks/results/train.json", help="JSON output")
+    args = p.parse_args(argv)
+    import torch
+    if not torch.cuda.is_available():
+        print("error: bench_train.py measures GPU throughput; no CUDA device found", file=sys.stderr)
+        return 2
+    micro = dict(DEFAULT_MICRO)
+    for item in args.micro_batch:
+        shape, _, value = item.partition("=")
+        micro[shape if shape.startswith("pythia-") else f"pythia-{shape}"] = int(value)
+    shapes = args.shapes.split(",")
+    unknown = [l for l in args.layouts.split(",") if l not in LAYOUTS]
+    if unknown:
+        print(f"error: --layouts {','.join(unknown)} unknown; allowed: {', '.join(LAYOUTS)}", file=sys.stderr)
+        return 2
+    records = run(shapes, args.layouts.split(","), micro, args.seq_len, args.steps, args.warmup,
+                  tuple(args.engines.split(",")), args.out, args.loss_check_steps)
+    print(format_table(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Training throughput, side by side: our uptraining path against transformers' GPTNeoXForCausalLM,
+both under the same DeepSpeed config (ZeRO-2, bf16 mixed precision) and micro-batch.
+
+For each (shape, layout) it times optimizer steps of
+    mlkv   `train.make_engine` on `MLKVTransformer` (compiled blocks, fused linear cross-entropy)
+    hf     transformers' `GPTNeoXForCausalLM` (SDPA attention) with the same optimizer (MHA only:
+           transformers has no cross-layer KV sharing)
+and reports tokens/s, MFU (6·N + 12·l·d·s FLOPs per token over the bf16 matrix rate measured in the
+same run), peak memory and the share of step time spent waiting for data. A short loss curve of the
+optimised path is compared with the eager path (no compile, full logits) from the same weights.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import MLKVConfig, preset
+from .data import RowSampler, collate
+from .train import make_engine, matmul_flops_per_s
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYOUTS = {"mha": None, "gqa-48": ("l", "h/3"), "mqa-12": ("l", 1), "mlkv-6": ("l/2", 1), "mlkv-2": ("l/6", 1)}
+DEFAULT_MICRO = {"pythia-160m": 12, "pythia-410m": 16, "pythia-1b": 8}
+
+
+def layout_config(shape: str, layout: str) -> MLKVConfig:
+    """The preset shape with one of `LAYOUTS` (m and g as functions of l and h)."""
+    base = preset(shape)
+    if LAYOUTS[layout] is None:
+        return base
+    m, g = LAYOUTS[layout]
+    value = {"l": base.num_layers, "l/2": base.num_layers // 2, "l/6": base.num_layers // 6,
+             "h": base.num_heads, "h/3": base.num_heads // 3}
+    return base.with_layout(value.get(m, m), value.get(g, g))
+
+
+class RandomRows:
+    """A PackedDataset stand-in of random rows (same interface: `ds[i]`, `loss_mask`, `seq_len`)."""
+
+    def __init__(self, rows: int, seq_len: int, vocab: int, seed: int = 0):
+        self.tokens = np.random.default_rng(seed).integers(0, vocab, (rows, seq_len), dtype=np.uint16)
+        self.seq_len = seq_len
+        self._mask = np.ones(seq_len, dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i):
+        return self.tokens[i]
+
+    def loss_mask(self, i):
+        return self._mask
+
+
+def ds_config(micro_batch: int) -> dict:
+    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
+               train_batch_size=micro_batch)
+    return cfg
+
+
+class HFLoss(torch.nn.Module):
+    """transformers' model and its own loss, as users run it under DeepSpeed."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels):
+        return self.model(input_ids=input_ids, labels=labels).loss
+
+
+def _hf_engine(config: MLKVConfig, cfg: dict):
+    import deepspeed
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    kwargs = {k: v for k, v in config.to_hf_kwargs().items() if k not in ("num_kv_heads", "kv_owner")}
+    hf = GPTNeoXForCausalLM(GPTNeoXConfig(**kwargs, attn_implementation="sdpa")).cuda()
+    wrapped = HFLoss(hf)
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01,
+                            fused=True)
+    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=opt, config=cfg)
+    return engine
+
+
+def _mlkv_engine(config: MLKVConfig, cfg: dict, compile_blocks: bool, loss: str, seed: int = 0):
+    from .model import MLKVTransformer
+    torch.manual_seed(seed)
+    model = MLKVTransformer(config).cuda()
+    if compile_blocks:
+        for block in model.layers:
+            block.compile()
+    return make_engine(model, cfg, total_steps=1000, loss=loss)
+
+
+def time_steps(engine, ds, micro: int, steps: int, warmup: int, device) -> dict:
+    """Run warmup + steps optimizer steps; time the last `steps`, and the data loading within them."""
+    sampler = RowSampler(len(ds), micro)
+    losses, data_wait = [], 0.0
+    torch.cuda.reset_peak_memory_stats(device)
+    for step in range(warmup + steps):
+        if step == warmup:
+            torch.cuda.synchronize(device)
+            start, data_wait = time.perf_counter(), 0.0
+        t0 = time.perf_counter()
+        batch = collate(ds, sampler.batch(step))
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        data_wait += time.perf_counter() - t0
+        loss = engine(ids, labels)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+    torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    return {"step_time_s": elapsed / steps, "tokens_per_s": micro * ds.seq_len * steps / elapsed,
+            "data_wait_share": data_wait / elapsed, "peak_memory_bytes": torch.cuda.max_memory_allocated(device),
+            "losses": [float(x) for x in losses]}
+
+
+def run(shapes, layouts, micro: dict, seq_len: int = 2048, steps: int = 20, warmup: int = 8,
+        engines=("mlkv", "hf"), out: str | None = None, loss_check_steps: int = 30) -> list[dict]:
+    """The benchmark table (a list of records), printed and saved to `out` as JSON."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="nccl")
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    peak = matmul_flops_per_s(device, torch.bfloat16)
+    records = []
+    for shape in shapes:
+        b = micro[shape]
+        for layout in layouts:
+            config = layout_config(shape, layout)
+            ds = RandomRows(b * (warmup + steps), seq_len, config.vocab_size)
+            for kind in engines:
+                if kind == "hf" and layout != "mha":
+                    continue
+                record = {"shape": shape, "layout": config.layout.name, "engine": kind, "micro_batch": b,
+                          "seq_len": seq_len, "zero_stage": 2, "precision": "bf16 mixed",
+                          "device": torch.cuda.get_device_name(device), "matmul_flops_per_s": peak}
+                try:
+                    engine = _hf_engine(config, ds_config(b)) if kind == "hf" else \
+                        _mlkv_engine(config, ds_config(b), compile_blocks=True, loss="auto")
+                    record.update(time_steps(engine, ds, b, steps, warmup, device))
+                    record["mfu"] = record["tokens_per_s"] * config.flops_per_token(seq_len) / peak
+                except torch.cuda.OutOfMemoryError:
+                    record["oom"] = True
+                engine = None
+                gc.collect()
+                torch.cuda.empty_cache()
+                records.append(record)
+                _print_row(record)
+    if loss_check_steps:
+        records.append(loss_check(shapes[0], micro[shapes[0]], seq_len, loss_check_steps, device))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(records, indent=2) + "\n")
+    return records
+
+
+def loss_check(shape: str, micro: int, seq_len: int, steps: int, device) -> dict:
+    """The optimised path (compiled, fused loss) and the eager path (full logits), same weights and
+    rows: their loss curves."""
+    config = layout_config(shape, "mlkv-6")
+    ds = RandomRows(micro * steps, seq_len, config.vocab_size, seed=1)
+    curves = {}
+    for name, compiled, loss in (("eager", False, "logits"), ("optimised", True, "auto")):
+        engine = _mlkv_engine(config, ds_config(micro), compiled, loss, seed=0)
+        curves[name] = time_steps(engine, ds, micro, steps, 0, device)["losses"]
+        engine = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    diff = max(abs(a - b) for a, b in zip(curves["eager"], curves["optimised"]))
+    print(f"loss check ({shape} MLKV-6, {steps} steps): max |eager - optimised| = {diff:.4f}")
+    return {"loss_check": True, "shape": shape, "layout": config.layout.name, "curves": curves, "max_abs_diff": diff}
+
+
+def _print_row(r: dict) -> None:
+    if r.get("oom"):
+        print(f"{r['shape']:12s} {r['layout']:8s} {r['engine']:5s} b={r['micro_batch']:3d}  OOM", flush=True)
+        return
+    print(f"{r['shape']:12s} {r['layout']:8s} {r['engine']:5s} b={r['micro_batch']:3d} "
+          f"{r['tokens_per_s']:>10,.0f} tok/s  MFU {r['mfu']:6.1%}  peak {r['peak_memory_bytes'] / 2**30:5.1f} GiB  "
+          f"data wait {r['data_wait_share']:.2%}", flush=True)
+
+
+def format_table(records: list[dict]) -> str:
+    """Markdown: one row per measurement, with the speed-up over transformers at the same shape."""
+    base = {r["shape"]: r["tokens_per_s"] for r in records if r.get("engine") == "hf" and not r.get("oom")}
+    lines = ["| shape | layout | engine | micro-batch | tokens/s | MFU | peak memory | data wait | vs transformers |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r.get("loss_check"):
+            continue
+        if r.get("oom"):
+            lines.append(f"| {r['shape']} | {r['layout']} | {r['engine']} | {r['micro_batch']} | OOM | | | | |")
+            continue
+        ratio = f"{r['tokens_per_s'] / base[r['shape']]:.2f}x" if r["shape"] in base else ""
+        lines.append(f"| {r['shape']} | {r['layout']} | {r['engine']} | {r['micro_batch']} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['mfu']:.1%} | {r['peak_memory_bytes'] / 2**30:.1f} GiB | {r['data_wait_share']:.2%} | {ratio} |")
+    return "\n".join(lines)
