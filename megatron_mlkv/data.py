@@ -1,301 +1,522 @@
-"""Packed-document data: `pack` (behind data_tools/pack_pile.py) and `PackedDataset`.
+"""Packed-document data: `pack` (behind data_tools/pack_pile.py), `PackedDataset`, `RowSampler`.
 
-Documents are tokenized, an end-of-document (EOD) token is appended to each, and they are packed
-into rows of `seq_len` tokens. Three files per prefix:
+Documents are tokenized, an end-of-document (EOD) token is appended to each, and the documents are
+packed into rows of exactly `seq_len` tokens; what a row does not fill is padding (`pad_id`, no loss).
+Three files per prefix:
 
-    PREFIX.bin   all rows back to back, token ids (uint16 when the vocabulary fits, else uint32)
-    PREFIX.idx   header (magic, version, dtype, seq_len, rows, documents), then per row its offset in
-                 .bin, its number of real tokens (the rest is padding) and a pointer into the
-                 document-start table, so document-aware masks are possible
-    PREFIX.json  metadata: tokenizer, sources, counts, fill ratio, versions
+    PREFIX.bin   the rows back to back: rows x seq_len token ids, uint16 when the vocabulary fits
+                 (<= 65536 ids), else uint32
+    PREFIX.idx   a 64-byte header, then four little-endian columns:
+                   header       magic b"MLKVPACK", version u32, token bytes u32, seq_len u32,
+                                rows u64, pieces u64, max_token_id u64 (zero-padded to 64 bytes)
+                   row_offsets  u64[rows + 1]  start of each row in .bin, in tokens (row i at i * seq_len)
+                   doc_ptr      u64[rows + 1]  row i's documents are doc_starts[doc_ptr[i]:doc_ptr[i + 1]]
+                   row_tokens   u32[rows]      real tokens at the start of row i; the rest is padding
+                   doc_starts   u32[pieces]    offset of each document (or document piece) in its row
+    PREFIX.json  metadata: tokenizer, sources, counts, fill ratio, ids, versions
 
-Packing `best-fit` (default): a document that fits in a row is never split; documents are placed
-best-fit-decreasing within windows of documents (memory stays flat on millions of documents); a
-longer document becomes full rows plus one remainder piece that is packed like a document.
-Packing `reference`: the public reference implementation's greedy packing (see `_pack_reference`).
+The three files are written under temporary names and renamed at the end, .json last: a prefix with a
+.json is complete.
+
+Packing `best-fit` (default): a document that fits in a row is never split. Documents are cut into
+pieces of at most seq_len tokens (only longer documents have more than one piece) and the pieces
+of each window of `WINDOW_PIECES` are placed best-fit-decreasing: longest first, each into the open
+row with the least room that still holds it. Windows keep memory flat on millions of documents.
+Packing `reference`: the public reference implementation of the MLKV paper, see `pack_reference`.
 """
 from __future__ import annotations
 
 import bisect
+import collections
+import contextlib
 import glob
+import io
 import json
 import os
 import random
 import struct
+from array import array
 from pathlib import Path
 
 import numpy as np
-import torch
 
 MAGIC = b"MLKVPACK"
 VERSION = 1
-HEADER = struct.Struct("<8sIIIQQ")  # magic, version, dtype bytes, seq_len, rows, documents
+HEADER = struct.Struct("<8sIIIQQQ")  # magic, version, token bytes, seq_len, rows, pieces, max_token_id
+HEADER_SIZE = 64  # the header is zero-padded so the columns after it are 8-byte aligned
 PACKINGS = ("best-fit", "reference")
 DEFAULT_SOURCE = "EleutherAI/the_pile_deduplicated"
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.zst", ".json", ".parquet", ".txt")
-WINDOW_DOCS = 20_000  # documents per best-fit window
+EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eos|>")
+WINDOW_PIECES = 20_000  # best-fit window: at most 20k pieces of <= seq_len tokens in memory
 REFERENCE_CHUNK = 2000  # documents per sorted chunk of the reference packing
+ENCODE_BATCH = 256  # documents per tokenizer call (and per task of a worker process)
+META_KEYS = ("seq_len", "rows", "pad_id", "eod_id", "vocab_size", "max_token_id")
 
 
 class DataError(ValueError):
-    """A data file or document that cannot be used; the message names the file (and line)."""
+    """A data file, document, tokenizer or option that cannot be used; one line naming the file."""
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading: PackedDataset and the training order
+# Reading: PackedDataset, the training order, batches
 # --------------------------------------------------------------------------------------------------
 
 class PackedDataset:
-    """Rows of a packed prefix, memory-mapped: `ds[i]` is a (seq_len,) integer array (a view, no copy).
+    """The rows of a packed prefix, memory-mapped: `ds[i]` is a (seq_len,) integer array, a read-only
+    view of PREFIX.bin (no copy).
 
-    Opening reads only the header and metadata; workers and ranks each map the files themselves
-    (the object pickles without its maps), so it is safe in DataLoader workers.
+    Opening reads the metadata and the index header and checks every file's size; the maps are made
+    on first access in each process (the object pickles without them), so one dataset object can be
+    handed to DataLoader workers (fork or spawn) and opened by every rank.
     """
 
     def __init__(self, prefix: str | os.PathLike):
         self.prefix = str(prefix)
         paths = {ext: Path(f"{self.prefix}.{ext}") for ext in ("bin", "idx", "json")}
-        for ext, path in paths.items():
+        for path in paths.values():
             if not path.is_file():
-                raise DataError(f"{path}: missing (expected {self.prefix}.bin/.idx/.json from pack_pile.py)")
+                raise DataError(f"{path}: missing; expected PREFIX.bin/.idx/.json written by data_tools/pack_pile.py")
         try:
             self.meta = json.loads(paths["json"].read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{paths['json']}: corrupt metadata (line {e.lineno}: {e.msg})") from None
-        raw = paths["idx"].read_bytes()
-        if len(raw) < HEADER.size:
-            raise DataError(f"{paths['idx']}: truncated index")
-        magic, version, width, self.seq_len, self.num_rows, self.num_docs = HEADER.unpack_from(raw)
-        if magic != MAGIC or version != VERSION or width not in (2, 4):
-            raise DataError(f"{paths['idx']}: not a packed index of version {VERSION} (bad header)")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{paths['json']}: corrupt metadata ({e}); re-run pack_pile.py") from None
+        missing = [k for k in META_KEYS if not isinstance(self.meta, dict) or k not in self.meta]
+        if missing:
+            raise DataError(f"{paths['json']}: metadata lacks {', '.join(missing)}; re-run pack_pile.py")
+
+        with open(paths["idx"], "rb") as f:
+            raw = f.read(HEADER_SIZE)
+        if len(raw) < HEADER_SIZE or raw[:8] != MAGIC:
+            raise DataError(f"{paths['idx']}: not a packed index (bad or truncated header)")
+        _, version, width, self.seq_len, self.num_rows, self.num_pieces, self.max_token_id = HEADER.unpack_from(raw)
+        if version != VERSION or width not in (2, 4):
+            raise DataError(f"{paths['idx']}: index version {version} with {width}-byte tokens; "
+                            f"this code reads version {VERSION} with 2 or 4; re-run pack_pile.py")
         n = self.num_rows
-        expected = HEADER.size + 8 * (n + 1) + 4 * n + 8 * (n + 1)
-        if len(raw) < expected:
-            raise DataError(f"{paths['idx']}: truncated index ({len(raw)} bytes, expected at least {expected})")
-        at = HEADER.size
-        self._row_offsets = np.frombuffer(raw, np.uint64, n + 1, at)
-        at += 8 * (n + 1)
-        self._row_tokens = np.frombuffer(raw, np.uint32, n, at)
-        at += 4 * n
-        self._doc_ptr = np.frombuffer(raw, np.uint64, n + 1, at)
-        at += 8 * (n + 1)
-        self._doc_starts = np.frombuffer(raw, np.uint32, int(self._doc_ptr[-1]), at)
-        self.dtype = np.uint16 if width == 2 else np.uint32
-        size = paths["bin"].stat().st_size
-        if size != n * self.seq_len * width:
-            raise DataError(f"{paths['bin']}: {size} bytes, expected {n * self.seq_len * width} "
+        idx_size = HEADER_SIZE + 8 * (n + 1) * 2 + 4 * n + 4 * self.num_pieces
+        if paths["idx"].stat().st_size != idx_size:
+            raise DataError(f"{paths['idx']}: {paths['idx'].stat().st_size} bytes, expected {idx_size}; "
+                            f"the file is truncated or corrupt, re-run pack_pile.py")
+        bin_size = n * self.seq_len * width
+        if paths["bin"].stat().st_size != bin_size:
+            raise DataError(f"{paths['bin']}: {paths['bin'].stat().st_size} bytes, expected {bin_size} "
                             f"({n} rows of {self.seq_len} tokens); the file is truncated or from another pack")
+        if (self.meta["seq_len"], self.meta["rows"]) != (self.seq_len, n):
+            raise DataError(f"{paths['json']}: says {self.meta['rows']} rows of {self.meta['seq_len']} tokens but "
+                            f"{paths['idx']} has {n} of {self.seq_len}; the files are from different packs")
+        self.dtype = np.dtype(np.uint16 if width == 2 else np.uint32)
         self.pad_id = int(self.meta["pad_id"])
         self.eod_id = int(self.meta["eod_id"])
         self.vocab_size = int(self.meta["vocab_size"])
-        self.max_token_id = int(self.meta["max_token_id"])
-        self._tokens = None
+        self._maps = None
 
-    def _map(self) -> np.ndarray:
-        if self._tokens is None:
-            self._tokens = np.memmap(f"{self.prefix}.bin", dtype=self.dtype, mode="r",
-                                     shape=(self.num_rows, self.seq_len))
-        return self._tokens
+    def _arrays(self) -> dict:
+        """The memory maps of this process (made on first use)."""
+        if self._maps is None:
+            n, idx = self.num_rows, f"{self.prefix}.idx"
+            at = HEADER_SIZE + 8 * (n + 1)  # row_offsets are implied by seq_len; not needed for reading
+            doc_ptr = np.memmap(idx, np.uint64, "r", offset=at, shape=(n + 1,))
+            at += 8 * (n + 1)
+            row_tokens = np.memmap(idx, np.uint32, "r", offset=at, shape=(n,))
+            at += 4 * n
+            doc_starts = (np.memmap(idx, np.uint32, "r", offset=at, shape=(self.num_pieces,))
+                          if self.num_pieces else np.zeros(0, np.uint32))
+            tokens = np.memmap(f"{self.prefix}.bin", self.dtype, "r", shape=(n, self.seq_len))
+            self._maps = {"tokens": tokens, "doc_ptr": doc_ptr, "row_tokens": row_tokens, "doc_starts": doc_starts}
+        return self._maps
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_tokens"] = None  # each process maps the file itself
-        return state
+        return {**self.__dict__, "_maps": None}  # each process maps the files itself
 
     def __len__(self) -> int:
         return self.num_rows
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def _row(self, i) -> int:
+        i = int(i)
         if not -self.num_rows <= i < self.num_rows:
-            raise IndexError(f"row {i} out of range for {self.num_rows} rows")
-        return self._map()[i]
+            raise IndexError(f"row {i} out of range for {self.num_rows} rows of {self.prefix}")
+        return i % self.num_rows
 
-    def loss_mask(self, i: int) -> np.ndarray:
-        """(seq_len,) bool: True on document tokens, False on padding."""
-        return np.arange(self.seq_len) < self._row_tokens[i]
+    def __getitem__(self, i) -> np.ndarray:
+        """(seq_len,) token ids of row i (uint16 or uint32), a read-only view of the mapped file."""
+        return self._arrays()["tokens"][self._row(i)].view(np.ndarray)
 
-    def doc_boundaries(self, i: int) -> np.ndarray:
-        """Start offsets of the documents (or document pieces) in row i; the first is 0."""
-        return self._doc_starts[int(self._doc_ptr[i]):int(self._doc_ptr[i + 1])].astype(np.int64)
+    def loss_mask(self, i) -> np.ndarray:
+        """(seq_len,) bool: True on document tokens (EOD included), False on padding."""
+        return np.arange(self.seq_len) < self._arrays()["row_tokens"][self._row(i)]
+
+    def doc_boundaries(self, i) -> np.ndarray:
+        """int64 start offsets of the documents (or document pieces) in row i; the first is 0."""
+        a, i = self._arrays(), self._row(i)
+        return a["doc_starts"][int(a["doc_ptr"][i]):int(a["doc_ptr"][i + 1])].astype(np.int64)
 
 
 class RowSampler:
-    """The global order of rows: `batch(step)` is the same array of `global_batch` row indices for a
-    given step whatever the number of ranks, so a run resumed at step k continues exactly.
+    """The global order of rows: `batch(step)` is the same `global_batch` row indices for a step
+    whatever the number of data-parallel ranks, so a run resumed at step k sees exactly the rows an
+    uninterrupted run would.
 
-    seed None: rows in packed order (the paper's); an int: a seeded permutation per pass. Steps
-    beyond one pass start the next pass (`steps_per_pass` steps each)."""
+    seed None: rows in packed order; an int: a seeded permutation, a new one for each pass.
+    A pass has `steps_per_pass = num_rows // global_batch` steps (drop_last, the rows left over are
+    skipped) or ceil(num_rows / global_batch) (drop_last=False, the last batch is completed with the
+    first rows of the pass); a pass shorter than one batch repeats rows to fill it. Iterating yields
+    one pass (`epochs` passes if asked) from `start_step`; `batch(step)` accepts any step, steps past
+    the end of a pass continue into the next.
+    """
 
-    def __init__(self, num_rows: int, global_batch: int, seed: int | None = None):
+    def __init__(self, num_rows: int, global_batch: int, seed: int | None = None, start_step: int = 0,
+                 drop_last: bool = True, epochs: int = 1):
+        if num_rows < 1 or global_batch < 1 or epochs < 1 or start_step < 0:
+            raise ValueError(f"RowSampler: need num_rows >= 1, global_batch >= 1, epochs >= 1, start_step >= 0; "
+                             f"got {num_rows}, {global_batch}, {epochs}, {start_step}")
         self.num_rows, self.global_batch, self.seed = num_rows, global_batch, seed
-        self.steps_per_pass = num_rows // global_batch
-        self._order_pass, self._order = None, None
+        self.start_step, self.drop_last, self.epochs = start_step, drop_last, epochs
+        full, rest = divmod(num_rows, global_batch)
+        self.steps_per_pass = max(1, full + (0 if drop_last or not rest else 1))
+        self._cached = (None, None)  # (pass, order): one permutation is kept
 
-    def _pass_order(self, p: int) -> np.ndarray:
-        if self._order_pass != p:
-            self._order = np.arange(self.num_rows) if self.seed is None else \
-                np.random.default_rng([self.seed, p]).permutation(self.num_rows)
-            self._order_pass = p
-        return self._order
+    @property
+    def num_steps(self) -> int:
+        """Steps of `epochs` passes (iteration stops there; `batch` does not)."""
+        return self.steps_per_pass * self.epochs
+
+    def _order(self, p: int) -> np.ndarray:
+        if self._cached[0] != p:
+            order = (np.arange(self.num_rows) if self.seed is None
+                     else np.random.default_rng([self.seed, p]).permutation(self.num_rows))
+            self._cached = (p, order)
+        return self._cached[1]
 
     def batch(self, step: int) -> np.ndarray:
-        if self.steps_per_pass == 0:  # fewer rows than a batch: cycle through them
-            return np.arange(step * self.global_batch, (step + 1) * self.global_batch) % self.num_rows
-        p, k = divmod(step, self.steps_per_pass)
-        return self._pass_order(p)[k * self.global_batch:(k + 1) * self.global_batch]
+        """int64 (global_batch,) row indices of `step` (0-based), the same on every rank and every run."""
+        p, k = divmod(int(step), self.steps_per_pass)
+        return self._order(p)[(k * self.global_batch + np.arange(self.global_batch)) % self.num_rows]
+
+    def __len__(self) -> int:
+        return max(0, self.num_steps - self.start_step)
+
+    def __iter__(self):
+        for step in range(self.start_step, self.num_steps):
+            yield self.batch(step)
 
 
-def rank_slice(rows: np.ndarray, dp_rank: int, dp_size: int) -> np.ndarray:
-    """The contiguous share of a global batch that data-parallel rank `dp_rank` trains on."""
-    per = len(rows) // dp_size
-    return rows[dp_rank * per:(dp_rank + 1) * per]
+def rank_slice(global_rows: np.ndarray, dp_rank: int, dp_size: int) -> np.ndarray:
+    """The contiguous share of a global batch that data-parallel rank `dp_rank` of `dp_size` trains on."""
+    if not 0 <= dp_rank < dp_size or len(global_rows) % dp_size:
+        raise ValueError(f"rank_slice: a batch of {len(global_rows)} rows cannot be split evenly for "
+                         f"dp_rank {dp_rank} of dp_size {dp_size}")
+    per = len(global_rows) // dp_size
+    return global_rows[dp_rank * per:(dp_rank + 1) * per]
 
 
 def collate(ds: PackedDataset, rows) -> dict:
-    """Rows -> `input_ids` (b, s) int64 and `labels` (b, s) int64 with -100 on padding (the model
-    shifts labels: position t predicts labels[t + 1])."""
-    ids = torch.from_numpy(np.stack([ds[int(r)] for r in rows]).astype(np.int64))
-    mask = torch.from_numpy(np.stack([ds.loss_mask(int(r)) for r in rows]))
+    """Rows -> `input_ids` (b, s) int64 and `labels` (b, s) int64: the token ids, -100 on padding.
+
+    labels[t] = input_ids[t]; the model shifts them itself (position t predicts labels[t + 1]).
+    """
+    import torch
+
+    ids = torch.from_numpy(np.stack([ds[r] for r in rows]).astype(np.int64))
+    mask = torch.from_numpy(np.stack([ds.loss_mask(r) for r in rows]))
     return {"input_ids": ids, "labels": ids.masked_fill(~mask, -100)}
 
 
 # --------------------------------------------------------------------------------------------------
-# Sources and tokenizers
+# Sources: local files or a streamed hub dataset, read through `datasets`
 # --------------------------------------------------------------------------------------------------
 
-def _local_files(sources: list[str]) -> list[Path] | None:
-    """The local files named by `sources` (globs expanded), or None when they name a hub dataset."""
+def resolve_sources(inputs: list[str]) -> list[Path] | str:
+    """The local files named by `inputs` (globs and folders expanded, in the order given), or the
+    name of a hub dataset when `inputs` is one name that is not a local path."""
     files = []
-    for src in sources:
-        matches = sorted(glob.glob(os.path.expanduser(src))) if any(c in src for c in "*?[") else [src]
-        if not matches:
-            raise DataError(f"--input {src}: no file matches")
+    for src in inputs:
+        if any(c in src for c in "*?["):
+            matches = sorted(glob.glob(os.path.expanduser(src), recursive=True))
+            if not matches:
+                raise DataError(f"--input {src}: no file matches")
+        elif Path(src).expanduser().is_dir():
+            matches = sorted(str(p) for p in Path(src).expanduser().iterdir() if p.name.endswith(LOCAL_SUFFIXES))
+            if not matches:
+                raise DataError(f"--input {src}: the folder holds no {'/'.join(LOCAL_SUFFIXES)} file")
+        elif Path(src).expanduser().exists() or src.endswith(LOCAL_SUFFIXES) or src.startswith(("/", ".", "~")) \
+                or src.count("/") > 1:
+            matches = [os.path.expanduser(src)]
+        else:  # 'owner/name' or 'name' that is not a local path: a hub dataset
+            if len(inputs) > 1:
+                raise DataError(f"--input {src}: a hub dataset must be the only --input (got {len(inputs)})")
+            return src
         for m in matches:
             path = Path(m)
-            if not path.name.endswith(LOCAL_SUFFIXES):
-                if path.exists() or len(sources) > 1 or src.count("/") != 1:
-                    raise DataError(f"--input {m}: unsupported file type; expected {', '.join(LOCAL_SUFFIXES)}")
-                return None  # 'owner/name': a hub dataset
             if not path.is_file():
                 raise DataError(f"--input {m}: no such file")
+            if not path.name.endswith(LOCAL_SUFFIXES):
+                raise DataError(f"--input {m}: unsupported file type; expected {', '.join(LOCAL_SUFFIXES)}")
             files.append(path)
     return files
 
 
-def _find_bad_json_line(path: Path) -> str:
-    """'file:line: reason' of the first line of a .jsonl(.zst) that is not a JSON object."""
+@contextlib.contextmanager
+def _quiet_datasets():
+    """Silence `datasets`' own error logging while reading: our DataError is the one message."""
+    from datasets.utils import logging as ds_logging
+    level = ds_logging.get_verbosity()
+    ds_logging.set_verbosity(ds_logging.CRITICAL + 10)
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _open_text(path: Path):
     if path.name.endswith(".zst"):
-        import io
         import zstandard
-        handle = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
-    else:
-        handle = open(path, encoding="utf-8")
-    with handle:
-        for n, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                if not isinstance(json.loads(line), dict):
-                    return f"{path}:{n}: expected a JSON object per line"
-            except json.JSONDecodeError as e:
-                return f"{path}:{n}: malformed JSON ({e.msg})"
-    return f"{path}: cannot be read as JSON lines"
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _check_zst(path: Path) -> None:
+    """Raise DataError when a .zst file is corrupt or truncated: a zstd stream cut at a frame's middle
+    reads as a shorter file without complaint, so every frame is checked to its end (output discarded)."""
+    import zstandard
+    with open(path, "rb") as f:
+        frame = zstandard.ZstdDecompressor().decompressobj()
+        try:
+            while chunk := f.read(1 << 22):
+                frame.decompress(chunk)
+                while frame.eof and frame.unused_data:  # the next frame starts inside this chunk
+                    rest, frame = frame.unused_data, zstandard.ZstdDecompressor().decompressobj()
+                    frame.decompress(rest)
+        except zstandard.ZstdError as e:
+            raise DataError(f"{path}: corrupt zstd data ({_first_line(e)})") from None
+    if not frame.eof:
+        raise DataError(f"{path}: truncated (the zstd stream ends inside a frame)")
+
+
+def _jsonl_problem(path: Path, text_key: str, error: Exception | None = None) -> str:
+    """'file:line: what is wrong' for the first bad line of a .jsonl(.zst) file."""
+    try:
+        with _open_text(path) as handle:
+            for n, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})"
+                if not isinstance(record, dict):
+                    return f"{path}:{n}: expected a JSON object per line, got {type(record).__name__}"
+                if not isinstance(record.get(text_key), str):
+                    what = "no field" if record.get(text_key) is None else "a non-string field"
+                    return f"{path}:{n}: {what} '{text_key}' (keys: {', '.join(record) or 'none'}; set --text-key)"
+    except Exception as e:  # undecodable bytes, a corrupt .zst stream
+        return f"{path}: cannot be read ({_first_line(e)})"
+    return f"{path}: cannot be read as JSON lines ({_first_line(error) if error else 'no bad line found'})"
+
+
+def _json_problem(path: Path, text_key: str, error: Exception) -> str:
+    """'file:line: what is wrong' for a .json file that `datasets` cannot read."""
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # JSON lines in a .json file
+            return _jsonl_problem(path, text_key, error)
+        return f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})"
+    except Exception as e:
+        return f"{path}: cannot be read ({_first_line(e)})"
+    return f"{path}: expected a list of objects with a '{text_key}' field, or JSON lines ({_first_line(error)})"
 
 
 def _file_documents(path: Path, text_key: str):
-    """Texts of one local file, in file order, read through `datasets`."""
+    """Document texts of one local file, in file order. A .txt file has one document per non-empty line."""
     from datasets import load_dataset
+
     name = path.name
     builder = "parquet" if name.endswith(".parquet") else "text" if name.endswith(".txt") else "json"
     key = "text" if builder == "text" else text_key
+    lines = ".jsonl" in name
+    if path.stat().st_size == 0:
+        return
+    if name.endswith(".zst"):
+        _check_zst(path)
+    options = {}
+    if builder == "parquet":  # read only the text column, and say so when it is not there
+        import pyarrow.parquet as pq
+        try:
+            columns = pq.read_schema(path).names
+        except Exception as e:
+            raise DataError(f"{path}: cannot be read ({_first_line(e)})") from None
+        if key not in columns:
+            raise DataError(f"{path}: no column '{key}' (columns: {', '.join(columns)}; set --text-key)")
+        options["columns"] = [key]
     try:
-        ds = load_dataset(builder, data_files=str(path), split="train", streaming=True)
-        for n, record in enumerate(ds, 1):
-            if key not in record or not isinstance(record[key], str):
-                raise DataError(f"{path}: document {n} has no string field '{key}' (set --text-key)")
-            if builder == "text" and not record[key].strip():
-                continue
-            yield record[key]
+        with _quiet_datasets():
+            records = load_dataset(builder, data_files=str(path), split="train", streaming=True, **options)
+            for n, record in enumerate(records, 1):
+                text = record.get(key)
+                if not isinstance(text, str):
+                    if lines:
+                        raise DataError(_jsonl_problem(path, key))
+                    what = "no field" if text is None else "a non-string field"
+                    raise DataError(f"{path}: record {n} has {what} '{key}' "
+                                    f"(keys: {', '.join(record)}; set --text-key)")
+                if builder == "text" and not text.strip():
+                    continue
+                yield text
     except DataError:
         raise
     except Exception as e:  # pyarrow/datasets errors on malformed files
-        if builder == "json" and ".jsonl" in name:
-            raise DataError(_find_bad_json_line(path)) from None
-        raise DataError(f"{path}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        if builder == "json":
+            raise DataError(_jsonl_problem(path, key, e) if lines else _json_problem(path, key, e)) from None
+        raise DataError(f"{path}: cannot be read ({_first_line(e)})") from None
 
 
-def iter_documents(sources: list[str], text_key: str = "text"):
+def _hub_documents(name: str, text_key: str):
+    """Document texts of a hub dataset's train split, streamed."""
+    from datasets import load_dataset
+
+    n = 0
+    try:
+        with _quiet_datasets():
+            for n, record in enumerate(load_dataset(name, split="train", streaming=True), 1):
+                text = record.get(text_key)
+                if not isinstance(text, str):
+                    raise DataError(f"--input {name}: document {n} has no string field '{text_key}' "
+                                    f"(keys: {', '.join(record)}; set --text-key)")
+                yield text
+    except DataError:
+        raise
+    except Exception as e:  # offline, no such dataset, a broken stream
+        raise DataError(f"--input {name}: cannot read this hub dataset after {n} documents "
+                        f"({_first_line(e)})") from None
+
+
+def iter_documents(inputs: list[str], text_key: str = "text"):
     """Document texts from local files (in the order given) or a streamed hub dataset."""
-    files = _local_files(sources)
-    if files is None:
-        from datasets import load_dataset
-        try:
-            ds = load_dataset(sources[0], split="train", streaming=True)
-        except Exception as e:
-            raise DataError(f"--input {sources[0]}: cannot open this hub dataset "
-                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-        for n, record in enumerate(ds, 1):
-            if text_key not in record:
-                raise DataError(f"--input {sources[0]}: document {n} has no field '{text_key}' (set --text-key)")
-            yield record[text_key]
-        return
-    for path in files:
-        yield from _file_documents(path, text_key)
+    sources = resolve_sources(inputs)
+    if isinstance(sources, str):
+        yield from _hub_documents(sources, text_key)
+    else:
+        for path in sources:
+            yield from _file_documents(path, text_key)
 
+
+def select_documents(texts, num_docs: int | None = None, fraction: float | None = None, seed: int = 0):
+    """A deterministic subset: each document kept with probability `fraction` (a `seed`ed draw per
+    document, in source order), then the first `num_docs` of those."""
+    rng = random.Random(seed)
+    kept = 0
+    if num_docs == 0:
+        return
+    for text in texts:
+        if fraction is not None and rng.random() >= fraction:
+            continue
+        yield text
+        kept += 1
+        if num_docs is not None and kept >= num_docs:
+            return
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------------------
 
 class Tokenizer:
-    """A fast tokenizer (hub name, folder or tokenizer.json) or a sentencepiece .model, with its EOD id."""
+    """A fast tokenizer (hub name, folder or tokenizer.json) or a sentencepiece .model, with its EOD id.
 
-    def __init__(self, name: str):
+    `encode(texts)` -> one uint32 array per text, the EOD appended.
+    """
+
+    def __init__(self, name: str | os.PathLike):
         self.name = str(name)
-        self.sp = None
+        self._sp = self._backend = self._hf = None
         if self.name.endswith(".model"):
-            import sentencepiece as spm
-            if not Path(self.name).is_file():
-                raise DataError(f"--tokenizer {self.name}: no such file")
-            self.sp = spm.SentencePieceProcessor(model_file=self.name)
-            self.eod_id, self.vocab_size = self.sp.eos_id(), self.sp.get_piece_size()
-            if self.eod_id < 0:
-                raise DataError(f"--tokenizer {self.name}: the sentencepiece model has no end-of-sequence token")
-            return
+            self._load_sentencepiece()
+        elif self.name.endswith(".json"):
+            self._load_tokenizer_json()
+        else:
+            self._load_pretrained()
+        if self.eod_id is None:
+            raise DataError(f"--tokenizer {self.name}: no end-of-document token (eos_token or one of "
+                            f"{', '.join(EOD_CANDIDATES)})")
+
+    def _load_sentencepiece(self) -> None:
+        import sentencepiece as spm
+        if not Path(self.name).is_file():
+            raise DataError(f"--tokenizer {self.name}: no such file")
         try:
-            if self.name.endswith(".json"):
-                from transformers import PreTrainedTokenizerFast
-                self.tok = PreTrainedTokenizerFast(tokenizer_file=self.name)
-            else:
-                from transformers import AutoTokenizer
-                self.tok = AutoTokenizer.from_pretrained(self.name)
+            self._sp = spm.SentencePieceProcessor(model_file=self.name)
         except Exception as e:
-            raise DataError(f"--tokenizer {self.name}: cannot load ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-        eod = self.tok.eos_token_id
-        if eod is None:
-            eod = self.tok.convert_tokens_to_ids("<|endoftext|>")
-        if eod is None or eod == self.tok.unk_token_id and self.tok.unk_token != "<|endoftext|>":
-            raise DataError(f"--tokenizer {self.name}: no end-of-document token (eos_token or <|endoftext|>)")
-        self.eod_id, self.vocab_size = int(eod), len(self.tok)
+            raise DataError(f"--tokenizer {self.name}: not a sentencepiece model ({_first_line(e)})") from None
+        self.vocab_size = self._sp.get_piece_size()
+        self.eod_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        if self.sp is not None:
-            return self.sp.encode(texts)
-        return self.tok(texts, add_special_tokens=False)["input_ids"]
+    def _load_tokenizer_json(self) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
+        if not Path(self.name).is_file():
+            raise DataError(f"--tokenizer {self.name}: no such file")
+        try:
+            self._backend = RustTokenizer.from_file(self.name)
+        except Exception as e:
+            raise DataError(f"--tokenizer {self.name}: not a tokenizers file ({_first_line(e)})") from None
+        self.vocab_size = self._backend.get_vocab_size(with_added_tokens=True)
+        self.eod_id = next((self._backend.token_to_id(t) for t in EOD_CANDIDATES
+                            if self._backend.token_to_id(t) is not None), None)
+
+    def _load_pretrained(self) -> None:
+        from transformers import AutoTokenizer
+        folder = Path(self.name).expanduser()
+        if self.name.startswith(("/", ".", "~")) and not folder.exists():
+            raise DataError(f"--tokenizer {self.name}: no such folder")
+        if folder.is_dir() and not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise DataError(f"--tokenizer {self.name}: the folder has no tokenizer.json or tokenizer_config.json")
+        try:
+            self._hf = AutoTokenizer.from_pretrained(os.path.expanduser(self.name))
+        except Exception as e:
+            raise DataError(f"--tokenizer {self.name}: cannot load ({_first_line(e)})") from None
+        self._backend = getattr(self._hf, "backend_tokenizer", None)  # fast: encode without transformers' checks
+        self.vocab_size = len(self._hf)
+        vocab = self._hf.get_vocab()
+        eod = self._hf.eos_token_id
+        self.eod_id = eod if eod is not None else next((vocab[t] for t in EOD_CANDIDATES if t in vocab), None)
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each text with the EOD appended (uint32)."""
+        if self._sp is not None:
+            ids = self._sp.encode(texts)
+        elif self._backend is not None:
+            ids = [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+        else:
+            ids = self._hf(texts, add_special_tokens=False)["input_ids"]
+        return [np.array(x + [self.eod_id], dtype=np.uint32) for x in ids]
 
 
-_WORKER_TOKENIZER = None
+_WORKER = {}
 
 
 def _init_worker(name: str) -> None:
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = Tokenizer(name)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    try:
+        _WORKER["tokenizer"] = Tokenizer(name)
+    except Exception as e:  # reported by the first task: a failing initializer would be retried forever
+        _WORKER["error"] = e
 
 
-def _encode_batch(texts: list[str]) -> list[list[int]]:
-    return _WORKER_TOKENIZER.encode(texts)
+def _encode_in_worker(texts: list[str]) -> list[np.ndarray]:
+    if "error" in _WORKER:
+        raise _WORKER["error"]
+    return _WORKER["tokenizer"].encode(texts)
 
 
-def _batches(texts, size: int = 1000):
+def _batched(items, size: int):
     batch = []
-    for t in texts:
-        batch.append(t)
+    for item in items:
+        batch.append(item)
         if len(batch) == size:
             yield batch
             batch = []
@@ -303,213 +524,238 @@ def _batches(texts, size: int = 1000):
         yield batch
 
 
+def encode_documents(texts, tokenizer: Tokenizer, workers: int = 1):
+    """Token arrays (EOD appended) of `texts`, in order: the same for any number of `workers`.
+
+    With workers > 1, batches go to a pool of processes with a bounded number in flight, so reading
+    never runs far ahead of tokenizing (memory stays flat on a streamed corpus)."""
+    batches = _batched(texts, ENCODE_BATCH)
+    if workers <= 1:
+        for batch in batches:
+            yield from tokenizer.encode(batch)
+        return
+    import multiprocessing as mp
+    with mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer.name,)) as pool:
+        pending = collections.deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
+            if len(pending) >= 4 * workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
 # --------------------------------------------------------------------------------------------------
 # Packing
 # --------------------------------------------------------------------------------------------------
 
-class _RowWriter:
-    """Appends rows (lists of token-id pieces) to the .bin and records the index columns."""
+def truncate(doc: np.ndarray, limit: int | None, stats: dict) -> np.ndarray:
+    """`doc` cut to `limit` tokens, its EOD kept as the last one; cut tokens are counted in stats."""
+    if limit is None or len(doc) <= limit:
+        return doc
+    stats["truncated_tokens"] += len(doc) - limit
+    return np.concatenate([doc[:limit - 1], doc[-1:]])
 
-    def __init__(self, path: Path, seq_len: int, dtype, pad_id: int):
-        self.file = open(path, "wb")
-        self.seq_len, self.dtype, self.pad_id = seq_len, dtype, pad_id
-        self.row_tokens, self.doc_ptr, self.doc_starts = [], [0], []
+
+def _best_fit_decreasing(pieces: list[np.ndarray], seq_len: int, write) -> None:
+    """Place pieces (<= seq_len tokens each) longest first into the open row with the least room that
+    holds them; `write` each row (a list of pieces) in the order rows were opened."""
+    rows: list[list[np.ndarray]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted: bisect finds the tightest fit
+    for i in sorted(range(len(pieces)), key=lambda i: -len(pieces[i])):  # stable: ties keep source order
+        piece = pieces[i]
+        j = bisect.bisect_left(free, (len(piece), -1))
+        if j < len(free):
+            room, r = free.pop(j)
+        else:
+            room, r = seq_len, len(rows)
+            rows.append([])
+        rows[r].append(piece)
+        if room > len(piece):
+            bisect.insort(free, (room - len(piece), r))
+    for row in rows:
+        write(row)
+
+
+def pack_best_fit(docs, seq_len: int, write, stats: dict, window: int | None = None) -> None:
+    """Best-fit packing: documents longer than a row become row-sized pieces plus a remainder; the
+    pieces of each window (`WINDOW_PIECES`) are placed best-fit-decreasing, so a document that fits
+    is never split."""
+    window = window or WINDOW_PIECES
+    pending = []
+    for doc in docs:
+        if len(doc) > seq_len:
+            stats["split_documents"] += 1
+        pending.extend(doc[i:i + seq_len] for i in range(0, len(doc), seq_len))
+        if len(pending) >= window:
+            _best_fit_decreasing(pending, seq_len, write)
+            pending = []
+    _best_fit_decreasing(pending, seq_len, write)
+
+
+def pack_reference(docs, seq_len: int, write, chunk: int | None = None) -> None:
+    """The reference implementation's packing (zaydzuhri/pythia-mlkv, pack_data.py): documents (already
+    truncated, EOD appended) are read in chunks of 2000, each chunk sorted shortest first (stable);
+    each document is appended to the current row, never split, and the row is closed (padded) when the
+    next document does not fit; the last row of a chunk is closed at the chunk's end."""
+    for batch in _batched(docs, chunk or REFERENCE_CHUNK):
+        row, used = [], 0
+        for doc in sorted(batch, key=len):
+            if row and used + len(doc) > seq_len:
+                write(row)
+                row, used = [], 0
+            row.append(doc)
+            used += len(doc)
+        if row:
+            write(row)
+
+
+class _RowWriter:
+    """Writes rows (lists of pieces) to the .bin file and keeps the index columns (compact arrays)."""
+
+    def __init__(self, file, seq_len: int, dtype: np.dtype, pad_id: int):
+        self.file, self.seq_len, self.dtype, self.pad_id = file, seq_len, dtype, pad_id
+        self.row_tokens, self.doc_ptr, self.doc_starts = array("I"), array("Q", [0]), array("I")
         self.max_id = 0
 
-    def write(self, pieces: list[list[int]]) -> None:
+    def __call__(self, pieces: list[np.ndarray]) -> None:
         row = np.full(self.seq_len, self.pad_id, dtype=self.dtype)
         at = 0
         for piece in pieces:
             row[at:at + len(piece)] = piece
             self.doc_starts.append(at)
             at += len(piece)
-            self.max_id = max(self.max_id, max(piece))
-        self.file.write(row.tobytes())
+        self.max_id = max(self.max_id, max(int(p.max()) for p in pieces))
+        row.tofile(self.file)
         self.row_tokens.append(at)
         self.doc_ptr.append(len(self.doc_starts))
 
-    def close(self) -> None:
-        self.file.close()
+    def write_index(self, path: Path) -> None:
+        rows = len(self.row_tokens)
+        header = HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.seq_len, rows, len(self.doc_starts), self.max_id)
+        with open(path, "wb") as f:
+            f.write(header.ljust(HEADER_SIZE, b"\0"))
+            f.write((np.arange(rows + 1, dtype=np.uint64) * self.seq_len).tobytes())
+            f.write(np.asarray(self.doc_ptr, dtype="<u8").tobytes())
+            f.write(np.asarray(self.row_tokens, dtype="<u4").tobytes())
+            f.write(np.asarray(self.doc_starts, dtype="<u4").tobytes())
 
 
-def _best_fit(docs: list[list[int]], seq_len: int, write) -> None:
-    """Best-fit decreasing of pieces no longer than seq_len into rows; rows written in creation order."""
-    rows: list[list[list[int]]] = []
-    free: list[tuple[int, int]] = []  # sorted (free space, row index) of open rows
-    for doc in sorted(docs, key=len, reverse=True):
-        i = bisect.bisect_left(free, (len(doc), -1))
-        if i < len(free):
-            space, r = free.pop(i)
-        else:
-            space, r = seq_len, len(rows)
-            rows.append([])
-        rows[r].append(doc)
-        if space - len(doc) > 0:
-            bisect.insort(free, (space - len(doc), r))
-    for row in rows:
-        write(row)
+def _versions() -> dict:
+    from importlib import metadata
+    out = {"format": VERSION}
+    for name in ("megatron-mlkv", "datasets", "tokenizers", "transformers", "sentencepiece", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
 
 
-def _pack_best_fit(token_docs, seq_len: int, max_doc_tokens: int | None, writer: _RowWriter, stats: dict) -> None:
-    window = []
-    for doc in token_docs:
-        if max_doc_tokens is not None and len(doc) > max_doc_tokens:
-            stats["truncated_tokens"] += len(doc) - max_doc_tokens
-            doc = doc[:max_doc_tokens]
-        for start in range(0, len(doc) - len(doc) % seq_len, seq_len):  # full rows of a long document
-            writer.write([doc[start:start + seq_len]])
-        rest = doc[len(doc) - len(doc) % seq_len:]
-        if rest:
-            window.append(rest)
-        if len(window) >= WINDOW_DOCS:
-            _best_fit(window, seq_len, writer.write)
-            window = []
-    _best_fit(window, seq_len, writer.write)
-
-
-def _pack_reference(token_docs, seq_len: int, writer: _RowWriter, stats: dict) -> None:
-    """The reference implementation: each document truncated to seq_len - 1 tokens (+ EOD), read in
-    chunks of 2000 sorted shortest first, appended greedily to the current row and never split;
-    the row is closed (padded) when the next document does not fit."""
-    row, used = [], 0
-
-    def flush_chunk(chunk):
-        nonlocal row, used
-        for doc in sorted(chunk, key=len):
-            if used + len(doc) > seq_len:
-                writer.write(row)
-                row, used = [], 0
-            row.append(doc)
-            used += len(doc)
-
-    chunk = []
-    for doc in token_docs:
-        if len(doc) > seq_len:
-            stats["truncated_tokens"] += len(doc) - seq_len
-            doc = doc[:seq_len - 1] + doc[-1:]  # keep the EOD
-        chunk.append(doc)
-        if len(chunk) == REFERENCE_CHUNK:
-            flush_chunk(chunk)
-            chunk = []
-    flush_chunk(chunk)
-    if row:
-        writer.write(row)
+def _check_options(seq_len, num_docs, fraction, packing, max_doc_tokens, workers) -> None:
+    if packing not in PACKINGS:
+        raise DataError(f"--packing {packing}: allowed {', '.join(PACKINGS)}")
+    if not 2 <= seq_len < 2 ** 32:
+        raise DataError(f"--seq-len {seq_len}: must be at least 2")
+    if num_docs is not None and num_docs < 1:
+        raise DataError(f"--num-docs {num_docs}: must be at least 1")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise DataError(f"--fraction {fraction}: must be in (0, 1]")
+    if max_doc_tokens is not None and max_doc_tokens < 1:
+        raise DataError(f"--max-doc-tokens {max_doc_tokens}: must be at least 1")
+    if workers < 1:
+        raise DataError(f"--workers {workers}: must be at least 1")
 
 
 def pack(inputs, tokenizer: str, seq_len: int, out_prefix: str, num_docs: int | None = None,
          fraction: float | None = None, seed: int = 0, text_key: str = "text", packing: str = "best-fit",
          max_doc_tokens: int | None = None, workers: int = 1, progress: bool = True) -> dict:
-    """Tokenize the documents of `inputs`, pack them into rows of `seq_len` and write `out_prefix`.*.
+    """Tokenize the documents of `inputs`, pack them into rows of `seq_len` tokens, write `out_prefix`.*.
 
-    `num_docs`: the first N documents in source order; `fraction`: a seeded Bernoulli sample (`seed`).
-    Output goes to temporary names renamed at the end (.json last), so a prefix whose .json exists
-    is complete. Returns the metadata written to PREFIX.json.
+    inputs: local .jsonl/.jsonl.zst/.json/.parquet/.txt files, globs or folders, or one hub dataset
+    name (streamed). tokenizer: hub name, folder, tokenizer.json or sentencepiece .model. num_docs: the
+    first N documents; fraction: a `seed`ed sample (see `select_documents`). max_doc_tokens: keep at
+    most this many tokens of a document (EOD included); `reference` packing also truncates every
+    document to seq_len - 1 tokens + EOD. workers: tokenizer processes (the output does not depend
+    on it). Raises DataError on bad input; an existing prefix is only replaced when everything
+    succeeded. Returns the metadata written to PREFIX.json.
     """
     from tqdm import tqdm
 
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [str(inputs)]
-    inputs = [str(i) for i in inputs]
-    if packing not in PACKINGS:
-        raise DataError(f"--packing {packing}: allowed {', '.join(PACKINGS)}")
-    if seq_len < 2:
-        raise DataError(f"--seq-len {seq_len}: must be at least 2")
-    if fraction is not None and not 0 < fraction <= 1:
-        raise DataError(f"--fraction {fraction}: must be in (0, 1]")
-    if num_docs is not None and num_docs < 1:
-        raise DataError(f"--num-docs {num_docs}: must be positive")
-    if max_doc_tokens is not None and max_doc_tokens < 1:
-        raise DataError(f"--max-doc-tokens {max_doc_tokens}: must be positive")
+    inputs = [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(i) for i in inputs]
+    _check_options(seq_len, num_docs, fraction, packing, max_doc_tokens, workers)
+    if not inputs:
+        raise DataError("--input: give at least one source")
+    sources = resolve_sources(inputs)  # fails on missing files before any work
     tok = Tokenizer(tokenizer)
-    _local_files(inputs)  # fail on missing files before any work
-    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-    out = Path(out_prefix)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = {ext: out.with_name(f".{out.name}.{ext}.tmp") for ext in ("bin", "idx", "json")}
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32)
+    limit = max_doc_tokens if packing == "best-fit" else min(seq_len, max_doc_tokens or seq_len)
+
     final = {ext: Path(f"{out_prefix}.{ext}") for ext in ("bin", "idx", "json")}
-    final["json"].unlink(missing_ok=True)  # the prefix is incomplete until the new .json lands
-
-    def texts():
-        rng = random.Random(seed)
-        kept = 0
-        for text in iter_documents(inputs, text_key):
-            if fraction is not None and rng.random() >= fraction:
-                continue
-            yield text
-            kept += 1
-            if num_docs is not None and kept >= num_docs:
-                return
-
-    stats = {"documents": 0, "document_tokens": 0, "truncated_tokens": 0}
-    bar = tqdm(desc="pack", unit="doc", disable=not progress)
-
-    def token_docs():
-        pool = None
-        if workers > 1:
-            import multiprocessing as mp
-            pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer,))
-            encoded = pool.imap(_encode_batch, _batches(texts()), chunksize=1)  # ordered: deterministic
-        else:
-            encoded = map(tok.encode, _batches(texts()))
-        try:
-            for batch in encoded:
-                bar.update(len(batch))
-                for ids in batch:
-                    doc = list(ids) + [tok.eod_id]
-                    stats["documents"] += 1
-                    stats["document_tokens"] += len(doc)
-                    yield doc
-        finally:
-            if pool is not None:
-                pool.terminate()
-
-    writer = _RowWriter(tmp["bin"], seq_len, dtype, tok.eod_id)
+    tmp = {ext: path.with_name(path.name + ".tmp") for ext, path in final.items()}
     try:
-        if packing == "best-fit":
-            _pack_best_fit(token_docs(), seq_len, max_doc_tokens, writer, stats)
-        else:
-            _pack_reference(token_docs(), seq_len, writer, stats)
-        writer.close()
-        bar.close()
+        final["bin"].parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out_prefix}: cannot create {final['bin'].parent} ({e.strerror})") from None
+    stats = {"documents": 0, "document_tokens": 0, "truncated_tokens": 0, "split_documents": 0}
+    bar = None  # made at the first document, so an error before it is the only thing on stderr
+
+    def documents():
+        nonlocal bar
+        texts = select_documents(iter_documents(inputs, text_key), num_docs, fraction, seed)
+        for doc in encode_documents(texts, tok, workers):
+            if bar is None:
+                bar = tqdm(desc=f"pack {Path(out_prefix).name}", unit=" docs", total=num_docs, disable=not progress)
+            stats["documents"] += 1
+            stats["document_tokens"] += len(doc)
+            bar.update()
+            yield truncate(doc, limit, stats)
+
+    docs = documents()
+    try:
+        with open(tmp["bin"], "wb") as f:
+            writer = _RowWriter(f, seq_len, dtype, tok.eod_id)
+            if packing == "best-fit":
+                pack_best_fit(docs, seq_len, writer, stats)
+            else:
+                pack_reference(docs, seq_len, writer)
         rows = len(writer.row_tokens)
         if rows == 0:
             raise DataError(f"--input {' '.join(inputs)}: no documents")
-        header = HEADER.pack(MAGIC, VERSION, np.dtype(dtype).itemsize, seq_len, rows, stats["documents"])
-        with open(tmp["idx"], "wb") as f:
-            f.write(header)
-            f.write((np.arange(rows + 1, dtype=np.uint64) * seq_len).tobytes())
-            f.write(np.asarray(writer.row_tokens, dtype=np.uint32).tobytes())
-            f.write(np.asarray(writer.doc_ptr, dtype=np.uint64).tobytes())
-            f.write(np.asarray(writer.doc_starts, dtype=np.uint32).tobytes())
-        kept_tokens = int(sum(writer.row_tokens))
-        import datasets
-        import tokenizers
+        if writer.max_id >= 2 ** (8 * dtype.itemsize):
+            raise DataError(f"--tokenizer {tok.name}: produced token id {writer.max_id}, beyond its vocabulary "
+                            f"of {tok.vocab_size}")
+        writer.write_index(tmp["idx"])
+        kept = int(np.sum(np.asarray(writer.row_tokens, dtype=np.int64)))
         meta = {
-            "format_version": VERSION, "tokenizer": tok.name, "sources": inputs, "text_key": text_key,
-            "seq_len": seq_len, "rows": rows, "documents": stats["documents"],
-            "document_tokens": stats["document_tokens"], "kept_tokens": kept_tokens,
-            "truncated_tokens": stats["truncated_tokens"], "fill_ratio": kept_tokens / (rows * seq_len),
-            "packing": packing, "num_docs": num_docs, "fraction": fraction, "seed": seed,
-            "max_doc_tokens": max_doc_tokens, "dtype": np.dtype(dtype).name, "eod_id": tok.eod_id,
-            "pad_id": tok.eod_id, "vocab_size": tok.vocab_size, "max_token_id": int(writer.max_id),
-            "versions": {"megatron_mlkv_data": VERSION, "datasets": datasets.__version__,
-                         "tokenizers": tokenizers.__version__, "numpy": np.__version__},
+            "seq_len": seq_len, "rows": rows, "documents": stats["documents"], "pieces": len(writer.doc_starts),
+            "document_tokens": stats["document_tokens"], "kept_tokens": kept,
+            "truncated_tokens": stats["truncated_tokens"], "split_documents": stats["split_documents"],
+            "padding_tokens": rows * seq_len - kept, "fill_ratio": kept / (rows * seq_len),
+            "packing": packing, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id,
+            "pad_id": tok.eod_id, "max_token_id": writer.max_id, "dtype": dtype.name,
+            "sources": inputs, "files": None if isinstance(sources, str) else [str(p) for p in sources],
+            "text_key": text_key, "num_docs": num_docs, "fraction": fraction, "seed": seed,
+            "max_doc_tokens": max_doc_tokens, "versions": _versions(),
         }
         tmp["json"].write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp["bin"], final["bin"])
-        os.replace(tmp["idx"], final["idx"])
-        os.replace(tmp["json"], final["json"])
+        final["json"].unlink(missing_ok=True)  # from here until the last rename the prefix reads as incomplete
+        for ext in ("bin", "idx", "json"):
+            os.replace(tmp[ext], final[ext])
         return meta
     finally:
-        writer.file.close()
-        bar.close()
+        docs.close()  # stops the tokenizer processes on an error
+        if bar is not None:
+            bar.close()
         for path in tmp.values():
             path.unlink(missing_ok=True)
 
 
 def format_summary(meta: dict, prefix: str) -> str:
-    """The pack report as a small markdown table."""
-    rows = [("rows", f"{meta['rows']:,} x {meta['seq_len']} tokens"), ("documents", f"{meta['documents']:,}"),
-            ("document tokens", f"{meta['document_tokens']:,}"), ("truncated tokens", f"{meta['truncated_tokens']:,}"),
-            ("fill ratio", f"{meta['fill_ratio']:.4%}"), ("packing", meta["packing"]), ("dtype", meta["dtype"])]
-    return "\n".join([f"{prefix}.bin/.idx/.json", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+    """The pack report: a small markdown table."""
+    rows = [("rows", f"{meta['rows']:,} x {meta['seq_len']:,} tokens ({meta['dtype']})"),
+            ("documents", f"{meta['documents']:,} ({meta['split_documents']:,} split across rows)"),
+            ("document tokens", f"{meta['document_tokens']:,}"),
+            ("truncated tokens", f"{meta['truncated_tokens']:,}"),
+            ("fill ratio", f"{meta['fill_ratio']:.4%}"), ("packing", meta["packing"])]
+    return "\n".join([f"{prefix}.bin / .idx / .json", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
