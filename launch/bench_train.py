@@ -22,12 +22,16 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation, allocator)")
     p.add_argument("--engines", default="mlkv,hf", help="mlkv, hf or both")
     p.add_argument("--loss-check-steps", type=int, default=30, help="steps of the eager-vs-optimised loss curve")
+    p.add_argument("--ds-config", help="DeepSpeed config for both engines (default ds_configs/zero2.json)")
     p.add_argument("--out", default="benchmarks/results/train.json", help="JSON output")
     args = p.parse_args(argv)
     import torch
     if not torch.cuda.is_available():
         print("error: bench_train.py measures GPU throughput; no CUDA device found", file=sys.stderr)
         return 2
+    if args.ds_config:
+        from megatron_mlkv import bench_train
+        bench_train.DS_CONFIG = args.ds_config
     micro = dict(DEFAULT_MICRO)
     for item in args.micro_batch:
         shape, _, value = item.partition("=")

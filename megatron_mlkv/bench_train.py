@@ -58,8 +58,11 @@ class RandomRows:
         return self._mask
 
 
+DS_CONFIG = ROOT / "ds_configs" / "zero2.json"
+
+
 def ds_config(micro_batch: int) -> dict:
-    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    cfg = json.loads(Path(DS_CONFIG).read_text())
     cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
                train_batch_size=micro_batch)
     return cfg
@@ -98,8 +101,9 @@ def _mlkv_engine(config: MLKVConfig, cfg: dict, compile_blocks: bool, loss: str,
     return make_engine(model, cfg, total_steps=1000, loss=loss)
 
 
-def time_steps(engine, ds, micro: int, steps: int, warmup: int, device) -> dict:
-    """Run warmup + steps optimizer steps; time the last `steps`, and the data loading within them."""
+def time_steps(engine, ds, micro: int, steps: int, warmup: int, device, summed: bool = True) -> dict:
+    """Run warmup + steps optimizer steps; time the last `steps`, and the data loading within them.
+    `summed`: the engine returns the sum of token losses (ours), made a mean as transformers' is."""
     sampler = RowSampler(len(ds), micro)
     losses, data_wait = [], 0.0
     torch.cuda.reset_peak_memory_stats(device)
@@ -113,6 +117,8 @@ def time_steps(engine, ds, micro: int, steps: int, warmup: int, device) -> dict:
         labels = batch["labels"].to(device, non_blocking=True)
         data_wait += time.perf_counter() - t0
         loss = engine(ids, labels)
+        if summed:
+            loss = loss / (labels[:, 1:] != -100).sum()
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach())
@@ -121,6 +127,17 @@ def time_steps(engine, ds, micro: int, steps: int, warmup: int, device) -> dict:
     return {"step_time_s": elapsed / steps, "tokens_per_s": micro * ds.seq_len * steps / elapsed,
             "data_wait_share": data_wait / elapsed, "peak_memory_bytes": torch.cuda.max_memory_allocated(device),
             "losses": [float(x) for x in losses]}
+
+
+def _release(engine) -> None:
+    """Free an engine's GPU memory before the next measurement (engines hold optimizer states,
+    gradient buckets and compiled graphs)."""
+    if engine is not None and hasattr(engine, "destroy"):
+        engine.destroy()
+    del engine
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def run(shapes, layouts, micro: dict, seq_len: int = 2048, steps: int = 20, warmup: int = 8,
@@ -147,18 +164,17 @@ def run(shapes, layouts, micro: dict, seq_len: int = 2048, steps: int = 20, warm
                 if kind == "hf" and layout != "mha":
                     continue
                 record = {"shape": shape, "layout": config.layout.name, "engine": kind, "micro_batch": b,
-                          "seq_len": seq_len, "zero_stage": 2, "precision": "bf16 mixed",
+                          "seq_len": seq_len, "ds_config": str(DS_CONFIG), "precision": "bf16 mixed",
                           "device": torch.cuda.get_device_name(device), "matmul_flops_per_s": peak}
+                engine = None
                 try:
                     engine = _hf_engine(config, ds_config(b)) if kind == "hf" else \
                         _mlkv_engine(config, ds_config(b), compile_blocks=True, loss="auto")
-                    record.update(time_steps(engine, ds, b, steps, warmup, device))
+                    record.update(time_steps(engine, ds, b, steps, warmup, device, summed=kind == "mlkv"))
                     record["mfu"] = record["tokens_per_s"] * config.flops_per_token(seq_len) / peak
                 except torch.cuda.OutOfMemoryError:
                     record["oom"] = True
-                engine = None
-                gc.collect()
-                torch.cuda.empty_cache()
+                engine = _release(engine)
                 records.append(record)
                 _print_row(record)
     if loss_check_steps:
@@ -178,9 +194,7 @@ def loss_check(shape: str, micro: int, seq_len: int, steps: int, device) -> dict
     for name, compiled, loss in (("eager", False, "logits"), ("optimised", True, "auto")):
         engine = _mlkv_engine(config, ds_config(micro), compiled, loss, seed=0)
         curves[name] = time_steps(engine, ds, micro, steps, 0, device)["losses"]
-        engine = None
-        gc.collect()
-        torch.cuda.empty_cache()
+        engine = _release(engine)
     diff = max(abs(a - b) for a, b in zip(curves["eager"], curves["optimised"]))
     print(f"loss check ({shape} MLKV-6, {steps} steps): max |eager - optimised| = {diff:.4f}")
     return {"loss_check": True, "shape": shape, "layout": config.layout.name, "curves": curves, "max_abs_diff": diff}

@@ -111,3 +111,97 @@ def pretrain_base(data_prefix: str, tokenizer_dir: Path, out_dir: Path, steps: i
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+@torch.no_grad()
+def validation_loss(logits_fn, ds, batch: int = 16) -> float:
+    """Mean next-token loss over every row of `ds` (real tokens only) for `logits_fn(ids) -> logits`."""
+    from .data import collate
+
+    total, count = 0.0, 0
+    for start in range(0, len(ds), batch):
+        b = collate(ds, np.arange(start, min(len(ds), start + batch)))
+        logits = logits_fn(b["input_ids"])[:, :-1].float()
+        labels = b["labels"][:, 1:]
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                   reduction="sum").item()
+        count += int((labels != -100).sum())
+    return total / count
+
+
+def _ds_config(out: Path, micro_batch: int) -> Path:
+    """ds_configs/zero2.json with a CPU-sized micro-batch (the config owns the batch size)."""
+    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    path = out / "zero2_demo.json"
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="The whole MLKV workflow on the CPU in a few minutes.")
+    parser.add_argument("--out", default="demo_out", help="working folder (re-created)")
+    parser.add_argument("--kv-layers", type=int, default=2, help="m of the MLKV layout (default 2)")
+    parser.add_argument("--kv-groups", type=int, default=1, help="g of the MLKV layout (default 1)")
+    parser.add_argument("--docs", type=int, default=4000, help="training documents")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--pretrain-steps", type=int, default=400)
+    parser.add_argument("--uptrain-steps", type=int, default=120)
+    args = parser.parse_args(argv)
+
+    from transformers import GPTNeoXForCausalLM
+
+    from .convert import convert_checkpoint
+    from .data import PackedDataset, pack
+    from .hf import load_pretrained
+
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    print("1/6 corpus and tokenizer")
+    train_txt = write_corpus(out / "corpus" / "train.jsonl", args.docs, seed=0)
+    valid_txt = write_corpus(out / "corpus" / "valid.jsonl", max(50, args.docs // 20), seed=1)
+    tok = train_tokenizer(train_txt, out / "tokenizer")
+    print("2/6 pack")
+    pack([str(train_txt)], str(tok), args.seq_len, str(out / "data" / "train"), progress=False)
+    pack([str(valid_txt)], str(tok), args.seq_len, str(out / "data" / "valid"), progress=False)
+    valid = PackedDataset(str(out / "data" / "valid"))
+    print("3/6 pre-train a tiny MHA GPT-NeoX base")
+    base = pretrain_base(str(out / "data" / "train"), tok, out / "base", steps=args.pretrain_steps)
+    print("4/6 convert")
+    report = convert_checkpoint(str(base), out / "converted", args.kv_layers, args.kv_groups, progress=False)
+    print(f"    {report['base_layout']} -> {report['layout']}: parameters {report['parameters']['before']:,} -> "
+          f"{report['parameters']['after']:,}")
+    print("5/6 uptrain: deepspeed --num_gpus 2, ZeRO-2")
+    run = out / "run"
+    cmd = ["deepspeed", "--num_gpus", "2", str(ROOT / "launch" / "uptrain.py"),
+           "--ds_config", str(_ds_config(out, micro_batch=8)), "--init", str(out / "converted"),
+           "--data", str(out / "data" / "train"), "--valid-data", str(out / "data" / "valid"),
+           "--out", str(run), "--train-iters", str(args.uptrain_steps), "--lr", "2e-3",
+           "--save-interval", str(max(1, args.uptrain_steps // 2)), "--log-interval", "10"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(cmd, env=env)
+    if result.returncode != 0:
+        print(f"error: uptraining failed (exit code {result.returncode}): {' '.join(cmd)}", file=sys.stderr)
+        return result.returncode
+    print("6/6 validation")
+    base_model = GPTNeoXForCausalLM.from_pretrained(base).eval()
+    rows = [("base", base, lambda ids: base_model(ids).logits, report["base_layout"], report["kv_heads"]["before"])]
+    for label, folder in (("converted", out / "converted"), ("uptrained", run / "hf" / f"step_{args.uptrain_steps}")):
+        model = load_pretrained(folder).eval()
+        rows.append((label, folder, model, model.config.layout.name, model.config.layout.kv_heads_total()))
+    head_dim = load_pretrained(out / "converted").config.head_dim
+    lines = ["| model | layout | KV heads | KV bytes/token (fp16) | validation loss |", "|---|---|---|---|---|"]
+    for label, _, fn, layout, heads in rows:
+        loss = validation_loss(fn, valid)
+        lines.append(f"| {label} | {layout} | {heads} | {2 * heads * head_dim * 2:,} | {loss:.4f} |")
+    table = "\n".join(lines)
+    print(table)
+    (out / "results.md").write_text(table + "\n")
+    print(f"\nTensorBoard: tensorboard --logdir {run / 'tensorboard'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
