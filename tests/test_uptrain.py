@@ -326,3 +326,31 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert all(a >= b for a, b in zip(f[20:], f[21:]))
     assert f[-1] == pytest.approx(0.1, abs=1e-3)
     assert lr_factor(60, total, 0.2, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+
+
+@pytest.mark.slow
+def test_eval_hook_writes_results_and_survives_a_failing_task(workdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_evaluate import write_tasks
+
+    tasks = write_tasks(workdir / "eval_tasks")
+    offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    run = workdir / "runs" / "eval"
+    ok(uptrain(workdir, run, ds_config(workdir, "zero2.json"), "--train-iters", 2, "--save-interval", 1,
+               "--eval-tasks", "tiny_mc,tiny_lambada", "--eval-include-path", tasks, "--eval-limit", 4, env=offline))
+    for step in (1, 2):
+        result = json.loads((run / "eval" / f"step_{step}.json").read_text())
+        assert set(result["results"]) >= {"tiny_mc", "tiny_lambada"} and result["layout"]["name"] == "MLKV-2"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/tiny_mc/acc" in r for r in records)
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("eval/tiny_mc/acc")] == [1, 2]
+    # a task that cannot be loaded offline is logged with its reason; training goes on and finishes
+    broken = workdir / "runs" / "eval_broken"
+    result = uptrain(workdir, broken, ds_config(workdir, "zero2.json"), "--train-iters", 2, "--save-interval", 2,
+                     "--eval-tasks", "no_such_task_anywhere", env=offline)
+    ok(result)
+    assert "evaluation at step 2 failed" in result.stderr + result.stdout
+    assert sorted(losses(broken)) == [1, 2]
+    assert any("eval_error" in json.loads(line) for line in (broken / "metrics.jsonl").read_text().splitlines())
