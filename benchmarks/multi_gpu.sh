@@ -39,6 +39,8 @@ for run in ("dp1_160m", "dp2_160m", "tp1_1b", "tp2_1b"):
     if not f.exists():
         summary[run] = None; continue
     recs = [json.loads(l) for l in f.read_text().splitlines() if '"loss"' in l]
+    if not recs:
+        summary[run] = None; continue
     late = recs[len(recs) // 2:]  # after compilation and warm-up
     summary[run] = {"losses": [r["loss"] for r in recs],
                     "tokens_per_s": sum(r["tokens_per_s"] for r in late) / len(late),

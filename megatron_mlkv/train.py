@@ -429,12 +429,12 @@ class Trainer:
         """One optimizer step; returns the global mean token loss."""
         batches, n_tokens = self._micro_batches(step)
         scale = self.groups.dp_size * self.gas / n_tokens  # DeepSpeed averages over DP and accumulation
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # NCCL reduces device tensors
         for batch in batches:
             total = self.engine(batch["input_ids"].to(self.device), batch["labels"].to(self.device))
             if _fault("nan-loss", step + 1):
                 total = total * float("nan")
-            loss_sum += total.detach().double().cpu()
+            loss_sum += total.detach().double()
             self.engine.backward(total * scale)
             self.engine.step()
         if self.groups.dp_size > 1:
@@ -450,11 +450,11 @@ class Trainer:
         ds = self.valid if self.valid is not None else self.data
         self.engine.eval()
         mine = rows[self.groups.dp_rank::self.groups.dp_size]
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         for i in range(0, len(mine), self.micro):
             batch = collate(ds, mine[i:i + self.micro])
             total = self.engine(batch["input_ids"].to(self.device), batch["labels"].to(self.device))
-            sums[0] += total.double().cpu()
+            sums[0] += total.double()
             sums[1] += (batch["labels"][:, 1:] != -100).sum()
         self.engine.train()
         if self.groups.dp_size > 1:
