@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-interval", type=int, default=1, help="log metrics every N steps")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute layer activations in backward")
     p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="do not torch.compile the layers (they are compiled on GPUs by default)")
+                   help="do not torch.compile the layers (compiled by default on GPUs without --tp)")
     p.add_argument("--loss", choices=("auto", "fused", "chunked", "logits"), default="auto",
                    help="loss implementation: auto = liger's fused linear cross-entropy on GPUs, full logits elsewhere")
     p.add_argument("--seed", type=int, default=1234, help="model-side random seed")
