@@ -4,12 +4,16 @@ The oracle for resume is an uninterrupted run of the same command; for ZeRO stag
 Configs are the shipped ones with bf16 off (float32 makes the stage comparison tight) and a
 CPU-sized micro-batch.
 """
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,9 @@ from megatron_mlkv.train import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
+_spec = importlib.util.spec_from_file_location("uptrain_cli", ROOT / "launch" / "uptrain.py")
+UPTRAIN = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(UPTRAIN)
 
 
 def ds_config(tmp: Path, stage_file: str, micro: int = 4, **changes) -> Path:
@@ -246,12 +253,29 @@ def load_file_dir(folder: Path) -> dict:
 # bad input: one line, exit code 2, before the first step (single process, no launcher needed)
 # --------------------------------------------------------------------------------------------------
 
-def run_single(workdir, tmp_path, *args, env=None, init=None, data=None, config=None):
-    cmd = [sys.executable, str(ROOT / "launch" / "uptrain.py"), "--ds_config",
-           str(config or ds_config(workdir, "zero2.json")), "--init", str(init or workdir / "mlkv"),
-           "--data", str(data or workdir / "train"), "--out", str(tmp_path / "run"), *map(str, args)]
+def run_single(workdir, tmp_path, *args, env=None, init=None, data=None, config=None, in_process=True):
+    """launch/uptrain.py in one process, no launcher: bad input is refused before distributed set-up.
+    In-process by default (an interpreter start per case would cost seconds); in_process=False runs
+    the real command line."""
+    argv = ["--ds_config", str(config or ds_config(workdir, "zero2.json")), "--init", str(init or workdir / "mlkv"),
+            "--data", str(data or workdir / "train"), "--out", str(tmp_path / "run"), *map(str, args)]
     clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return subprocess.run(cmd, env={**clean, **(env or {})}, capture_output=True, text=True, timeout=300)
+    if not in_process:
+        return subprocess.run([sys.executable, str(ROOT / "launch" / "uptrain.py"), *argv],
+                              env={**clean, **(env or {})}, capture_output=True, text=True, timeout=300)
+    saved, err = dict(os.environ), io.StringIO()
+    os.environ.clear()
+    os.environ.update({**clean, **(env or {})})
+    try:
+        with contextlib.redirect_stderr(err):
+            try:
+                code = UPTRAIN.main(argv)
+            except SystemExit as e:
+                code = e.code
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return types.SimpleNamespace(returncode=code, stderr=err.getvalue())
 
 
 def assert_one_line_error(result, *fragments):
@@ -279,7 +303,7 @@ def test_contradictory_ds_config_is_rejected(workdir, tmp_path, changes, fragmen
 def test_unreadable_ds_config_and_zero3_with_tp(workdir, tmp_path):
     bad = tmp_path / "broken.json"
     bad.write_text('{"train_micro_batch_size_per_gpu": 4,\n oops}')
-    assert_one_line_error(run_single(workdir, tmp_path, config=bad), "invalid JSON at line 2")
+    assert_one_line_error(run_single(workdir, tmp_path, config=bad, in_process=False), "invalid JSON at line 2")
     assert_one_line_error(run_single(workdir, tmp_path, config=tmp_path / "missing.json"), "no such file")
     two_ranks = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
     assert_one_line_error(run_single(workdir, tmp_path, "--tp", 2, config=ds_config(workdir, "zero3.json"),
