@@ -23,6 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--engines", default="mlkv,hf", help="mlkv, hf or both")
     p.add_argument("--loss-check-steps", type=int, default=30, help="steps of the eager-vs-optimised loss curve")
     p.add_argument("--ds-config", help="DeepSpeed config for both engines (default ds_configs/zero2.json)")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table for the first shape/layout instead")
     p.add_argument("--out", default="benchmarks/results/train.json", help="JSON output")
     args = p.parse_args(argv)
     import torch
@@ -41,6 +42,11 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: --layouts {','.join(unknown)} unknown; allowed: {', '.join(LAYOUTS)}", file=sys.stderr)
         return 2
+    if args.profile:
+        from megatron_mlkv.bench_train import profile
+        shape, layout = shapes[0], args.layouts.split(",")[0]
+        print(profile(shape, layout, micro[shape], args.seq_len, kind=args.engines.split(",")[0]))
+        return 0
     records = run(shapes, args.layouts.split(","), micro, args.seq_len, args.steps, args.warmup,
                   tuple(args.engines.split(",")), args.out, args.loss_check_steps)
     print(format_table(records))

@@ -200,6 +200,21 @@ def loss_check(shape: str, micro: int, seq_len: int, steps: int, device) -> dict
     return {"loss_check": True, "shape": shape, "layout": config.layout.name, "curves": curves, "max_abs_diff": diff}
 
 
+def profile(shape: str, layout: str, micro: int, seq_len: int = 2048, steps: int = 4, kind: str = "mlkv") -> str:
+    """torch.profiler table of a few steps (after warm-up): where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    device = torch.device("cuda", 0)
+    config = layout_config(shape, layout)
+    ds = RandomRows(micro * (steps + 6), seq_len, config.vocab_size)
+    engine = _hf_engine(config, ds_config(micro)) if kind == "hf" else \
+        _mlkv_engine(config, ds_config(micro), compile_blocks=True, loss="auto")
+    time_steps(engine, ds, micro, 1, 5, device, summed=kind == "mlkv")
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        time_steps(engine, ds, micro, steps, 0, device, summed=kind == "mlkv")
+    _release(engine)
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60)
+
+
 def _print_row(r: dict) -> None:
     if r.get("oom"):
         print(f"{r['shape']:12s} {r['layout']:8s} {r['engine']:5s} b={r['micro_batch']:3d}  OOM", flush=True)
