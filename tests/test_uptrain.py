@@ -142,12 +142,15 @@ def test_rerunning_a_finished_run_does_nothing(workdir, zero2_run):
 def test_killed_during_a_save_resumes_with_identical_losses(workdir, zero2_run):
     run = workdir / "runs" / "kill_in_save"
     config = ds_config(workdir, "zero2.json")
-    killed = uptrain(workdir, run, config, "--save-interval", 2, env={"MLKV_FAULT": "kill-in-save@6"})
+    killed = uptrain(workdir, run, config, "--save-interval", 2, "--keep-last", 1,
+                     env={"MLKV_FAULT": "kill-in-save@6"})
     assert killed.returncode != 0
     assert (run / "checkpoints" / "step_6").is_dir() and not (run / "checkpoints" / "step_6" / "COMPLETE").exists()
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_4", "step_6"]  # --keep-last 1
     assert max(losses(run)) == 6
-    ok(uptrain(workdir, run, config, "--save-interval", 2))
+    ok(uptrain(workdir, run, config, "--save-interval", 2, "--keep-last", 1))
     assert losses(run) == losses(zero2_run)  # exactly: same rows, lr, optimizer state, RNG
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_8"]
 
 
 @pytest.mark.slow
