@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import random_mlkv
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
@@ -41,13 +42,7 @@ def tiny_config(**changes) -> MLKVConfig:
     return MLKVConfig(**values).with_layout(kv_layers, g, kv_owner)
 
 
-def random_model(config: MLKVConfig, seed: int = 0, std: float = 0.2) -> MLKVTransformer:
-    torch.manual_seed(seed)
-    model = MLKVTransformer(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, std)
-    return model
+random_model = random_mlkv  # weights far from uniform attention, identical on every rank for a seed
 
 
 def batch(config: MLKVConfig, rows: int = 2, seq: int = 9, seed: int = 1, ignore: bool = True):
