@@ -452,13 +452,17 @@ class Trainer:
             return None
         ds = self.valid if self.valid is not None else self.data
         self.engine.eval()
-        mine = rows[self.groups.dp_rank::self.groups.dp_size]
+        parts = np.array_split(rows, self.groups.dp_size)  # the first part is the longest
+        mine = parts[self.groups.dp_rank]
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for i in range(0, len(mine), self.micro):
-            batch = collate(ds, mine[i:i + self.micro])
+        # every rank runs as many forwards as the longest part (ZeRO-3 gathers weights collectively);
+        # a rank out of rows repeats one and does not count it
+        for i in range(0, len(parts[0]), self.micro):
+            chunk, counted = (mine[i:i + self.micro], 1) if i < len(mine) else (rows[:1], 0)
+            batch = collate(ds, chunk)
             total = self.engine(batch["input_ids"].to(self.device), batch["labels"].to(self.device))
-            sums[0] += total.double()
-            sums[1] += (batch["labels"][:, 1:] != -100).sum()
+            sums[0] += counted * total.double()
+            sums[1] += counted * (batch["labels"][:, 1:] != -100).sum()
         self.engine.train()
         if self.groups.dp_size > 1:
             dist.all_reduce(sums, group=self.groups.dp_group)
