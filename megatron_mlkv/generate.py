@@ -1,0 +1,298 @@
+"""Fast generation: a preallocated cache of the m owner layers' K/V and a one-token decode step that
+a CUDA graph replays.
+
+    from megatron_mlkv.generate import generate
+    out = generate(model, input_ids, max_new_tokens=48)              # greedy, (b, s + 48)
+    out = generate(model, ids, 48, attention_mask=mask, do_sample=True, top_k=50)
+
+Why it is fast, and where the saved KV memory goes:
+- `StaticKVCache` holds `keys`/`values` of shape (m, b, g, max_len, d_k), allocated once in the
+  model's dtype and written in place; no step re-materialises the cache (no `torch.cat`).
+- the decode step reads its inputs from fixed tensors (token, position, padding, mask) and advances
+  the position itself, so on CUDA it is captured once in a `torch.cuda.CUDAGraph` and replayed: the
+  ~200 kernels of a step (Pythia-160M) cost one launch per token instead of 200.
+- decode attention puts the h/g query heads that share a KV head in the rows of one attention
+  problem (q (b, g, h/g, d_k) over K/V (b, g, L, d_k)), so each shared K/V head is read once and
+  never expanded to h heads.
+- prefill runs the model's own forward on chunks of batch rows (about `prefill_chunk_tokens` tokens
+  each), so its activations stay small next to the cache, and projects only the last position onto
+  the vocabulary.
+
+Limits: the model must be an `MLKVTransformer` (any layout). Left padding (attention_mask with 0s at
+the start of rows) is supported; right padding is not. Decode attends over the whole preallocated
+buffer with masked-out positions (about s + max_new_tokens per step, the minimum when the buffer is
+full). `eos_token_id` pads finished rows with it but does not stop early (that needs a host sync per
+step). The logits `StaticDecoder.step` returns are overwritten by the next step on CUDA.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MLKVConfig
+from .model import MLKVTransformer, rotary_cos_sin
+
+
+class StaticKVCache:
+    """K/V of the m owner layers, preallocated: `keys` and `values`, each (m, b, g, max_len, d_k).
+
+    It is also a `cache` for `MLKVTransformer.forward` (the interface of transformers' DynamicCache):
+    `update(k, v, slot)` writes after the slot's current length and returns the slot's K/V so far.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, lengths: list[int] | None = None):
+        self.keys, self.values = keys, values
+        self.lengths = list(lengths) if lengths is not None else [0] * keys.shape[0]
+
+    @classmethod
+    def allocate(cls, config: MLKVConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> "StaticKVCache":
+        """An empty cache for `batch_size` rows of up to `max_len` tokens."""
+        shape = (config.layout.kv_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
+        # zeros, not empty: decode attends over the whole buffer with masked positions, and a masked
+        # position's weight 0 times an uninitialised NaN would still be NaN
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the cache tensors: 2·b·max_len·m·g·d_k·dtype size."""
+        return self.keys.nbytes + self.values.nbytes
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (b, g, s, d_k) after slot's current length; returns its K/V (b, g, length, d_k)."""
+        start, end = self.lengths[slot], self.lengths[slot] + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} tokens; writing {k.shape[2]} after {start} "
+                             f"overflows it: allocate a larger max_len")
+        self.keys[slot, :, :, start:end] = k
+        self.values[slot, :, :, start:end] = v
+        self.lengths[slot] = end
+        return self.keys[slot, :, :, :end], self.values[slot, :, :, :end]
+
+
+def sdpa_attention(q, k, v, bias):
+    """q (b, g, r, d_k), the r = h/g query heads of each KV head as rows, over k, v (b, g, L, d_k)
+    with an additive bias (b, 1, 1, L) -> (b, g, r, d_k)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def matmul_attention(q, k, v, bias):
+    """The same as `sdpa_attention` with two batched matrix products (softmax in float32)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias
+    return torch.matmul(scores.float().softmax(-1).to(v.dtype), v)
+
+
+DECODE_ATTENTION = {"sdpa": sdpa_attention, "matmul": matmul_attention}
+
+
+class StaticDecoder:
+    """The decoding state of one batch: a `StaticKVCache`, the step's fixed input tensors and, on
+    CUDA, the captured step.
+
+    `prefill(input_ids, attention_mask)` fills the cache and returns the last position's logits
+    (b, vocab); `step(tokens)` appends one token per row and returns the next logits (b, vocab).
+    """
+
+    def __init__(self, model: MLKVTransformer, batch_size: int, max_len: int, cuda_graph: bool | None = None,
+                 attention: str = "sdpa"):
+        param = next(model.parameters())
+        self.model, self.config = model, model.config
+        self.cache = StaticKVCache.allocate(model.config, batch_size, max_len, param.dtype, param.device)
+        device = param.device
+        self.token = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # cache index of the next token
+        self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)  # left padding per row
+        # additive mask over the cache (0 visible, -inf not), rows 16-element aligned as the fused
+        # attention kernels want them
+        width = -(-max_len // 16) * 16
+        self.bias = torch.full((batch_size, 1, 1, width), float("-inf"), dtype=param.dtype,
+                               device=device)[..., :max_len]
+        self.attention = DECODE_ATTENTION[attention]
+        # cos and sin of every cache position, sin's first half negated: rotate_half(x) * sin equals
+        # cat(x2, x1) * that (one gather a step instead of recomputing the frequencies)
+        cfg, half = model.config, model.config.rotary_dim // 2
+        cos, sin = rotary_cos_sin(torch.arange(max_len, device=device)[None], cfg.rotary_dim, cfg.rotary_emb_base,
+                                  param.dtype)
+        sin[..., :half] = -sin[..., :half]
+        self.rotary = torch.stack([cos[0, 0], sin[0, 0]])  # (2, max_len, rotary_dim)
+        # owners' q, k, v weights concatenated (one matrix product instead of three; a copy of the
+        # attention input weights, small next to the cache)
+        self.projections = [fused_projection(block.attention) for block in model.layers]
+        self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.graph, self.logits = None, None
+        self.length = 0  # tokens in the cache, tracked on the host so the loop never synchronises
+
+    @property
+    def batch_size(self) -> int:
+        return self.token.shape[0]
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                chunk_tokens: int = 32768) -> torch.Tensor:
+        """Run the prompt (b, s), left-padded where attention_mask (b, s) is 0; -> logits (b, vocab)."""
+        b, s = input_ids.shape
+        if b != self.batch_size or s >= self.cache.max_len:
+            raise ValueError(f"prompt of shape {tuple(input_ids.shape)} does not fit this decoder: batch "
+                             f"{self.batch_size}, at most {self.cache.max_len - 1} prompt tokens")
+        rows = max(1, chunk_tokens // s)
+        logits = self.bias.new_empty(b, self.model.embed_out.out_features)
+        for start in range(0, b, rows):
+            mask = None if attention_mask is None else attention_mask[start:start + rows]
+            positions = None if mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)
+            cache = StaticKVCache(self.cache.keys[:, start:start + rows], self.cache.values[:, start:start + rows])
+            hidden = self.model.hidden_states(input_ids[start:start + rows], positions, mask, cache=cache)
+            logits[start:start + rows] = self.model.embed_out(hidden[:, -1])
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        self.bias.fill_(float("-inf"))
+        self.bias[:, 0, 0, :s].masked_fill_(real, 0.0)
+        self.pad.copy_(s - real.sum(-1))
+        self.position.fill_(s)
+        self.cache.lengths = [s] * len(self.cache.lengths)
+        self.length = s
+        return logits
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append tokens (b,) at the current position; -> logits (b, vocab) of the next token."""
+        if self.length >= self.cache.max_len:
+            raise ValueError(f"the cache is full ({self.cache.max_len} tokens)")
+        self.token.copy_(tokens)
+        self.length += 1
+        if not self.cuda_graph:
+            return self._step()
+        self.capture()
+        self.graph.replay()
+        return self.logits
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Record the step in a CUDA graph (once). Warm-up runs first on a side stream, as CUDA graphs
+        require; it writes only where the next real step writes, and position and mask are restored."""
+        if self.graph is not None or not self.cuda_graph:
+            return
+        position, bias = self.position.clone(), self.bias.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.position.copy_(position)
+        self.bias.copy_(bias)
+        del position, bias
+        torch.cuda.empty_cache()  # the warm-up's blocks cannot serve the graph's private pool
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    def _step(self) -> torch.Tensor:
+        """The token in `self.token` at cache index `self.position` -> logits (b, vocab); advances."""
+        model = self.model
+        x = model.embed_in(self.token)  # (b, d)
+        cos, sin = self.rotary[:, self.position - self.pad, None]  # each (b, 1, rotary_dim)
+        self.bias.index_fill_(-1, self.position, 0.0)  # the new token is visible from now on
+        for block, (weight, bias) in zip(model.layers, self.projections):
+            attn = self._attention(block.attention, weight, bias, block.input_layernorm(x), cos, sin)
+            if block.use_parallel_residual:
+                x = block.mlp(block.post_attention_layernorm(x)) + attn + x
+            else:
+                x = attn + x
+                x = block.mlp(block.post_attention_layernorm(x)) + x
+        self.position += 1
+        return model.embed_out(model.final_layer_norm(x))
+
+    def _attention(self, attn, weight, bias, x, cos, sin):
+        """One token per row, x (b, d) -> (b, d). One projection gives q (and k, v in owner layers,
+        which write them to the cache first); the layers an owner serves read the same cache slot."""
+        cfg = self.config
+        b, h, g, dk, rot = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim
+        proj = F.linear(x, weight, bias).view(b, -1, dk)  # (b, h [+ 2g], d_k): q heads [, k heads, v heads]
+        rotated = proj[:, :h + g if attn.owns_kv else h, :rot]  # q and k, rotated in place
+        halves_swapped = torch.cat((rotated[..., rot // 2:], rotated[..., :rot // 2]), -1)
+        rotated.mul_(cos).addcmul_(halves_swapped, sin)
+        keys, values = self.cache.keys[attn.cache_slot], self.cache.values[attn.cache_slot]  # (b, g, L, d_k)
+        if attn.owns_kv:
+            keys.index_copy_(2, self.position, proj[:, h:h + g, None])
+            values.index_copy_(2, self.position, proj[:, h + g:, None])
+        q = proj[:, :h].view(b, g, h // g, dk)  # query head i -> group i // (h/g), row i % (h/g)
+        return attn.dense(self.attention(q, keys, values, self.bias).reshape(b, h * dk))
+
+
+@torch.no_grad()
+def pad_mlp_(model: MLKVTransformer, multiple: int = 64) -> MLKVTransformer:
+    """Widen every MLP's hidden layer to a multiple of `multiple` with zero units, in place.
+
+    The function is unchanged (each added unit has zero input weights and bias, act(0) = 0, and zero
+    output weights), but GPU matrix products run at full speed only on aligned widths, and the
+    parameter-matched widths of converted layouts are not (Pythia-160M MLKV-6: 3809). For inference:
+    the state dict no longer matches `config.intermediate_size`.
+    """
+    for block in model.layers:
+        up, down = block.mlp.dense_h_to_4h, block.mlp.dense_4h_to_h
+        pad = -up.out_features % multiple
+        up.weight = nn.Parameter(F.pad(up.weight, (0, 0, 0, pad)), requires_grad=up.weight.requires_grad)
+        up.bias = nn.Parameter(F.pad(up.bias, (0, pad)), requires_grad=up.bias.requires_grad)
+        down.weight = nn.Parameter(F.pad(down.weight, (0, pad)), requires_grad=down.weight.requires_grad)
+        up.out_features = down.in_features = up.out_features + pad
+    return model
+
+
+def fused_projection(attn) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias of one matrix product giving q, k, v of an owner layer (q alone otherwise)."""
+    parts = (attn.query, attn.key, attn.value) if attn.owns_kv else (attn.query,)
+    weight = torch.cat([p.weight for p in parts]) if attn.owns_kv else attn.query.weight
+    if attn.query.bias is None:
+        return weight, None
+    return weight, torch.cat([p.bias for p in parts]) if attn.owns_kv else attn.query.bias
+
+
+def next_token(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
+               top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (b, vocab) -> token ids (b,): argmax, or a sample at `temperature` from the `top_k` best."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: MLKVTransformer, input_ids: torch.Tensor, max_new_tokens: int,
+             attention_mask: torch.Tensor | None = None, *, do_sample: bool = False, temperature: float = 1.0,
+             top_k: int | None = None, eos_token_id: int | None = None, generator: torch.Generator | None = None,
+             cuda_graph: bool | None = None, prefill_chunk_tokens: int = 32768) -> torch.Tensor:
+    """Greedy (or sampled) continuation: input_ids (b, s) -> (b, s + max_new_tokens).
+
+    attention_mask (b, s) marks real tokens with 1; padding must be on the left. Rows that produced
+    `eos_token_id` continue with it. `cuda_graph` defaults to True on CUDA. On GPUs, `pad_mlp_(model)`
+    first speeds up layouts whose MLP width is not a multiple of 64.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens = {max_new_tokens} must be at least 1")
+    b, s = input_ids.shape
+    decoder = StaticDecoder(model, b, s + max_new_tokens - 1, cuda_graph)
+    choose = functools.partial(next_token, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                               generator=generator)
+    logits = decoder.prefill(input_ids, attention_mask, prefill_chunk_tokens)
+    finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    new = []
+    for i in range(max_new_tokens):
+        token = choose(logits)
+        if eos_token_id is not None:
+            token = token.masked_fill(finished, eos_token_id)
+            finished |= token == eos_token_id
+        new.append(token)
+        if i + 1 < max_new_tokens:
+            logits = decoder.step(token)
+    return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
