@@ -4,7 +4,7 @@ python data_tools/pack_pile.py --input EleutherAI/the_pile_deduplicated \\
     --tokenizer EleutherAI/pythia-160m-deduped --seq-len 2048 --num-docs 6000000 --workers 16 --out data/pile_6m
 python data_tools/pack_pile.py --input 'corpus/*.jsonl.zst' --tokenizer tok/tokenizer.json --out data/mine
 
-All logic lives in megatron_mlkv/data.py (pack, PackedDataset); see docs/data.md.
+All logic lives in megatron_mlkv/data.py (pack, PackedDataset); see the README.
 """
 import argparse
 import sys

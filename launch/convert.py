@@ -4,7 +4,7 @@ python launch/convert.py --base EleutherAI/pythia-160m-deduped --kv-layers 6 --k
 python launch/convert.py --base BASE --kv-owner-map 0,0,0,3 --kv-groups 2 --out ckpt/custom
 python launch/convert.py --base EleutherAI/pythia-160m-deduped --paper-variants --out-root ckpt
 
-All logic lives in megatron_mlkv/convert.py (convert_checkpoint, convert_paper_variants); see docs/convert.md.
+All logic lives in megatron_mlkv/convert.py (convert_checkpoint, convert_paper_variants); see the README.
 """
 import argparse
 import sys

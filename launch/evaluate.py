@@ -4,7 +4,7 @@ python launch/evaluate.py --model runs/mlkv-6/hf/step_1000 --out runs/mlkv-6/eva
 python launch/evaluate.py --model ckpt/mlkv-6 --tasks my_task --include-path my_tasks --limit 100 --out e.json
 
 FILE.json holds lm-eval's `results` mapping plus the model's KV layout and KV bytes per token; a
-markdown table is printed. The logic lives in megatron_mlkv/evaluate.py; see docs/evaluate.md.
+markdown table is printed. The logic lives in megatron_mlkv/evaluate.py; see the README.
 """
 import argparse
 import sys

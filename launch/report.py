@@ -4,7 +4,7 @@ python launch/report.py runs/mha runs/mlkv-6 runs/mlkv-2 --out results/table3
 python launch/report.py eval/mha.json eval/mlkv-6.json --out results/table3
 
 A run folder stands for its latest eval/step_N.json. Writes PREFIX.md (printed too), PREFIX.json and
-PREFIX.png. The logic lives in megatron_mlkv/report.py; see docs/evaluate.md.
+PREFIX.png. The logic lives in megatron_mlkv/report.py; see the README.
 """
 import argparse
 import sys
