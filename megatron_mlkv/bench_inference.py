@@ -28,12 +28,11 @@ from torch import nn
 
 from .config import MLKVConfig, preset
 from .configuration_mlkv import MLKVGPTNeoXConfig
-from .convert import paper_variants, target_config
+from .convert import DTYPES, paper_variants, target_config
 from .generate import StaticDecoder, pad_mlp_
 from .layout import KVLayout, LayoutError
 from .model import MLKVTransformer
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class BenchError(ValueError):
