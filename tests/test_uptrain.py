@@ -381,3 +381,20 @@ def test_eval_hook_writes_results_and_survives_a_failing_task(workdir):
     assert "evaluation at step 2 failed" in result.stderr + result.stdout
     assert sorted(losses(broken)) == [1, 2]
     assert any("eval_error" in json.loads(line) for line in (broken / "metrics.jsonl").read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_and_train_tokens_change_nothing(workdir, zero2_run):
+    """--train-tokens 8 x 8 rows x 64 tokens is the 8 steps of the reference run; recomputing the
+    activations (K/V handed from owner to served layers across checkpointed regions) gives its losses."""
+    run = workdir / "runs" / "checkpointing"
+    cmd = ["deepspeed", "--num_gpus", "2", str(ROOT / "launch" / "uptrain.py"),
+           "--ds_config", str(ds_config(workdir, "zero2.json")), "--init", str(workdir / "mlkv"),
+           "--data", str(workdir / "train"), "--valid-data", str(workdir / "valid"), "--out", str(run),
+           "--train-tokens", str(STEPS * 8 * 64), "--lr", "3e-3", "--save-interval", "8", "--activation-checkpointing"]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    ok(subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600))
+    got, ref = losses(run), losses(zero2_run)
+    assert got.keys() == ref.keys()
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6), step
