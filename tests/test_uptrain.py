@@ -171,7 +171,7 @@ def test_sigkill_at_any_moment_resumes_with_identical_losses(workdir, zero2_run)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["zero1.json", "zero3.json"])
+@pytest.mark.parametrize("stage", ["zero1.json", "zero3.json", "zero2_offload.json"])
 def test_zero_stages_give_the_same_losses(workdir, zero2_run, stage):
     run = workdir / "runs" / stage.removesuffix(".json")
     ok(uptrain(workdir, run, ds_config(workdir, stage), "--save-interval", 8))
