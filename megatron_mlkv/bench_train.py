@@ -22,7 +22,7 @@ import torch
 
 from .config import MLKVConfig, preset
 from .data import RowSampler, collate
-from .train import make_engine, matmul_flops_per_s
+from .train import compile_blocks, make_engine, matmul_flops_per_s
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = {"mha": None, "gqa-48": ("l", "h/3"), "mqa-12": ("l", 1), "mlkv-6": ("l/2", 1), "mlkv-2": ("l/6", 1)}
@@ -91,13 +91,12 @@ def _hf_engine(config: MLKVConfig, cfg: dict):
     return engine
 
 
-def _mlkv_engine(config: MLKVConfig, cfg: dict, compile_blocks: bool, loss: str, seed: int = 0):
+def _mlkv_engine(config: MLKVConfig, cfg: dict, compiled: bool, loss: str, seed: int = 0):
     from .model import MLKVTransformer
     torch.manual_seed(seed)
     model = MLKVTransformer(config).cuda()
-    if compile_blocks:
-        for block in model.layers:
-            block.compile()
+    if compiled:
+        compile_blocks(model)
     return make_engine(model, cfg, total_steps=1000, loss=loss)
 
 
@@ -169,7 +168,7 @@ def run(shapes, layouts, micro: dict, seq_len: int = 2048, steps: int = 20, warm
                 engine = None
                 try:
                     engine = _hf_engine(config, ds_config(b)) if kind == "hf" else \
-                        _mlkv_engine(config, ds_config(b), compile_blocks=True, loss="auto")
+                        _mlkv_engine(config, ds_config(b), compiled=True, loss="auto")
                     record.update(time_steps(engine, ds, b, steps, warmup, device, summed=kind == "mlkv"))
                     record["mfu"] = record["tokens_per_s"] * config.flops_per_token(seq_len) / peak
                 except torch.cuda.OutOfMemoryError:
@@ -207,7 +206,7 @@ def profile(shape: str, layout: str, micro: int, seq_len: int = 2048, steps: int
     config = layout_config(shape, layout)
     ds = RandomRows(micro * (steps + 6), seq_len, config.vocab_size)
     engine = _hf_engine(config, ds_config(micro)) if kind == "hf" else \
-        _mlkv_engine(config, ds_config(micro), compile_blocks=True, loss="auto")
+        _mlkv_engine(config, ds_config(micro), compiled=True, loss="auto")
     time_steps(engine, ds, micro, 1, 5, device, summed=kind == "mlkv")
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         time_steps(engine, ds, micro, steps, 0, device, summed=kind == "mlkv")

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .config import ConfigError, MLKVConfig
-from .hf import TOKENIZER_FILES, CheckpointError, export_pretrained
+from .hf import TOKENIZER_FILES, CheckpointError, export_pretrained, special_token_ids
 from .layout import KVLayout
 
 MERGE_MODES = ("mean", "sequential")
@@ -629,8 +629,7 @@ class BaseCheckpoint:
 
     def hf_kwargs(self) -> dict:
         """Config attributes of the base kept in the converted config (special token ids)."""
-        names = ("bos_token_id", "eos_token_id", "pad_token_id")
-        return {n: getattr(self.hf_config, n) for n in names if getattr(self.hf_config, n, None) is not None}
+        return special_token_ids(self.hf_config)
 
     @contextmanager
     def tensors(self) -> Iterator[WeightReader]:

@@ -17,6 +17,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 
 
+SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def special_token_ids(hf_config) -> dict:
+    """The special token ids set in a transformers config, to carry into an export's config."""
+    return {n: getattr(hf_config, n) for n in SPECIAL_TOKEN_IDS if getattr(hf_config, n, None) is not None}
+
+
 class CheckpointError(ValueError):
     """A checkpoint folder that cannot be read or written; the message names the path."""
 

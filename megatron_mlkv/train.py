@@ -39,7 +39,7 @@ from torch import nn
 from . import tensor_parallel as tp
 from .config import MLKVConfig
 from .data import DataError, PackedDataset, RowSampler, collate, rank_slice
-from .hf import CheckpointError, export_pretrained, load_pretrained
+from .hf import CheckpointError, export_pretrained, load_pretrained, special_token_ids
 from .loss import lm_loss_sum
 
 COMPLETE = "COMPLETE"
@@ -159,6 +159,12 @@ class LossModel(nn.Module):
         return lm_loss_sum(self.model, input_ids, labels, self.loss_impl)
 
 
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each layer in place: quick to compile, and K/V pass between layers as inputs."""
+    for block in model.layers:
+        block.compile()
+
+
 def make_engine(model: nn.Module, ds_config: dict, lr: float = 6e-4, weight_decay: float = 0.01,
                 total_steps: int = 1, warmup_ratio: float = 0.2, min_lr_ratio: float = 0.1, loss: str = "auto",
                 mpu=None):
@@ -187,15 +193,14 @@ def make_engine(model: nn.Module, ds_config: dict, lr: float = 6e-4, weight_deca
 # Run folder: checkpoints, metrics
 # --------------------------------------------------------------------------------------------------
 
-def complete_steps(ckpt_dir: Path) -> list[int]:
-    """Steps of the complete checkpoints under `ckpt_dir`, oldest first."""
+def checkpoint_steps(ckpt_dir: Path, complete_only: bool = True) -> list[int]:
+    """Steps of the checkpoint folders `step_N` under `ckpt_dir` (by default only the complete
+    ones), oldest first."""
     if not ckpt_dir.is_dir():
         return []
-    steps = []
-    for d in ckpt_dir.iterdir():
-        if d.name.startswith("step_") and d.name[5:].isdigit() and (d / COMPLETE).is_file():
-            steps.append(int(d.name[5:]))
-    return sorted(steps)
+    return sorted(int(d.name[5:]) for d in ckpt_dir.iterdir()
+                  if d.is_dir() and d.name.startswith("step_") and d.name[5:].isdigit()
+                  and (not complete_only or (d / COMPLETE).is_file()))
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -408,12 +413,11 @@ class Trainer:
             model.to(self.device)
         if self.args.tp > 1:
             model = tp.parallelize(model, self.groups.tp_group)
-        # Per block: fast to compile, K/V handed between blocks as inputs. Not with --tp: compiled
+        # Not with --tp: compiled
         # blocks around the TP region's autograd collectives gave wrong gradients on 2 H200s
         # (losses drifted from TP=1 after the first step; eager TP=2 matches within bf16 noise).
         if self.args.compile and self.device.type == "cuda" and self.args.tp == 1:
-            for block in model.layers:
-                block.compile()
+            compile_blocks(model)
         a = self.args
         return make_engine(model, self.ds_config, a.lr, a.weight_decay, self.total_steps, a.warmup_ratio,
                            a.min_lr_ratio, a.loss, self.groups.mpu() if a.tp > 1 else None)
@@ -498,7 +502,7 @@ class Trainer:
         if self.rank == 0:
             export_dir = self.run_dir / "hf" / tag
             export_pretrained(sd, self.config, export_dir, tokenizer_from=self.args.init, overwrite=True,
-                              dtype=next(iter(sd.values())).dtype, hf_kwargs=self._hf_kwargs())
+                              dtype=next(iter(sd.values())).dtype, hf_kwargs=special_token_ids(self.hf_config))
         dist.barrier()
         if _fault("kill-in-save", step):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -509,20 +513,14 @@ class Trainer:
                 self._evaluate(step, self.run_dir / "hf" / tag)
         dist.barrier()
 
-    def _hf_kwargs(self) -> dict:
-        names = ("bos_token_id", "eos_token_id", "pad_token_id")
-        return {n: getattr(self.hf_config, n) for n in names if getattr(self.hf_config, n, None) is not None}
-
     def _prune(self) -> None:
         """Keep the newest `--keep-last` complete checkpoints; drop incomplete ones older than them."""
         if not self.args.keep_last:
             return
-        steps = complete_steps(self.ckpt_dir)
-        keep = set(steps[-self.args.keep_last:])
-        for d in self.ckpt_dir.iterdir():
-            if d.is_dir() and d.name.startswith("step_") and d.name[5:].isdigit() and int(d.name[5:]) not in keep \
-                    and int(d.name[5:]) < max(keep):
-                shutil.rmtree(d, ignore_errors=True)
+        keep = checkpoint_steps(self.ckpt_dir)[-self.args.keep_last:]
+        for step in checkpoint_steps(self.ckpt_dir, complete_only=False):
+            if step not in keep and step < max(keep):
+                shutil.rmtree(self.ckpt_dir / f"step_{step}", ignore_errors=True)
 
     def _evaluate(self, step: int, model_dir: Path) -> None:
         from .evaluate import eval_scalars, try_evaluate_checkpoint
@@ -538,7 +536,7 @@ class Trainer:
         self.metrics.log({"step": step, **eval_scalars(result)})
 
     def _resume(self) -> int:
-        steps = complete_steps(self.ckpt_dir)
+        steps = checkpoint_steps(self.ckpt_dir)
         if not steps:
             return 0
         tag = f"step_{steps[-1]}"
@@ -592,7 +590,7 @@ class Trainer:
                 lr = self.engine.get_lr()[0]  # the rate this step uses
                 loss = self.train_step(step)
                 if not math.isfinite(loss):
-                    good = complete_steps(self.ckpt_dir)
+                    good = checkpoint_steps(self.ckpt_dir)
                     where = f"the last good checkpoint is {self.ckpt_dir / f'step_{good[-1]}'}" if good else \
                         "no checkpoint was saved yet"
                     raise NonFiniteLoss(f"step {step + 1}: the loss is {loss}; stopped, {where}")
