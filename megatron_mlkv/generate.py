@@ -27,11 +27,13 @@ step). The logits `StaticDecoder.step` returns are overwritten by the next step 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import MLKVConfig
 from .model import MLKVTransformer, rotary_cos_sin
 
@@ -92,7 +94,13 @@ def matmul_attention(q, k, v, bias):
     return torch.matmul(scores.float().softmax(-1).to(v.dtype), v)
 
 
-DECODE_ATTENTION = {"sdpa": sdpa_attention, "matmul": matmul_attention}
+DECODE_ATTENTION = {"sdpa": sdpa_attention, "matmul": matmul_attention, "triton": None}
+
+
+def default_attention(config: MLKVConfig, device: torch.device) -> str:
+    """'triton' (the fused kernels of `megatron_mlkv.kernels`) where they run, else 'sdpa'."""
+    power_of_two = config.head_dim & (config.head_dim - 1) == 0
+    return "triton" if kernels.available(device) and power_of_two and config.head_dim >= 16 else "sdpa"
 
 
 class StaticDecoder:
@@ -101,11 +109,19 @@ class StaticDecoder:
 
     `prefill(input_ids, attention_mask)` fills the cache and returns the last position's logits
     (b, vocab); `step(tokens)` appends one token per row and returns the next logits (b, vocab).
+
+    `attention`: "triton" (default on CUDA when triton is installed) runs each layer's rotary, cache
+    write and attention as one kernel that splits long caches over the GPU, and each residual sum
+    with the layer norms that read it as another (`megatron_mlkv.kernels`); "sdpa" and "matmul" are
+    plain PyTorch (the CPU path).
     """
 
     def __init__(self, model: MLKVTransformer, batch_size: int, max_len: int, cuda_graph: bool | None = None,
-                 attention: str = "sdpa"):
+                 attention: str | None = None):
         param = next(model.parameters())
+        attention = attention or default_attention(model.config, param.device)
+        if attention not in DECODE_ATTENTION:
+            raise ValueError(f"attention={attention!r}: expected one of {sorted(DECODE_ATTENTION)}")
         self.model, self.config = model, model.config
         self.cache = StaticKVCache.allocate(model.config, batch_size, max_len, param.dtype, param.device)
         device = param.device
@@ -117,7 +133,9 @@ class StaticDecoder:
         width = -(-max_len // 16) * 16
         self.bias = torch.full((batch_size, 1, 1, width), float("-inf"), dtype=param.dtype,
                                device=device)[..., :max_len]
-        self.attention = DECODE_ATTENTION[attention]
+        self.attention_name, self.attention = attention, DECODE_ATTENTION[attention]
+        self.fused = attention == "triton"
+        self.splits = None  # decode_attention's sequence splits (None: chosen for the GPU)
         # cos and sin of every cache position, sin's first half negated: rotate_half(x) * sin equals
         # cat(x2, x1) * that (one gather a step instead of recomputing the frequencies)
         cfg, half = model.config, model.config.rotary_dim // 2
@@ -125,9 +143,12 @@ class StaticDecoder:
                                   param.dtype)
         sin[..., :half] = -sin[..., :half]
         self.rotary = torch.stack([cos[0, 0], sin[0, 0]])  # (2, max_len, rotary_dim)
-        # owners' q, k, v weights concatenated (one matrix product instead of three; a copy of the
-        # attention input weights, small next to the cache)
-        self.projections = [fused_projection(block.attention) for block in model.layers]
+        # the fused path's parallel-residual layers take two matrix products (`FoldedLayer`); the
+        # other layers one for q (k, v) whose weights are the owners' three concatenated. Both are
+        # copies of the layer weights, small next to the cache
+        self.folded = [FoldedLayer.of(block) if self.fused else None for block in model.layers]
+        self.projections = [None if f else fused_projection(block.attention)
+                            for block, f in zip(model.layers, self.folded)]
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         self.graph, self.logits = None, None
         self.length = 0  # tokens in the cache, tracked on the host so the loop never synchronises
@@ -196,6 +217,8 @@ class StaticDecoder:
 
     def _step(self) -> torch.Tensor:
         """The token in `self.token` at cache index `self.position` -> logits (b, vocab); advances."""
+        if self.fused:
+            return self._fused_step()
         model = self.model
         x = model.embed_in(self.token)  # (b, d)
         cos, sin = self.rotary[:, self.position - self.pad, None]  # each (b, 1, rotary_dim)
@@ -225,6 +248,83 @@ class StaticDecoder:
             values.index_copy_(2, self.position, proj[:, h + g:, None])
         q = proj[:, :h].view(b, g, h // g, dk)  # query head i -> group i // (h/g), row i % (h/g)
         return attn.dense(self.attention(q, keys, values, self.bias).reshape(b, h * dk))
+
+    def _fused_step(self) -> torch.Tensor:
+        """`_step` with the triton kernels. A parallel-residual layer is one kernel for the residual
+        sum and its normalisation, one matrix product for q (k, v) and the MLP's first layer, the
+        attention kernel that also applies the MLP's GELU (plus a merge when the sequence is split),
+        and one matrix product for the attention's output projection and the MLP's second layer."""
+        model, cfg = self.model, self.config
+        b, hd = self.batch_size, cfg.num_heads * cfg.head_dim
+        x = model.embed_in(self.token)
+        pending = ()  # outputs still to be added to x
+        for block, projection, folded in zip(model.layers, self.projections, self.folded):
+            if folded is not None:
+                x, (normed,) = kernels.add_norm(x, pending, block.input_layernorm.eps)
+                hidden = F.linear(normed, folded.w_in, folded.b_in)  # (b, q [k v] | MLP hidden)
+                both = hidden.new_empty(b, folded.w_out.shape[1])  # (b, attention output | activation)
+                act_in, act_out = hidden[:, folded.proj_width:], both[:, hd:]
+                gelu = gelu_mode(block.mlp.act)  # in the attention kernel's launch if a GELU
+                if gelu is None:
+                    act_out.copy_(block.mlp.act(act_in))
+                self._attend(block.attention, hidden, both[:, :hd], gelu and (gelu, act_in, act_out))
+                pending = (F.linear(both, folded.w_out, folded.b_out),)
+                continue
+            norms = [block.input_layernorm] + [block.post_attention_layernorm] * block.use_parallel_residual
+            x, normed = kernels.add_norm(x, pending, norms)
+            out = block.attention.dense(self._attend(block.attention, F.linear(normed[0], *projection)))
+            if block.use_parallel_residual:
+                pending = (out, block.mlp(normed[1]))
+            else:
+                x, (h_mlp,) = kernels.add_norm(x, (out,), [block.post_attention_layernorm])
+                pending = (block.mlp(h_mlp),)
+        _, (x,) = kernels.add_norm(x, pending, [model.final_layer_norm])
+        self.position += 1
+        return model.embed_out(x)
+
+    def _attend(self, attn, proj: torch.Tensor, out: torch.Tensor | None = None, activation=None) -> torch.Tensor:
+        """decode_attention of one layer over its cache slot; proj (b, >= (h [+ 2g])·d_k)."""
+        return kernels.decode_attention(proj, self.cache.keys[attn.cache_slot], self.cache.values[attn.cache_slot],
+                                        self.rotary, self.position, self.pad, self.config.num_heads, attn.owns_kv,
+                                        self.splits, out, activation)
+
+
+class FoldedLayer(NamedTuple):
+    """A parallel-residual layer as two matrix products over its normalised input n (no scale, shift):
+    n @ w_in.T + b_in gives q [k, v] (proj_width columns) and the MLP's hidden layer, the two layer
+    norms' scales and shifts folded in; [attention output, activation] @ w_out.T + b_out is the
+    layer's whole residual update."""
+    w_in: torch.Tensor
+    b_in: torch.Tensor
+    w_out: torch.Tensor
+    b_out: torch.Tensor
+    proj_width: int
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, block) -> FoldedLayer | None:
+        """None when the block does not fit: sequential residual, norms of different eps, no biases."""
+        attn, mlp = block.attention, block.mlp
+        ln_attn, ln_mlp = block.input_layernorm, block.post_attention_layernorm
+        if not block.use_parallel_residual or ln_attn.eps != ln_mlp.eps or attn.query.bias is None:
+            return None
+
+        def fold(weight, bias, norm):  # W (n * w + c) + b = (W diag(w)) n + (W c + b), in float32
+            w32 = weight.float()
+            return (w32 * norm.weight.float()).to(weight.dtype), (w32 @ norm.bias.float() + bias.float()).to(bias.dtype)
+
+        (w_attn, b_attn), (w_mlp, b_mlp) = (fold(*fused_projection(attn), ln_attn),
+                                            fold(mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias, ln_mlp))
+        return cls(torch.cat([w_attn, w_mlp]), torch.cat([b_attn, b_mlp]),
+                   torch.cat([attn.dense.weight, mlp.dense_4h_to_h.weight], 1),
+                   attn.dense.bias + mlp.dense_4h_to_h.bias, w_attn.shape[0])
+
+
+def gelu_mode(act) -> str | None:
+    """F.gelu's `approximate` ("none", "tanh") when act is a GELU, else None."""
+    if getattr(act, "func", act) is not F.gelu:
+        return None
+    return act.keywords.get("approximate", "none") if isinstance(act, functools.partial) else "none"
 
 
 @torch.no_grad()

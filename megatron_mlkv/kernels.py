@@ -1,0 +1,244 @@
+"""Triton kernels of the one-token decode step (`megatron_mlkv.generate`, attention="triton").
+
+A decode step of a small model at moderate batch is a few hundred small kernels; its time goes to
+their count and to attention kernels that leave most of the GPU idle, not to the bytes it must read.
+Two kernels remove most of that:
+
+- `decode_attention`: rotary of the new q (and k), the owner's write of k and v into the cache, and
+  attention of the h/g query heads of each KV head over that head's cache in one kernel. The cached
+  sequence is split over several programs when batch x KV heads alone would not fill the GPU
+  (flash-decoding); a second, small kernel merges the splits by their log-sum-exp.
+- `add_norm`: the residual sum of the previous layer (x + attention + MLP) and the one or two layer
+  norms that read it, in one pass over the row.
+
+Both run under TRITON_INTERPRET=1 on CPU tensors, which is how the tests check them without a GPU.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: generate.py falls back to SDPA
+    triton = None
+
+# decode_attention's tiles (block of cached tokens, warps, pipeline stages) for a few (h/g <= 4) or
+# many query heads per KV head (tuned on an H100: benchmarks/results/inference/decode_kernels.py);
+# TILE, when set, overrides both
+FEW_HEADS_TILE = (32, 2, 3)
+MANY_HEADS_TILE = (64, 4, 3)
+TILE = None
+PROGRAMS_PER_SM = 2  # split the sequence until batch x KV heads x splits reaches this many per SM
+MIN_SPLIT_LEN = 128
+GELU_MODES = {None: 0, "none": 1, "tanh": 2}  # decode_attention's fused activation: F.gelu's `approximate`
+
+
+def available(device: torch.device) -> bool:
+    """True where these kernels can run: CUDA with triton, or triton's CPU interpreter."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_norm_kernel(x_ptr, a_ptr, b_ptr, x_out_ptr, w1_ptr, c1_ptr, y1_ptr, w2_ptr, c2_ptr, y2_ptr,
+                         D, eps1, eps2, ADDENDS: tl.constexpr, NORMS: tl.constexpr, AFFINE: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < D
+        x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        if ADDENDS >= 1:
+            x += tl.load(a_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        if ADDENDS >= 2:
+            x += tl.load(b_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        if ADDENDS >= 1:  # round the sum as it is stored, and normalise what was stored
+            x = x.to(x_out_ptr.dtype.element_ty)
+            tl.store(x_out_ptr + row * D + cols, x, mask=mask)
+            x = x.to(tl.float32)
+        mean = tl.sum(x, 0) / D
+        diff = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(diff * diff, 0) / D
+        y = diff * tl.rsqrt(var + eps1)
+        if AFFINE:
+            y = y * tl.load(w1_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            y += tl.load(c1_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y1_ptr + row * D + cols, y.to(y1_ptr.dtype.element_ty), mask=mask)
+        if NORMS == 2:
+            w = tl.load(w2_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            c = tl.load(c2_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            y = diff * tl.rsqrt(var + eps2) * w + c
+            tl.store(y2_ptr + row * D + cols, y.to(y2_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _decode_attention_kernel(proj_ptr, k_ptr, v_ptr, rot_ptr, pos_ptr, pad_ptr, out_ptr, part_ptr, lse_ptr,
+                                 stride_pb, stride_ob, stride_kb, stride_kg, stride_kl, max_len, H, G, R, scale,
+                                 act_in_ptr, act_out_ptr, act_width,
+                                 DK: tl.constexpr, ROT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 NSPLIT: tl.constexpr, OWNS_KV: tl.constexpr, PRECISION: tl.constexpr,
+                                 ACT: tl.constexpr, ACT_BLOCK: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1)
+        split = tl.program_id(2)
+        pos = tl.load(pos_ptr)  # cache index of the new token, read on the device (graph replays advance it)
+        pad = tl.load(pad_ptr + b)
+        d = tl.arange(0, DK)
+        rotated = d < ROT
+        swapped = tl.where(rotated, (d + ROT // 2) % ROT, d)  # rotate_half's partner of each dim
+        cos = tl.load(rot_ptr + (pos - pad) * ROT + d, mask=rotated, other=1.0).to(tl.float32)
+        sin = tl.load(rot_ptr + (max_len + pos - pad) * ROT + d, mask=rotated, other=0.0).to(tl.float32)
+        dtype = k_ptr.dtype.element_ty
+        proj = proj_ptr + b * stride_pb
+
+        r = tl.arange(0, BLOCK_R)
+        q_ptr = proj + (g * R + r)[:, None] * DK
+        q = tl.load(q_ptr + d[None, :], mask=(r < R)[:, None], other=0.0).to(tl.float32)
+        q_half = tl.load(q_ptr + swapped[None, :], mask=(r < R)[:, None], other=0.0).to(tl.float32)
+        q = (q * cos[None, :] + q_half * sin[None, :]).to(dtype)
+
+        if ACT != 0:  # this program's share of the row's MLP activation (GELU), the MLP's other half
+            cols = (g * NSPLIT + split) * ACT_BLOCK + tl.arange(0, ACT_BLOCK)
+            z = tl.load(act_in_ptr + b * stride_pb + cols, mask=cols < act_width, other=0.0).to(tl.float32)
+            if ACT == 1:
+                z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+            else:  # tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
+                z = z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
+            tl.store(act_out_ptr + b * stride_ob + cols, z.to(act_out_ptr.dtype.element_ty), mask=cols < act_width)
+
+        # the splits share the cached tokens up to pos evenly, in whole tiles
+        split_len = tl.cdiv(tl.cdiv(pos + 1, NSPLIT), BLOCK_N) * BLOCK_N
+        start = split * split_len
+        end = tl.minimum(start + split_len, pos + 1)
+        k_base = k_ptr + b * stride_kb + g * stride_kg
+        v_base = v_ptr + b * stride_kb + g * stride_kg
+        if OWNS_KV:  # the new k, v: rotated, written once (by the split holding pos), used by this split
+            k_new = tl.load(proj + (H + g) * DK + d).to(tl.float32)
+            k_half = tl.load(proj + (H + g) * DK + swapped).to(tl.float32)
+            k_new = (k_new * cos + k_half * sin).to(dtype)
+            v_new = tl.load(proj + (H + G + g) * DK + d)
+            if (pos >= start) & (pos < start + split_len):
+                tl.store(k_base + pos * stride_kl + d, k_new)
+                tl.store(v_base + pos * stride_kl + d, v_new)
+
+        m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, DK], tl.float32)
+        lo = tl.maximum(start, pad // BLOCK_N * BLOCK_N)  # whole tiles of left padding are skipped
+        for n0 in range(lo, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            valid = (n < end) & (n >= pad)
+            k = tl.load(k_base + n[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_base + n[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0)
+            if OWNS_KV:
+                k = tl.where((n == pos)[:, None], k_new[None, :], k)
+                v = tl.where((n == pos)[:, None], v_new[None, :], v)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # log2 units
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+        head = g * R + r
+        if NSPLIT == 1:
+            out = acc / l_i[:, None]  # the new token is always visible: l_i > 0
+            tl.store(out_ptr + b * stride_ob + head[:, None] * DK + d[None, :], out.to(dtype), mask=(r < R)[:, None])
+        else:
+            empty = l_i == 0.0
+            out = acc / tl.where(empty, 1.0, l_i)[:, None]
+            row = (b * H + head) * NSPLIT + split
+            tl.store(part_ptr + row[:, None] * DK + d[None, :], out, mask=(r < R)[:, None])
+            tl.store(lse_ptr + row, tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i))), mask=r < R)
+
+    @triton.jit
+    def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, stride_ob, H, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
+                             DK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # one (batch row, query head)
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, DK)
+        lse = tl.load(lse_ptr + row * NSPLIT + s, mask=s < NSPLIT, other=float("-inf"))
+        w = tl.exp2(lse - tl.max(lse, 0))  # the split holding the new token is never empty
+        parts = tl.load(part_ptr + (row * NSPLIT + s)[:, None] * DK + d[None, :], mask=(s < NSPLIT)[:, None],
+                        other=0.0)
+        out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+        tl.store(out_ptr + (row // H) * stride_ob + (row % H) * DK + d, out.to(out_ptr.dtype.element_ty))
+
+
+def add_norm(x: torch.Tensor, addends: tuple[torch.Tensor, ...], norms: list[torch.nn.LayerNorm] | float):
+    """x (b, d) plus up to two addends, then one or two layer norms of the sum in one kernel.
+
+    Returns (the sum, [norm(sum) for norm in norms]); with no addends the sum is x itself. `norms`
+    may instead be an eps: one normalisation without scale and shift (folded into the next weights).
+    """
+    b, dim = x.shape
+    x_out = torch.empty_like(x) if addends else x
+    affine = not isinstance(norms, float)
+    ys = [torch.empty_like(x) for _ in (norms if affine else [norms])]
+    a, c = (tuple(addends) + (x, x))[:2]
+    n1, n2 = (norms[0], norms[-1]) if affine else (None, None)
+    w1, c1, eps1 = (n1.weight, n1.bias, n1.eps) if affine else (x, x, norms)
+    w2, c2, eps2 = (n2.weight, n2.bias, n2.eps) if affine else (x, x, norms)
+    _add_norm_kernel[(b,)](x, a, c, x_out, w1, c1, ys[0], w2, c2, ys[-1], dim, eps1, eps2, ADDENDS=len(addends),
+                           NORMS=len(ys), AFFINE=affine, BLOCK=triton.next_power_of_2(dim), num_warps=4)
+    return x_out, ys
+
+
+def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device) -> int:
+    """How many pieces decode_attention cuts the sequence into so the GPU has enough programs."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    want = math.ceil(PROGRAMS_PER_SM * sms / (batch * kv_heads))
+    return max(1, min(want, math.ceil(max_len / MIN_SPLIT_LEN)))
+
+
+def decode_attention(proj: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rotary: torch.Tensor,
+                     position: torch.Tensor, pad: torch.Tensor, num_heads: int, owns_kv: bool,
+                     splits: int | None = None, out: torch.Tensor | None = None,
+                     activation: tuple[str, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Attention of one new token per row over a static cache; -> (b, h·d_k), written into `out` if given.
+
+    proj (b, >= (h [+ 2g])·d_k), rows contiguous: the un-rotated q heads, then (owner layers) the new k
+    and v heads. keys, values (b, g, L, d_k): one cache slot; owners write the new k, v at `position`
+    first. rotary (2, L, rotary_dim): cos and sin (first half negated) per position. position (1,):
+    the new token's cache index; pad (b,): left padding per row (positions before it are not
+    attended; the rotary angle is position - pad). Query head i reads KV head i // (h/g).
+    activation (approximate, x, y): also y = gelu(x, approximate) for x, y (b, n) with the row
+    strides of proj and out (the MLP's half of a parallel-residual layer, in the same launch).
+    """
+    b, g, max_len, dk = keys.shape
+    h = num_heads
+    r = h // g
+    rot = rotary.shape[-1]
+    out = proj.new_empty(b, h * dk) if out is None else out
+    assert keys.stride(-1) == 1 and proj.stride(-1) == 1 and out.stride(-1) == 1 and rotary.is_contiguous()
+    block_n, warps, stages = TILE or (FEW_HEADS_TILE if r <= 4 else MANY_HEADS_TILE)
+    block_n = min(block_n, max(16, 16384 // (dk * keys.element_size())))  # K, V tiles fit shared memory
+    splits = splits or num_splits(b, g, max_len, keys.device)
+    part = lse = out  # unused when one split
+    if splits > 1:
+        part = torch.empty(b, h, splits, dk, dtype=torch.float32, device=proj.device)
+        lse = torch.empty(b, h, splits, dtype=torch.float32, device=proj.device)
+    act, act_in, act_out = activation or (None, out, out)
+    if activation is not None:
+        assert act_in.stride() == (proj.stride(0), 1) and act_out.stride() == (out.stride(0), 1)
+    precision = "ieee" if keys.dtype == torch.float32 else "tf32"
+    _decode_attention_kernel[(b, g, splits)](
+        proj, keys, values, rotary, position, pad, out, part, lse,
+        proj.stride(0), out.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), max_len, h, g, r,
+        dk ** -0.5 * math.log2(math.e), act_in, act_out, act_in.shape[1],
+        DK=dk, ROT=rot, BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=block_n, NSPLIT=splits,
+        OWNS_KV=owns_kv, PRECISION=precision, ACT=GELU_MODES[act],
+        ACT_BLOCK=triton.next_power_of_2(triton.cdiv(act_in.shape[1], g * splits)),
+        num_warps=warps, num_stages=stages)
+    if splits > 1:
+        _merge_splits_kernel[(b * h,)](part, lse, out, out.stride(0), h, NSPLIT=splits,
+                                       BLOCK_S=triton.next_power_of_2(splits), DK=dk, num_warps=1)
+    return out

@@ -1,0 +1,139 @@
+"""The triton decode kernels (`megatron_mlkv.kernels`, StaticDecoder's attention="triton") against
+PyTorch, in triton's CPU interpreter.
+
+The interpreter is chosen when triton is imported, so `test_kernels_in_the_cpu_interpreter` runs the
+other tests of this file in a child pytest with TRITON_INTERPRET=1 (here they are skipped). The
+interpreter's bf16 `tl.dot` is wrong, so the kernels are checked in float32 here; in bf16 on a GPU,
+`benchmarks/results/inference/decode_kernels.py` reports their logits against SDPA's.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_mlkv.model import apply_rotary, rotary_cos_sin
+
+from test_generate import LAYOUTS, greedy_uncached, left_padded, model_for
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="run by test_kernels_in_the_cpu_interpreter")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="the parent of the interpreted tests")
+def test_kernels_in_the_cpu_interpreter():
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+def reference_attention(proj, keys, values, rotary, pos, pad, h, owns_kv):
+    """Per row: rotate q (and the new k), write k, v at pos, attend over [pad, pos] (float32)."""
+    b, g, _, dk = keys.shape
+    rot = rotary.shape[-1]
+    cos, sin = rotary[0], rotary[1].clone()
+    sin[:, :rot // 2] *= -1  # back to the plain sin
+    keys, values, out = keys.clone(), values.clone(), []
+    for i in range(b):
+        c, s = cos[pos - pad[i]][None, None], sin[pos - pad[i]][None, None]
+        q = apply_rotary(proj[i, :h * dk].view(h, 1, dk), c, s)[:, 0]
+        if owns_kv:
+            new = proj[i, h * dk:].view(2 * g, dk)
+            keys[i, :, pos] = apply_rotary(new[:g, None], c, s)[:, 0]
+            values[i, :, pos] = new[g:]
+        k, v = keys[i, :, pad[i]:pos + 1], values[i, :, pad[i]:pos + 1]
+        out.append(F.scaled_dot_product_attention(q.view(g, h // g, dk), k, v).reshape(-1))
+    return torch.stack(out), keys, values
+
+
+@interpreted
+@pytest.mark.parametrize("owns_kv", [True, False])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("b,h,g,dk,length,rot", [(3, 4, 4, 16, 90, 4), (3, 8, 1, 32, 130, 16),
+                                                 (2, 6, 2, 16, 70, 16)])
+def test_decode_attention_equals_reference(b, h, g, dk, length, rot, splits, owns_kv):
+    from megatron_mlkv import kernels
+    torch.manual_seed(0)
+    width = (h + 2 * g) * dk if owns_kv else h * dk
+    hidden = torch.randn(b, width + 40)  # q [k v] | MLP hidden, as the folded layers lay it out
+    keys, values = torch.randn(b, g, length, dk), torch.randn(b, g, length, dk)
+    cos, sin = rotary_cos_sin(torch.arange(length)[None], rot, 10000.0, torch.float32)
+    sin[..., :rot // 2] *= -1
+    rotary = torch.stack([cos[0, 0], sin[0, 0]]).contiguous()
+    pos, pad = length - 7, torch.tensor([0, 37, 3][:b])
+    expected, expected_keys, expected_values = reference_attention(hidden[:, :width], keys, values, rotary, pos,
+                                                                   pad, h, owns_kv)
+    both = torch.full((b, h * dk + 40), float("nan"))  # attention output | activation
+    out = kernels.decode_attention(hidden, keys, values, rotary, torch.tensor([pos]), pad, h, owns_kv, splits,
+                                   out=both[:, :h * dk], activation=("none", hidden[:, width:], both[:, h * dk:]))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[:, h * dk:], F.gelu(hidden[:, width:]))
+    torch.testing.assert_close(keys, expected_keys)  # the owner's write, and nothing else
+    torch.testing.assert_close(values, expected_values)
+
+
+@interpreted
+@pytest.mark.parametrize("addends", [0, 1, 2])
+@pytest.mark.parametrize("norms", [1, 2, "plain"])
+def test_add_norm_equals_torch(addends, norms):
+    from megatron_mlkv import kernels
+    torch.manual_seed(0)
+    x, parts = torch.randn(5, 48), tuple(torch.randn(5, 48) for _ in range(addends))
+    layer_norms = [torch.nn.LayerNorm(48, eps=e) for e in (1e-5, 1e-3)]
+    for ln in layer_norms:
+        torch.nn.init.normal_(ln.weight)
+        torch.nn.init.normal_(ln.bias)
+    total, ys = kernels.add_norm(x.clone(), parts, 1e-5 if norms == "plain" else layer_norms[:norms])
+    expected = x + sum(parts) if parts else x
+    torch.testing.assert_close(total, expected)
+    if norms == "plain":
+        torch.testing.assert_close(ys[0], F.layer_norm(expected, (48,), eps=1e-5), atol=1e-5, rtol=1e-5)
+    else:
+        for y, ln in zip(ys, layer_norms[:norms], strict=True):
+            torch.testing.assert_close(y, ln(expected), atol=1e-5, rtol=1e-5)
+
+
+def decode_logits(model, attention, splits=None, steps=4):
+    from megatron_mlkv.generate import StaticDecoder
+    ids, mask = left_padded([[5, 6, 7, 8, 9, 10, 11], [3, 4], [9] * 20])
+    decoder = StaticDecoder(model, 3, 40, attention=attention)
+    decoder.splits = splits
+    logits = [decoder.prefill(ids, mask)]
+    for _ in range(steps):
+        logits.append(decoder.step(logits[-1].argmax(-1)))
+    return torch.stack(logits)
+
+
+@interpreted
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_triton_decoder_equals_sdpa_decoder(layout, parallel):
+    model = model_for(layout, use_parallel_residual=parallel)
+    expected = decode_logits(model, "sdpa")
+    for splits in (None, 2):  # one split at this length, and the merged splits
+        torch.testing.assert_close(decode_logits(model, "triton", splits), expected, atol=2e-5, rtol=1e-5)
+
+
+@interpreted
+@pytest.mark.parametrize("act", ["gelu_new", "relu"])
+def test_triton_decoder_other_activations(act):
+    model = model_for("mlkv-m<l-g<h", hidden_act=act)
+    torch.testing.assert_close(decode_logits(model, "triton", 2), decode_logits(model, "sdpa"), atol=2e-5, rtol=1e-5)
+
+
+@interpreted
+def test_generate_uses_the_kernels_and_equals_uncached_greedy():
+    from megatron_mlkv.generate import StaticDecoder, default_attention, generate
+    model = model_for("mlkv-m<l-g<h")
+    assert default_attention(model.config, torch.device("cpu")) == "triton"
+    assert StaticDecoder(model, 1, 8).fused
+    ids, mask = left_padded([[5, 6, 7, 8, 9], [3, 4], [9] * 8])
+    out = generate(model, ids, 6, attention_mask=mask)
+    torch.testing.assert_close(out, greedy_uncached(model, ids, mask, 6))
