@@ -11,7 +11,8 @@ K/V, `l · 2 · b · n · g · d_k` elements at the mean length n) over the devi
 bandwidth measured in the same run (bytes read plus bytes written). `fraction_of_bound` is tokens/s
 over that bound.
 
-Engines: "mlkv-fast" (`megatron_mlkv.generate.StaticDecoder`: static cache, CUDA graph) and
+Engines: "mlkv-fast" (`megatron_mlkv.generate.StaticDecoder`: static cache, CUDA graph, the triton
+decode kernels where they run; each record's `attention` says which) and
 "transformers" (`GPTNeoXForCausalLM.generate` with its default DynamicCache, the baseline).
 """
 from __future__ import annotations
@@ -238,7 +239,8 @@ def run_fast(model: MLKVTransformer, batch: int, context: int, new_tokens: int, 
     for _ in range(new_tokens):
         token = decoder.step(token).argmax(-1)
     synchronize(device)
-    return dict(kv_cache_bytes=decoder.cache.nbytes, prefill_s=prefill_s, decode_s=time.perf_counter() - start)
+    return dict(kv_cache_bytes=decoder.cache.nbytes, prefill_s=prefill_s, decode_s=time.perf_counter() - start,
+                attention=decoder.attention_name)
 
 
 def run_transformers(model: nn.Module, batch: int, context: int, new_tokens: int, device: torch.device) -> dict:
@@ -260,7 +262,8 @@ def run_transformers(model: nn.Module, batch: int, context: int, new_tokens: int
     total = time.perf_counter() - start
     cache = out.past_key_values
     kv = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
-    return dict(kv_cache_bytes=kv, prefill_s=prefill_s, decode_s=max(total - prefill_s, 1e-9))
+    return dict(kv_cache_bytes=kv, prefill_s=prefill_s, decode_s=max(total - prefill_s, 1e-9),
+                attention=getattr(model.config, "_attn_implementation", None))
 
 
 def _is_oom(e: BaseException | None) -> bool:
@@ -345,7 +348,7 @@ def bench_candidate(cand: Candidate, context: int, new_tokens: int, device: torc
                       peak_memory_bytes=result["peak_memory_bytes"], weights_bytes=weights,
                       device_memory_bytes=memory, oom=result["oom"], tokens_per_s=None,
                       prefill_s=result.get("prefill_s"), decode_s=result.get("decode_s"),
-                      copy_bandwidth_bytes_per_s=bandwidth)
+                      copy_bandwidth_bytes_per_s=bandwidth, attention=result.get("attention"))
         step_bytes = decode_bytes_per_step(model, cand.layout, cand.head_dim, batch,
                                            context + (new_tokens + 1) / 2)
         bound = batch * bandwidth / step_bytes

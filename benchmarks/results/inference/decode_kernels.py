@@ -1,0 +1,176 @@
+"""The decode step with SDPA against the triton kernels (`megatron_mlkv.kernels`), side by side on the
+same prefilled cache: step time as a CUDA graph replay, its fraction of the bandwidth bound, kernels
+per step, and the largest logit difference. Pythia-160M shape, random weights, bf16, context 2000.
+
+PYTHONPATH=. python benchmarks/results/inference/decode_kernels.py [--tune] [--out FILE.json]
+"""
+import argparse
+import gc
+import itertools
+import json
+
+import torch
+
+from megatron_mlkv import kernels
+from megatron_mlkv.bench_inference import copy_bandwidth, decode_bytes_per_step, parse_layouts, random_model
+from megatron_mlkv.config import preset
+from megatron_mlkv.convert import target_config
+from megatron_mlkv.generate import DECODE_ATTENTION, FoldedLayer, StaticDecoder, fused_projection, pad_mlp_
+
+CONTEXT = 2000
+
+
+def use(decoder: StaticDecoder, attention: str) -> None:
+    """Switch the decoder's attention and rewind it to the end of the prefill (same cache).
+    "triton-unfolded": the triton kernels with each layer's four matrix products kept apart."""
+    decoder.fused, decoder.graph = attention.startswith("triton"), None
+    decoder.attention = DECODE_ATTENTION[attention.split("-")[0]]
+    layers = decoder.model.layers
+    decoder.folded = [FoldedLayer.of(b) if attention == "triton" else None for b in layers]
+    decoder.projections = [None if f else fused_projection(b.attention) for b, f in zip(layers, decoder.folded)]
+    decoder.position.fill_(CONTEXT)
+    decoder.token.zero_()
+    decoder.length = CONTEXT
+    decoder.bias[..., CONTEXT:] = float("-inf")
+
+
+def step_ms(decoder: StaticDecoder, token: torch.Tensor, steps: int = 20) -> float:
+    decoder.capture()
+    for _ in range(3):
+        decoder.step(token)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        decoder.step(token)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def kernels_per_step(decoder: StaticDecoder, top: int = 0) -> int:
+    """Kernels of one (eager) step; prints the `top` kernels by summed time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        decoder._step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if top:
+        print(f"   kernel time {sum(e.device_time for e in events) / 1e3:.3f} ms in {len(events)} kernels")
+        for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:top]:
+            print(f"   {e.device_time_total / 1e3:7.3f} ms  x{e.count:<4d} {e.key[:100]}")
+    return len(events)
+
+
+def two_streams_ms(model, batch: int, steps: int = 20) -> float:
+    """One graph that runs the steps of two half-batch decoders on two streams."""
+    halves = [StaticDecoder(model, batch // 2, CONTEXT + 128, attention="triton") for _ in range(2)]
+    for d in halves:
+        d.prefill(torch.randint(0, 1000, (batch // 2, CONTEXT), device="cuda"))
+    streams = [torch.cuda.Stream() for _ in halves]
+    main_stream = torch.cuda.current_stream()
+
+    def both():
+        for d, s in zip(halves, streams):
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                d._step()
+        for s in streams:
+            torch.cuda.current_stream().wait_stream(s)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(main_stream)
+    with torch.cuda.stream(side):
+        both()
+    main_stream.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        both()
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--layouts", default="all")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 64, 256, 1024])
+    p.add_argument("--tune", action="store_true", help="also time tiles (block, warps, stages, programs per SM) at b=64, 256")
+    p.add_argument("--profile", type=int, default=0, help="print the top kernels of the triton step")
+    p.add_argument("--two-streams", action="store_true", help="also time two half batches on two streams")
+    p.add_argument("--out")
+    args = p.parse_args()
+    device, shape = torch.device("cuda"), preset("pythia-160m")
+    bandwidth = copy_bandwidth(device)
+    print(f"{torch.cuda.get_device_name()}  copy bandwidth {bandwidth / 1e9:,.0f} GB/s", flush=True)
+    rows = []
+    for name, m, g in parse_layouts(args.layouts, shape.num_layers, shape.num_heads):
+        model = pad_mlp_(random_model(target_config(shape, m, g), torch.bfloat16, device))
+        for batch in args.batch_sizes:
+            try:
+                decoder = StaticDecoder(model, batch, CONTEXT + 128, attention="sdpa")
+                ids = torch.randint(0, shape.vocab_size, (batch, CONTEXT), device=device)
+                token = decoder.prefill(ids).argmax(-1)
+            except torch.OutOfMemoryError:
+                print(f"{name} b={batch}: out of memory", flush=True)
+                decoder = ids = None
+                gc.collect()
+                torch.cuda.empty_cache()
+                break
+            bound_ms = decode_bytes_per_step(model, model.config.layout, model.config.head_dim, batch,
+                                             CONTEXT + 1) / bandwidth * 1e3
+            logits = {}
+            row = dict(layout=name, batch=batch, bound_ms=bound_ms)
+            for attention in ("sdpa", "triton-unfolded", "triton"):
+                use(decoder, attention)
+                logits[attention] = decoder._step().float()
+                use(decoder, attention)
+                row[f"{attention}_kernels"] = kernels_per_step(decoder, args.profile if attention == "triton" else 0)
+                use(decoder, attention)
+                row[f"{attention}_ms"] = step_ms(decoder, token)
+            print(f"   triton, matrix products unfolded: {row['triton-unfolded_ms']:.3f} ms "
+                  f"({bound_ms / row['triton-unfolded_ms']:.0%}, {row['triton-unfolded_kernels']} kernels)", flush=True)
+            row["max_logit_diff"] = (logits["sdpa"] - logits["triton"]).abs().max().item()
+            row["logit_scale"] = logits["sdpa"].abs().max().item()
+            if args.two_streams:
+                row["two_streams_ms"] = two_streams_ms(model, batch)
+                print(f"   two streams of {batch // 2} rows: {row['two_streams_ms']:.3f} ms "
+                      f"({bound_ms / row['two_streams_ms']:.0%})", flush=True)
+            if args.tune and batch in (64, 256):
+                default = kernels.PROGRAMS_PER_SM
+                tuned = {}
+                for cfg in itertools.product((32, 64), (2, 4), (2, 3, 4), (1, 2, 4)):
+                    kernels.TILE, kernels.PROGRAMS_PER_SM = cfg[:3], cfg[3]
+                    use(decoder, "triton")
+                    try:
+                        tuned[str(cfg)] = step_ms(decoder, token, steps=10)
+                    except Exception as e:  # noqa: BLE001 - a tile that does not compile is reported
+                        tuned[str(cfg)] = repr(e)[:80]
+                kernels.TILE, kernels.PROGRAMS_PER_SM = None, default
+                best = min((v, k) for k, v in tuned.items() if isinstance(v, float))
+                row["tune_best"] = best
+                row["tune"] = tuned
+            rows.append(row)
+            print(f"{name:8s} b={batch:5d}  bound {bound_ms:6.3f} ms | sdpa {row['sdpa_ms']:6.3f} ms "
+                  f"({bound_ms / row['sdpa_ms']:4.0%}, {row['sdpa_kernels']} kernels) | triton {row['triton_ms']:6.3f} ms "
+                  f"({bound_ms / row['triton_ms']:4.0%}, {row['triton_kernels']} kernels) | logits diff "
+                  f"{row['max_logit_diff']:.3g} of {row['logit_scale']:.3g}"
+                  + (f" | tuned best {row['tune_best'][0]:.3f} ms at {row['tune_best'][1]}" if "tune_best" in row else ""),
+                  flush=True)
+            del decoder, ids, token, logits
+            gc.collect()
+            torch.cuda.empty_cache()
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), copy_bandwidth=bandwidth, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
