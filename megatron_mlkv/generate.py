@@ -10,18 +10,22 @@ Why it is fast, and where the saved KV memory goes:
   model's dtype and written in place; no step re-materialises the cache (no `torch.cat`).
 - the decode step reads its inputs from fixed tensors (token, position, padding, mask) and advances
   the position itself, so on CUDA it is captured once in a `torch.cuda.CUDAGraph` and replayed: the
-  ~200 kernels of a step (Pythia-160M) cost one launch per token instead of 200.
+  kernels of a step cost one launch per token.
 - decode attention puts the h/g query heads that share a KV head in the rows of one attention
   problem (q (b, g, h/g, d_k) over K/V (b, g, L, d_k)), so each shared K/V head is read once and
   never expanded to h heads.
+- on CUDA (attention="triton") the step is few kernels (`megatron_mlkv.kernels`): rotary, cache
+  write, split-sequence attention and the MLP's GELU in one launch; residual sums with their layer
+  norms in another; a parallel-residual layer's four matrix products as two, the norms folded in
+  (`FoldedLayer`). 76 kernels a step for Pythia-160M, against ~200 with attention="sdpa".
 - prefill runs the model's own forward on chunks of batch rows (about `prefill_chunk_tokens` tokens
   each), so its activations stay small next to the cache, and projects only the last position onto
   the vocabulary.
 
 Limits: the model must be an `MLKVTransformer` (any layout). Left padding (attention_mask with 0s at
-the start of rows) is supported; right padding is not. Decode attends over the whole preallocated
-buffer with masked-out positions (about s + max_new_tokens per step, the minimum when the buffer is
-full). `eos_token_id` pads finished rows with it but does not stop early (that needs a host sync per
+the start of rows) is supported; right padding is not. With "sdpa" and "matmul", decode attends
+over the whole preallocated buffer with masked-out positions (about s + max_new_tokens per step, the
+minimum when the buffer is full); the triton kernel reads only the filled positions. `eos_token_id` pads finished rows with it but does not stop early (that needs a host sync per
 step). The logits `StaticDecoder.step` returns are overwritten by the next step on CUDA.
 """
 from __future__ import annotations
@@ -110,10 +114,10 @@ class StaticDecoder:
     `prefill(input_ids, attention_mask)` fills the cache and returns the last position's logits
     (b, vocab); `step(tokens)` appends one token per row and returns the next logits (b, vocab).
 
-    `attention`: "triton" (default on CUDA when triton is installed) runs each layer's rotary, cache
-    write and attention as one kernel that splits long caches over the GPU, and each residual sum
-    with the layer norms that read it as another (`megatron_mlkv.kernels`); "sdpa" and "matmul" are
-    plain PyTorch (the CPU path).
+    `attention`: "triton" (default on CUDA when triton is installed: `default_attention`) runs each
+    layer's rotary, cache write and attention as one kernel that splits long caches over the GPU,
+    and each residual sum with the layer norms that read it as another (`megatron_mlkv.kernels`);
+    "sdpa" and "matmul" are plain PyTorch (the CPU path).
     """
 
     def __init__(self, model: MLKVTransformer, batch_size: int, max_len: int, cuda_graph: bool | None = None,
@@ -371,17 +375,19 @@ def next_token(logits: torch.Tensor, do_sample: bool = False, temperature: float
 def generate(model: MLKVTransformer, input_ids: torch.Tensor, max_new_tokens: int,
              attention_mask: torch.Tensor | None = None, *, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, eos_token_id: int | None = None, generator: torch.Generator | None = None,
-             cuda_graph: bool | None = None, prefill_chunk_tokens: int = 32768) -> torch.Tensor:
+             cuda_graph: bool | None = None, prefill_chunk_tokens: int = 32768,
+             attention: str | None = None) -> torch.Tensor:
     """Greedy (or sampled) continuation: input_ids (b, s) -> (b, s + max_new_tokens).
 
     attention_mask (b, s) marks real tokens with 1; padding must be on the left. Rows that produced
-    `eos_token_id` continue with it. `cuda_graph` defaults to True on CUDA. On GPUs, `pad_mlp_(model)`
-    first speeds up layouts whose MLP width is not a multiple of 64.
+    `eos_token_id` continue with it. `cuda_graph` defaults to True on CUDA; `attention` as in
+    `StaticDecoder`. On GPUs, `pad_mlp_(model)` first speeds up layouts whose MLP width is not a
+    multiple of 64.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens = {max_new_tokens} must be at least 1")
     b, s = input_ids.shape
-    decoder = StaticDecoder(model, b, s + max_new_tokens - 1, cuda_graph)
+    decoder = StaticDecoder(model, b, s + max_new_tokens - 1, cuda_graph, attention)
     choose = functools.partial(next_token, do_sample=do_sample, temperature=temperature, top_k=top_k,
                                generator=generator)
     logits = decoder.prefill(input_ids, attention_mask, prefill_chunk_tokens)
