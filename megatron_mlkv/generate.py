@@ -17,7 +17,7 @@ Why it is fast, and where the saved KV memory goes:
 - on CUDA (attention="triton") the step is few kernels (`megatron_mlkv.kernels`): rotary, cache
   write, split-sequence attention and the MLP's GELU in one launch; residual sums with their layer
   norms in another; a parallel-residual layer's four matrix products as two, the norms folded in
-  (`FoldedLayer`). 76 kernels a step for Pythia-160M, against ~200 with attention="sdpa".
+  (`FoldedLayer`). 64 kernels a step for Pythia-160M, against ~200 with attention="sdpa".
 - prefill runs the model's own forward on chunks of batch rows (about `prefill_chunk_tokens` tokens
   each), so its activations stay small next to the cache, and projects only the last position onto
   the vocabulary.
@@ -25,8 +25,9 @@ Why it is fast, and where the saved KV memory goes:
 Limits: the model must be an `MLKVTransformer` (any layout). Left padding (attention_mask with 0s at
 the start of rows) is supported; right padding is not. With "sdpa" and "matmul", decode attends
 over the whole preallocated buffer with masked-out positions (about s + max_new_tokens per step, the
-minimum when the buffer is full); the triton kernel reads only the filled positions. `eos_token_id` pads finished rows with it but does not stop early (that needs a host sync per
-step). The logits `StaticDecoder.step` returns are overwritten by the next step on CUDA.
+minimum when the buffer is full); the triton kernel reads only the filled positions. `eos_token_id`
+pads finished rows with it but does not stop early (that needs a host sync per step). The logits
+`StaticDecoder.step` returns are overwritten by the next step on CUDA.
 """
 from __future__ import annotations
 
@@ -140,6 +141,7 @@ class StaticDecoder:
         self.attention_name, self.attention = attention, DECODE_ATTENTION[attention]
         self.fused = attention == "triton"
         self.splits = None  # decode_attention's sequence splits (None: chosen for the GPU)
+        self.counters = torch.zeros(batch_size * model.config.num_kv_heads, dtype=torch.int32, device=device)
         # cos and sin of every cache position, sin's first half negated: rotate_half(x) * sin equals
         # cat(x2, x1) * that (one gather a step instead of recomputing the frequencies)
         cfg, half = model.config, model.config.rotary_dim // 2
@@ -256,7 +258,7 @@ class StaticDecoder:
     def _fused_step(self) -> torch.Tensor:
         """`_step` with the triton kernels. A parallel-residual layer is one kernel for the residual
         sum and its normalisation, one matrix product for q (k, v) and the MLP's first layer, the
-        attention kernel that also applies the MLP's GELU (plus a merge when the sequence is split),
+        attention kernel that also applies the MLP's GELU (and merges the splits of the sequence),
         and one matrix product for the attention's output projection and the MLP's second layer."""
         model, cfg = self.model, self.config
         b, hd = self.batch_size, cfg.num_heads * cfg.head_dim
@@ -290,7 +292,7 @@ class StaticDecoder:
         """decode_attention of one layer over its cache slot; proj (b, >= (h [+ 2g])·d_k)."""
         return kernels.decode_attention(proj, self.cache.keys[attn.cache_slot], self.cache.values[attn.cache_slot],
                                         self.rotary, self.position, self.pad, self.config.num_heads, attn.owns_kv,
-                                        self.splits, out, activation)
+                                        self.splits, out, activation, self.counters)
 
 
 class FoldedLayer(NamedTuple):

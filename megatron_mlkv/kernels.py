@@ -7,9 +7,11 @@ Two kernels remove most of that:
 - `decode_attention`: rotary of the new q (and k), the owner's write of k and v into the cache, and
   attention of the h/g query heads of each KV head over that head's cache in one kernel. The cached
   sequence is split over several programs when batch x KV heads alone would not fill the GPU
-  (flash-decoding); a second, small kernel merges the splits by their log-sum-exp.
+  (flash-decoding); the last split of each row and KV head to finish merges them by their
+  log-sum-exp. The same launch can apply the MLP's GELU of a parallel-residual layer, which needs nothing from attention.
 - `add_norm`: the residual sum of the previous layer (x + attention + MLP) and the one or two layer
-  norms that read it, in one pass over the row.
+  norms that read it (or a plain normalisation, when the norms' scales are folded into the next
+  weights: `generate.FoldedLayer`), in one pass over the row.
 
 Both run under TRITON_INTERPRET=1 on CPU tensors, which is how the tests check them without a GPU.
 """
@@ -77,7 +79,7 @@ if triton is not None:
             tl.store(y2_ptr + row * D + cols, y.to(y2_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _decode_attention_kernel(proj_ptr, k_ptr, v_ptr, rot_ptr, pos_ptr, pad_ptr, out_ptr, part_ptr, lse_ptr,
+    def _decode_attention_kernel(proj_ptr, k_ptr, v_ptr, rot_ptr, pos_ptr, pad_ptr, out_ptr, part_ptr, lse_ptr, count_ptr,
                                  stride_pb, stride_ob, stride_kb, stride_kg, stride_kl, max_len, H, G, R, scale,
                                  act_in_ptr, act_out_ptr, act_width,
                                  DK: tl.constexpr, ROT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -149,28 +151,32 @@ if triton is not None:
             m_i = m_new
 
         head = g * R + r
+        out_ptrs = out_ptr + b * stride_ob + head[:, None] * DK + d[None, :]
         if NSPLIT == 1:
             out = acc / l_i[:, None]  # the new token is always visible: l_i > 0
-            tl.store(out_ptr + b * stride_ob + head[:, None] * DK + d[None, :], out.to(dtype), mask=(r < R)[:, None])
-        else:
+            tl.store(out_ptrs, out.to(dtype), mask=(r < R)[:, None])
+        else:  # each split leaves its normalised output and log-sum-exp; the last to finish merges
             empty = l_i == 0.0
-            out = acc / tl.where(empty, 1.0, l_i)[:, None]
-            row = (b * H + head) * NSPLIT + split
-            tl.store(part_ptr + row[:, None] * DK + d[None, :], out, mask=(r < R)[:, None])
-            tl.store(lse_ptr + row, tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i))), mask=r < R)
-
-    @triton.jit
-    def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, stride_ob, H, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
-                             DK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)  # one (batch row, query head)
-        s = tl.arange(0, BLOCK_S)
-        d = tl.arange(0, DK)
-        lse = tl.load(lse_ptr + row * NSPLIT + s, mask=s < NSPLIT, other=float("-inf"))
-        w = tl.exp2(lse - tl.max(lse, 0))  # the split holding the new token is never empty
-        parts = tl.load(part_ptr + (row * NSPLIT + s)[:, None] * DK + d[None, :], mask=(s < NSPLIT)[:, None],
-                        other=0.0)
-        out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
-        tl.store(out_ptr + (row // H) * stride_ob + (row % H) * DK + d, out.to(out_ptr.dtype.element_ty))
+            row = (b * H + head) * NSPLIT
+            tl.store(part_ptr + (row + split)[:, None] * DK + d[None, :], acc / tl.where(empty, 1.0, l_i)[:, None],
+                     mask=(r < R)[:, None])
+            tl.store(lse_ptr + row + split, tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i))),
+                     mask=r < R)
+            tl.debug_barrier()  # every thread's stores before the release below
+            if tl.atomic_add(count_ptr + b * G + g, 1, sem="acq_rel") == NSPLIT - 1:
+                tl.store(count_ptr + b * G + g, 0)  # ready for the next launch
+                m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+                for i in tl.static_range(NSPLIT):  # the split holding the new token is never empty
+                    m = tl.maximum(m, tl.load(lse_ptr + row + i, mask=r < R, other=0.0, cache_modifier=".cg"))
+                total = tl.zeros([BLOCK_R], tl.float32)
+                merged = tl.zeros([BLOCK_R, DK], tl.float32)
+                for i in tl.static_range(NSPLIT):
+                    w = tl.exp2(tl.load(lse_ptr + row + i, mask=r < R, other=0.0, cache_modifier=".cg") - m)
+                    part = tl.load(part_ptr + (row + i)[:, None] * DK + d[None, :], mask=(r < R)[:, None], other=0.0,
+                                   cache_modifier=".cg")
+                    total += w
+                    merged += part * w[:, None]
+                tl.store(out_ptrs, (merged / total[:, None]).to(dtype), mask=(r < R)[:, None])
 
 
 def add_norm(x: torch.Tensor, addends: tuple[torch.Tensor, ...], norms: list[torch.nn.LayerNorm] | float):
@@ -202,7 +208,8 @@ def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device) ->
 def decode_attention(proj: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rotary: torch.Tensor,
                      position: torch.Tensor, pad: torch.Tensor, num_heads: int, owns_kv: bool,
                      splits: int | None = None, out: torch.Tensor | None = None,
-                     activation: tuple[str, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     activation: tuple[str, torch.Tensor, torch.Tensor] | None = None,
+                     counters: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new token per row over a static cache; -> (b, h·d_k), written into `out` if given.
 
     proj (b, >= (h [+ 2g])·d_k), rows contiguous: the un-rotated q heads, then (owner layers) the new k
@@ -212,6 +219,9 @@ def decode_attention(proj: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     attended; the rotary angle is position - pad). Query head i reads KV head i // (h/g).
     activation (approximate, x, y): also y = gelu(x, approximate) for x, y (b, n) with the row
     strides of proj and out (the MLP's half of a parallel-residual layer, in the same launch).
+    counters: >= b·g int32 zeros, where the splits of each (row, KV head) count their finish (the
+    last one merges them; it leaves the counter at 0 again, so one buffer serves every launch that
+    runs after another on a stream). Default: new zeros.
     """
     b, g, max_len, dk = keys.shape
     h = num_heads
@@ -226,19 +236,18 @@ def decode_attention(proj: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     if splits > 1:
         part = torch.empty(b, h, splits, dk, dtype=torch.float32, device=proj.device)
         lse = torch.empty(b, h, splits, dtype=torch.float32, device=proj.device)
+        counters = torch.zeros(b * g, dtype=torch.int32, device=proj.device) if counters is None else counters
+        assert counters.dtype == torch.int32 and counters.numel() >= b * g
     act, act_in, act_out = activation or (None, out, out)
     if activation is not None:
         assert act_in.stride() == (proj.stride(0), 1) and act_out.stride() == (out.stride(0), 1)
     precision = "ieee" if keys.dtype == torch.float32 else "tf32"
     _decode_attention_kernel[(b, g, splits)](
-        proj, keys, values, rotary, position, pad, out, part, lse,
+        proj, keys, values, rotary, position, pad, out, part, lse, out if counters is None else counters,
         proj.stride(0), out.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), max_len, h, g, r,
         dk ** -0.5 * math.log2(math.e), act_in, act_out, act_in.shape[1],
         DK=dk, ROT=rot, BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=block_n, NSPLIT=splits,
         OWNS_KV=owns_kv, PRECISION=precision, ACT=GELU_MODES[act],
         ACT_BLOCK=triton.next_power_of_2(triton.cdiv(act_in.shape[1], g * splits)),
         num_warps=warps, num_stages=stages)
-    if splits > 1:
-        _merge_splits_kernel[(b * h,)](part, lse, out, out.stride(0), h, NSPLIT=splits,
-                                       BLOCK_S=triton.next_power_of_2(splits), DK=dk, num_warps=1)
     return out

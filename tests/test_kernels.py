@@ -71,8 +71,11 @@ def test_decode_attention_equals_reference(b, h, g, dk, length, rot, splits, own
     expected, expected_keys, expected_values = reference_attention(hidden[:, :width], keys, values, rotary, pos,
                                                                    pad, h, owns_kv)
     both = torch.full((b, h * dk + 40), float("nan"))  # attention output | activation
+    counters = torch.zeros(b * g, dtype=torch.int32)
     out = kernels.decode_attention(hidden, keys, values, rotary, torch.tensor([pos]), pad, h, owns_kv, splits,
-                                   out=both[:, :h * dk], activation=("none", hidden[:, width:], both[:, h * dk:]))
+                                   out=both[:, :h * dk], activation=("none", hidden[:, width:], both[:, h * dk:]),
+                                   counters=counters)
+    assert not counters.any()  # left ready for the next launch
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(both[:, h * dk:], F.gelu(hidden[:, width:]))
     torch.testing.assert_close(keys, expected_keys)  # the owner's write, and nothing else

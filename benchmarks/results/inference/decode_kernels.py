@@ -28,6 +28,11 @@ def use(decoder: StaticDecoder, attention: str) -> None:
     layers = decoder.model.layers
     decoder.folded = [FoldedLayer.of(b) if attention == "triton" else None for b in layers]
     decoder.projections = [None if f else fused_projection(b.attention) for b, f in zip(layers, decoder.folded)]
+    rewind(decoder)
+
+
+def rewind(decoder: StaticDecoder) -> None:
+    """Back to the end of the prefill: the next step rewrites the same cache position."""
     decoder.position.fill_(CONTEXT)
     decoder.token.zero_()
     decoder.length = CONTEXT
@@ -45,6 +50,19 @@ def step_ms(decoder: StaticDecoder, token: torch.Tensor, steps: int = 20) -> flo
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / steps
+
+
+def replay_diff(decoder: StaticDecoder, expected: torch.Tensor, replays: int = 50) -> float:
+    """Largest difference of the captured step's logits, replayed from the same state, to an eager
+    step's (0 unless a kernel is nondeterministic or races)."""
+    use(decoder, "triton")
+    decoder.capture()
+    worst = 0.0
+    for _ in range(replays):
+        rewind(decoder)
+        decoder.graph.replay()
+        worst = max(worst, (decoder.logits.float() - expected).abs().max().item())
+    return worst
 
 
 def kernels_per_step(decoder: StaticDecoder, top: int = 0) -> int:
@@ -135,6 +153,7 @@ def main():
             print(f"   triton, matrix products unfolded: {row['triton-unfolded_ms']:.3f} ms "
                   f"({bound_ms / row['triton-unfolded_ms']:.0%}, {row['triton-unfolded_kernels']} kernels)", flush=True)
             row["max_logit_diff"] = (logits["sdpa"] - logits["triton"]).abs().max().item()
+            row["replay_max_diff"] = replay_diff(decoder, logits["triton"])
             row["logit_scale"] = logits["sdpa"].abs().max().item()
             if args.two_streams:
                 row["two_streams_ms"] = two_streams_ms(model, batch)
@@ -158,7 +177,7 @@ def main():
             print(f"{name:8s} b={batch:5d}  bound {bound_ms:6.3f} ms | sdpa {row['sdpa_ms']:6.3f} ms "
                   f"({bound_ms / row['sdpa_ms']:4.0%}, {row['sdpa_kernels']} kernels) | triton {row['triton_ms']:6.3f} ms "
                   f"({bound_ms / row['triton_ms']:4.0%}, {row['triton_kernels']} kernels) | logits diff "
-                  f"{row['max_logit_diff']:.3g} of {row['logit_scale']:.3g}"
+                  f"{row['max_logit_diff']:.3g} of {row['logit_scale']:.3g}, replays {row['replay_max_diff']:.3g}"
                   + (f" | tuned best {row['tune_best'][0]:.3f} ms at {row['tune_best'][1]}" if "tune_best" in row else ""),
                   flush=True)
             del decoder, ids, token, logits
