@@ -102,10 +102,12 @@ def matmul_attention(q, k, v, bias):
 DECODE_ATTENTION = {"sdpa": sdpa_attention, "matmul": matmul_attention, "triton": None}
 
 
-def default_attention(config: MLKVConfig, device: torch.device) -> str:
-    """'triton' (the fused kernels of `megatron_mlkv.kernels`) where they run, else 'sdpa'."""
+def default_attention(config: MLKVConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """'triton' (the fused kernels of `megatron_mlkv.kernels`) where they run, else 'sdpa'. On CPU
+    (triton's interpreter) only in float32: the interpreter's half-precision matrix products are wrong."""
     power_of_two = config.head_dim & (config.head_dim - 1) == 0
-    return "triton" if kernels.available(device) and power_of_two and config.head_dim >= 16 else "sdpa"
+    runs = kernels.available(device) and (device.type == "cuda" or dtype == torch.float32)
+    return "triton" if runs and power_of_two and config.head_dim >= 16 else "sdpa"
 
 
 class StaticDecoder:
@@ -124,7 +126,7 @@ class StaticDecoder:
     def __init__(self, model: MLKVTransformer, batch_size: int, max_len: int, cuda_graph: bool | None = None,
                  attention: str | None = None):
         param = next(model.parameters())
-        attention = attention or default_attention(model.config, param.device)
+        attention = attention or default_attention(model.config, param.device, param.dtype)
         if attention not in DECODE_ATTENTION:
             raise ValueError(f"attention={attention!r}: expected one of {sorted(DECODE_ATTENTION)}")
         self.model, self.config = model, model.config

@@ -137,6 +137,7 @@ def test_generate_uses_the_kernels_and_equals_uncached_greedy():
     model = model_for("mlkv-m<l-g<h")
     assert default_attention(model.config, torch.device("cpu")) == "triton"
     assert StaticDecoder(model, 1, 8).fused
+    assert not StaticDecoder(model_for("mqa").to(torch.bfloat16), 1, 8).fused  # the interpreter's bf16 dot is wrong
     ids, mask = left_padded([[5, 6, 7, 8, 9], [3, 4], [9] * 8])
     out = generate(model, ids, 6, attention_mask=mask)
     torch.testing.assert_close(out, greedy_uncached(model, ids, mask, 6))
