@@ -58,6 +58,8 @@ def test_cli_with_batch_sizes_baseline_and_eval_json(folders, tmp_path):
     for r in records:
         assert FIELDS <= r.keys() and not r["oom"] and r["tokens_per_s"] > 0
         assert r["peak_memory_bytes"] is None  # CPU: no allocator peak
+        # which decode attention ran: SDPA on CPU for ours (no triton interpreter here); transformers' own
+        assert r["attention"] == "sdpa" if r["engine"] == "mlkv-fast" else r["attention"] in ("sdpa", "eager")
         assert 0 < r["fraction_of_bound"] == pytest.approx(r["tokens_per_s"] / r["bandwidth_bound_tokens_per_s"])
         # exact bytes of the cache: 2·b·s·m·g·d_k·4 (fp32), s = context + new tokens, for both engines
         m, g = (4, 4) if r["layout"] == "MHA" else (2, 1)
