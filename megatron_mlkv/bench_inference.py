@@ -461,7 +461,8 @@ def plot_memory(records: list[dict], path: Path) -> None:
             ax.plot([first["batch_size"]], [y], "x", color=line.get_color(), ms=10, mew=2)
     if capacity:
         ax.axhline(capacity / 2**30, color="gray", lw=0.8, ls="--")
-        ax.text(1, capacity / 2**30, " device memory (x: out of memory)", va="bottom", fontsize=8, color="gray")
+        ax.text(0.01, capacity / 2**30, "device memory (x: out of memory)", va="bottom", fontsize=8, color="gray",
+                transform=ax.get_yaxis_transform())  # x in axes fractions, y in GiB
     ctx = records[0]
     ax.set(xscale="log", xlabel="batch size", ylabel="GiB",
            title=f"Memory above weights, context {ctx['context']} + {ctx['new_tokens']} tokens ({ctx['dtype']})")
