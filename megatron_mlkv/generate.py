@@ -272,10 +272,9 @@ class StaticDecoder:
                 hidden = F.linear(normed, folded.w_in, folded.b_in)  # (b, q [k v] | MLP hidden)
                 both = hidden.new_empty(b, folded.w_out.shape[1])  # (b, attention output | activation)
                 act_in, act_out = hidden[:, folded.proj_width:], both[:, hd:]
-                gelu = gelu_mode(block.mlp.act)  # in the attention kernel's launch if a GELU
-                if gelu is None:
+                if folded.gelu is None:  # else in the attention kernel's launch
                     act_out.copy_(block.mlp.act(act_in))
-                self._attend(block.attention, hidden, both[:, :hd], gelu and (gelu, act_in, act_out))
+                self._attend(block.attention, hidden, both[:, :hd], folded.gelu and (folded.gelu, act_in, act_out))
                 pending = (F.linear(both, folded.w_out, folded.b_out),)
                 continue
             norms = [block.input_layernorm] + [block.post_attention_layernorm] * block.use_parallel_residual
@@ -301,12 +300,13 @@ class FoldedLayer(NamedTuple):
     """A parallel-residual layer as two matrix products over its normalised input n (no scale, shift):
     n @ w_in.T + b_in gives q [k, v] (proj_width columns) and the MLP's hidden layer, the two layer
     norms' scales and shifts folded in; [attention output, activation] @ w_out.T + b_out is the
-    layer's whole residual update."""
+    layer's whole residual update. gelu: the MLP activation's `gelu_mode` (None: not a GELU)."""
     w_in: torch.Tensor
     b_in: torch.Tensor
     w_out: torch.Tensor
     b_out: torch.Tensor
     proj_width: int
+    gelu: str | None
 
     @classmethod
     @torch.no_grad()
@@ -325,7 +325,7 @@ class FoldedLayer(NamedTuple):
                                             fold(mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias, ln_mlp))
         return cls(torch.cat([w_attn, w_mlp]), torch.cat([b_attn, b_mlp]),
                    torch.cat([attn.dense.weight, mlp.dense_4h_to_h.weight], 1),
-                   attn.dense.bias + mlp.dense_4h_to_h.bias, w_attn.shape[0])
+                   attn.dense.bias + mlp.dense_4h_to_h.bias, w_attn.shape[0], gelu_mode(mlp.act))
 
 
 def gelu_mode(act) -> str | None:

@@ -8,7 +8,8 @@ Two kernels remove most of that:
   attention of the h/g query heads of each KV head over that head's cache in one kernel. The cached
   sequence is split over several programs when batch x KV heads alone would not fill the GPU
   (flash-decoding); the last split of each row and KV head to finish merges them by their
-  log-sum-exp. The same launch can apply the MLP's GELU of a parallel-residual layer, which needs nothing from attention.
+  log-sum-exp. The same launch can apply the MLP's GELU of a parallel-residual layer, which needs
+  nothing from attention.
 - `add_norm`: the residual sum of the previous layer (x + attention + MLP) and the one or two layer
   norms that read it (or a plain normalisation, when the norms' scales are folded into the next
   weights: `generate.FoldedLayer`), in one pass over the row.
@@ -79,8 +80,8 @@ if triton is not None:
             tl.store(y2_ptr + row * D + cols, y.to(y2_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _decode_attention_kernel(proj_ptr, k_ptr, v_ptr, rot_ptr, pos_ptr, pad_ptr, out_ptr, part_ptr, lse_ptr, count_ptr,
-                                 stride_pb, stride_ob, stride_kb, stride_kg, stride_kl, max_len, H, G, R, scale,
+    def _decode_attention_kernel(proj_ptr, k_ptr, v_ptr, rot_ptr, pos_ptr, pad_ptr, out_ptr, part_ptr, lse_ptr,
+                                 count_ptr, stride_pb, stride_ob, stride_kb, stride_kg, stride_kl, max_len, H, G, R, scale,
                                  act_in_ptr, act_out_ptr, act_width,
                                  DK: tl.constexpr, ROT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                                  NSPLIT: tl.constexpr, OWNS_KV: tl.constexpr, PRECISION: tl.constexpr,
