@@ -269,13 +269,13 @@ class StaticDecoder:
         for block, projection, folded in zip(model.layers, self.projections, self.folded):
             if folded is not None:
                 x, (normed,) = kernels.add_norm(x, pending, block.input_layernorm.eps)
-                hidden = F.linear(normed, folded.w_in, folded.b_in)  # (b, q [k v] | MLP hidden)
+                hidden = kernels.linear(normed, folded.w_in, folded.b_in)  # (b, q [k v] | MLP hidden)
                 both = hidden.new_empty(b, folded.w_out.shape[1])  # (b, attention output | activation)
                 act_in, act_out = hidden[:, folded.proj_width:], both[:, hd:]
                 if folded.gelu is None:  # else in the attention kernel's launch
                     act_out.copy_(block.mlp.act(act_in))
                 self._attend(block.attention, hidden, both[:, :hd], folded.gelu and (folded.gelu, act_in, act_out))
-                pending = (F.linear(both, folded.w_out, folded.b_out),)
+                pending = (kernels.linear(both, folded.w_out, folded.b_out, deep=True),)  # partial sums
                 continue
             norms = [block.input_layernorm] + [block.post_attention_layernorm] * block.use_parallel_residual
             x, normed = kernels.add_norm(x, pending, norms)

@@ -83,18 +83,39 @@ def test_decode_attention_equals_reference(b, h, g, dk, length, rot, splits, own
 
 
 @interpreted
-@pytest.mark.parametrize("addends", [0, 1, 2])
+@pytest.mark.parametrize("b, k, n", [(1, 96, 40), (5, 200, 64), (70, 130, 33)])
+@pytest.mark.parametrize("deep", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_equals_torch(b, k, n, deep, bias, monkeypatch):
+    """Tiles that do not divide the shapes; several row tiles (70 rows); deep: the split-K partials."""
+    from megatron_mlkv import kernels
+    monkeypatch.setattr(kernels, "LINEAR_MAX_ROWS", 128)
+    monkeypatch.setattr(kernels, "LINEAR_WIDE", (64, 16, 32, 4, 1))
+    monkeypatch.setattr(kernels, "LINEAR_DEEP", (64, 16, 32, 4, 3))
+    torch.manual_seed(0)
+    x, w = torch.randn(b, k + 3)[:, 3:], torch.randn(n, k)  # x's rows strided
+    c = torch.randn(n) if bias else None
+    y = kernels.linear(x, w, c, deep=deep)
+    if deep:
+        assert y.shape == (3, b, n) and y.dtype == torch.float32
+        y = y.sum(0)
+    torch.testing.assert_close(y, F.linear(x, w, c), atol=1e-4, rtol=1e-4)
+
+
+@interpreted
+@pytest.mark.parametrize("addends", [0, 1, 2, "partials"])
 @pytest.mark.parametrize("norms", [1, 2, "plain"])
 def test_add_norm_equals_torch(addends, norms):
     from megatron_mlkv import kernels
     torch.manual_seed(0)
-    x, parts = torch.randn(5, 48), tuple(torch.randn(5, 48) for _ in range(addends))
+    shapes = [(3, 5, 48), (5, 48)] if addends == "partials" else [(5, 48)] * addends
+    x, parts = torch.randn(5, 48), tuple(torch.randn(s) for s in shapes)
     layer_norms = [torch.nn.LayerNorm(48, eps=e) for e in (1e-5, 1e-3)]
     for ln in layer_norms:
         torch.nn.init.normal_(ln.weight)
         torch.nn.init.normal_(ln.bias)
     total, ys = kernels.add_norm(x.clone(), parts, 1e-5 if norms == "plain" else layer_norms[:norms])
-    expected = x + sum(parts) if parts else x
+    expected = x + sum(p.sum(0) if p.dim() == 3 else p for p in parts) if parts else x
     torch.testing.assert_close(total, expected)
     if norms == "plain":
         torch.testing.assert_close(ys[0], F.layer_norm(expected, (48,), eps=1e-5), atol=1e-5, rtol=1e-5)

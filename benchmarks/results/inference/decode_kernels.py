@@ -20,13 +20,21 @@ from megatron_mlkv.generate import DECODE_ATTENTION, FoldedLayer, StaticDecoder,
 CONTEXT = 2000
 
 
-def use(decoder: StaticDecoder, attention: str) -> None:
-    """Switch the decoder's attention and rewind it to the end of the prefill (same cache).
-    "triton-unfolded": the triton kernels with each layer's four matrix products kept apart."""
-    decoder.fused, decoder.graph = attention.startswith("triton"), None
-    decoder.attention = DECODE_ATTENTION[attention.split("-")[0]]
+# the step's variants, each a step further: "sdpa" (the PyTorch path), the triton attention and norm
+# kernels with each layer's four matrix products kept apart, then folded to two (cuBLAS), then those
+# two as `kernels.linear`, then every kernel launched with programmatic dependent launch
+VARIANTS = ("sdpa", "triton-unfolded", "triton-cublas", "triton-no-pdl", "triton")
+LINEAR_MAX_ROWS = kernels.LINEAR_MAX_ROWS
+
+
+def use(decoder: StaticDecoder, variant: str) -> None:
+    """Switch the decoder to one of VARIANTS and rewind it to the end of the prefill (same cache)."""
+    decoder.fused, decoder.graph = variant.startswith("triton"), None
+    decoder.attention = DECODE_ATTENTION[variant.split("-")[0]]
+    kernels.LINEAR_MAX_ROWS = 0 if variant in ("triton-unfolded", "triton-cublas") else LINEAR_MAX_ROWS
+    kernels.PDL = None if variant == "triton" else False
     layers = decoder.model.layers
-    decoder.folded = [FoldedLayer.of(b) if attention == "triton" else None for b in layers]
+    decoder.folded = [FoldedLayer.of(b) if variant not in ("sdpa", "triton-unfolded") else None for b in layers]
     decoder.projections = [None if f else fused_projection(b.attention) for b, f in zip(layers, decoder.folded)]
     rewind(decoder)
 
@@ -78,6 +86,22 @@ def kernels_per_step(decoder: StaticDecoder, top: int = 0) -> int:
     return len(events)
 
 
+def sweep(decoder: StaticDecoder, token: torch.Tensor, setting: str, candidates: list) -> dict:
+    """The triton step's time (ms) with each candidate value of kernels.<setting>; the fastest is
+    kept set (the next sweep starts from it)."""
+    times = {}
+    for value in candidates:
+        setattr(kernels, setting, value)
+        use(decoder, "triton")
+        try:
+            times[str(value)] = step_ms(decoder, token, steps=10)
+        except Exception as e:  # noqa: BLE001 - a tile that does not compile is reported
+            times[str(value)] = repr(e)[:80]
+    ms, best = min((v, k) for k, v in times.items() if isinstance(v, float))
+    setattr(kernels, setting, candidates[[str(c) for c in candidates].index(best)])
+    return dict(best=best, best_ms=ms, times=times)
+
+
 def two_streams_ms(model, batch: int, steps: int = 20) -> float:
     """One graph that runs the steps of two half-batch decoders on two streams."""
     halves = [StaticDecoder(model, batch // 2, CONTEXT + 128, attention="triton") for _ in range(2)]
@@ -118,6 +142,8 @@ def main():
     p.add_argument("--layouts", default="all")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 64, 256, 1024])
     p.add_argument("--tune", action="store_true", help="also time tiles (block, warps, stages, programs per SM) at b=64, 256")
+    p.add_argument("--tune-linear", action="store_true", help="also time linear's tiles (rows, columns, K step, "
+                   "warps, K splits) for its wide and deep shapes, one after the other, at b <= 64")
     p.add_argument("--profile", type=int, default=0, help="print the top kernels of the triton step")
     p.add_argument("--two-streams", action="store_true", help="also time two half batches on two streams")
     p.add_argument("--out")
@@ -143,15 +169,16 @@ def main():
                                              CONTEXT + 1) / bandwidth * 1e3
             logits = {}
             row = dict(layout=name, batch=batch, bound_ms=bound_ms)
-            for attention in ("sdpa", "triton-unfolded", "triton"):
-                use(decoder, attention)
-                logits[attention] = decoder._step().float()
-                use(decoder, attention)
-                row[f"{attention}_kernels"] = kernels_per_step(decoder, args.profile if attention == "triton" else 0)
-                use(decoder, attention)
-                row[f"{attention}_ms"] = step_ms(decoder, token)
-            print(f"   triton, matrix products unfolded: {row['triton-unfolded_ms']:.3f} ms "
-                  f"({bound_ms / row['triton-unfolded_ms']:.0%}, {row['triton-unfolded_kernels']} kernels)", flush=True)
+            for variant in VARIANTS:
+                use(decoder, variant)
+                logits[variant] = decoder._step().float()
+                use(decoder, variant)
+                row[f"{variant}_kernels"] = kernels_per_step(decoder, args.profile if variant == "triton" else 0)
+                use(decoder, variant)
+                row[f"{variant}_ms"] = step_ms(decoder, token)
+                if variant != "triton":
+                    print(f"   {variant}: {row[f'{variant}_ms']:.3f} ms ({bound_ms / row[f'{variant}_ms']:.0%}, "
+                          f"{row[f'{variant}_kernels']} kernels)", flush=True)
             row["max_logit_diff"] = (logits["sdpa"] - logits["triton"]).abs().max().item()
             row["replay_max_diff"] = replay_diff(decoder, logits["triton"])
             row["logit_scale"] = logits["sdpa"].abs().max().item()
@@ -173,6 +200,12 @@ def main():
                 best = min((v, k) for k, v in tuned.items() if isinstance(v, float))
                 row["tune_best"] = best
                 row["tune"] = tuned
+            if args.tune_linear and batch <= LINEAR_MAX_ROWS:
+                grid = itertools.product((16, 32, 64), (64, 128, 256), (2, 4, 8))
+                row["tune_wide"] = sweep(decoder, token, "LINEAR_WIDE", [(64, n, k, w, 1) for n, k, w in grid])
+                grid = itertools.product((16, 32, 64), (64, 128), (2, 4), (4, 6, 8, 12))
+                row["tune_deep"] = sweep(decoder, token, "LINEAR_DEEP", [(64, *c) for c in grid])
+                print(f"   linear tiles: wide {row['tune_wide']['best']}, deep {row['tune_deep']['best']}", flush=True)
             rows.append(row)
             print(f"{name:8s} b={batch:5d}  bound {bound_ms:6.3f} ms | sdpa {row['sdpa_ms']:6.3f} ms "
                   f"({bound_ms / row['sdpa_ms']:4.0%}, {row['sdpa_kernels']} kernels) | triton {row['triton_ms']:6.3f} ms "
