@@ -260,22 +260,15 @@ class StaticDecoder:
     def _fused_step(self) -> torch.Tensor:
         """`_step` with the triton kernels. A parallel-residual layer is one kernel for the residual
         sum and its normalisation, one matrix product for q (k, v) and the MLP's first layer, the
-        attention kernel that also applies the MLP's GELU (and merges the splits of the sequence),
-        and one matrix product for the attention's output projection and the MLP's second layer."""
-        model, cfg = self.model, self.config
-        b, hd = self.batch_size, cfg.num_heads * cfg.head_dim
+        attention kernel (which also merges the splits of the sequence), and the products of the
+        attention's output projection and the MLP's second layer (`_folded_layer`)."""
+        model = self.model
         x = model.embed_in(self.token)
         pending = ()  # outputs still to be added to x
         for block, projection, folded in zip(model.layers, self.projections, self.folded):
             if folded is not None:
                 x, (normed,) = kernels.add_norm(x, pending, block.input_layernorm.eps)
-                hidden = kernels.linear(normed, folded.w_in, folded.b_in)  # (b, q [k v] | MLP hidden)
-                both = hidden.new_empty(b, folded.w_out.shape[1])  # (b, attention output | activation)
-                act_in, act_out = hidden[:, folded.proj_width:], both[:, hd:]
-                if folded.gelu is None:  # else in the attention kernel's launch
-                    act_out.copy_(block.mlp.act(act_in))
-                self._attend(block.attention, hidden, both[:, :hd], folded.gelu and (folded.gelu, act_in, act_out))
-                pending = (kernels.linear(both, folded.w_out, folded.b_out, deep=True),)  # partial sums
+                pending = self._folded_layer(block, folded, normed)
                 continue
             norms = [block.input_layernorm] + [block.post_attention_layernorm] * block.use_parallel_residual
             x, normed = kernels.add_norm(x, pending, norms)
@@ -289,16 +282,35 @@ class StaticDecoder:
         self.position += 1
         return model.embed_out(x)
 
-    def _attend(self, attn, proj: torch.Tensor, out: torch.Tensor | None = None, activation=None) -> torch.Tensor:
+    def _folded_layer(self, block, folded: FoldedLayer, normed: torch.Tensor) -> tuple[torch.Tensor]:
+        """A parallel-residual layer of the fused step; -> its residual update, an `add_norm` addend.
+
+        The first product gives hidden = [k v | q | MLP hidden] (k, v in owner layers), with the
+        MLP's GELU applied as `kernels.linear` writes it (else by the attention kernel). Attention
+        writes its output over q, so the second product reads [attention output | activation] in
+        place."""
+        hd = self.config.num_heads * self.config.head_dim
+        q0 = folded.proj_width - hd
+        gelu = folded.gelu and kernels.runs_linear(normed) and (folded.gelu, folded.proj_width)
+        hidden = kernels.linear(normed, folded.w_in, folded.b_in, gelu=gelu or None)
+        act = hidden[:, folded.proj_width:]
+        if folded.gelu is None:
+            act.copy_(block.mlp.act(act))
+        activation = (folded.gelu, act, act) if folded.gelu and not gelu else None
+        self._attend(block.attention, hidden, hidden[:, q0:q0 + hd], activation, kv_first=True)
+        return (kernels.linear(hidden[:, q0:], folded.w_out, folded.b_out, deep=True),)
+
+    def _attend(self, attn, proj: torch.Tensor, out: torch.Tensor | None = None, activation=None,
+                kv_first: bool = False) -> torch.Tensor:
         """decode_attention of one layer over its cache slot; proj (b, >= (h [+ 2g])·d_k)."""
         return kernels.decode_attention(proj, self.cache.keys[attn.cache_slot], self.cache.values[attn.cache_slot],
                                         self.rotary, self.position, self.pad, self.config.num_heads, attn.owns_kv,
-                                        self.splits, out, activation, self.counters)
+                                        self.splits, out, activation, self.counters, kv_first)
 
 
 class FoldedLayer(NamedTuple):
     """A parallel-residual layer as two matrix products over its normalised input n (no scale, shift):
-    n @ w_in.T + b_in gives q [k, v] (proj_width columns) and the MLP's hidden layer, the two layer
+    n @ w_in.T + b_in gives [k, v,] q (proj_width columns) and the MLP's hidden layer, the two layer
     norms' scales and shifts folded in; [attention output, activation] @ w_out.T + b_out is the
     layer's whole residual update. gelu: the MLP activation's `gelu_mode` (None: not a GELU)."""
     w_in: torch.Tensor
@@ -323,6 +335,8 @@ class FoldedLayer(NamedTuple):
 
         (w_attn, b_attn), (w_mlp, b_mlp) = (fold(*fused_projection(attn), ln_attn),
                                             fold(mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias, ln_mlp))
+        hd = attn.dense.weight.shape[1]  # q's rows; k, v (owners) move before them
+        w_attn, b_attn = torch.cat([w_attn[hd:], w_attn[:hd]]), torch.cat([b_attn[hd:], b_attn[:hd]])
         return cls(torch.cat([w_attn, w_mlp]), torch.cat([b_attn, b_mlp]),
                    torch.cat([attn.dense.weight, mlp.dense_4h_to_h.weight], 1),
                    attn.dense.bias + mlp.dense_4h_to_h.bias, w_attn.shape[0], gelu_mode(mlp.act))

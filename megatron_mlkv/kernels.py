@@ -28,10 +28,6 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: generate.py falls back to SDPA
     triton = None
-try:  # grid dependency control: a kernel starts while the one before it finishes (sm90+)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:
-    gdc_launch_dependents = gdc_wait = None
 
 # decode_attention's tiles (block of cached tokens, warps, pipeline stages) for a few (h/g <= 4) or
 # many query heads per KV head (tuned on an H100: benchmarks/results/inference/decode_kernels.py);
@@ -41,15 +37,13 @@ MANY_HEADS_TILE = (64, 4, 3)
 TILE = None
 PROGRAMS_PER_SM = 2  # split the sequence until batch x KV heads x splits reaches this many per SM
 MIN_SPLIT_LEN = 128
-GELU_MODES = {None: 0, "none": 1, "tanh": 2}  # decode_attention's fused activation: F.gelu's `approximate`
-# linear's tiles (rows, columns, K per step, warps) and K splits for its two shapes in a decode
+GELU_MODES = {None: 0, "none": 1, "tanh": 2}  # fused activations (F.gelu's `approximate`) as the kernels take them
+# linear's tiles (rows, columns, K per step, warps, pipeline stages) and K splits for its two shapes in a decode
 # step: wide (K = d: q [k v] and the MLP's first layer) and deep (the layer's output projections);
 # LINEAR_MAX_ROWS: more rows than this go to cuBLAS
-LINEAR_WIDE = (64, 64, 256, 8, 1)
-LINEAR_DEEP = (64, 64, 128, 4, 12)
+LINEAR_WIDE = (64, 64, 128, 8, 4, 1)
+LINEAR_DEEP = (64, 32, 128, 4, 3, 8)
 LINEAR_MAX_ROWS = 64
-EVICT_KV = "evict_first"  # the cache is read once a step: L2 keeps the weights that are prefetched
-PDL = None  # programmatic dependent launch of these kernels; None: where the GPU and triton have it
 
 
 def available(device: torch.device) -> bool:
@@ -59,64 +53,46 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def pdl(device: torch.device) -> dict:
-    """Launch options for programmatic dependent launch: each kernel's programs start while the
-    kernel before it drains, do what needs nothing of it (load weights), then wait for it."""
-    on = PDL if PDL is not None else (device.type == "cuda" and gdc_wait is not None
-                                      and torch.cuda.get_device_capability(device)[0] >= 9)
-    return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
-
-
 if triton is not None:
 
     @triton.jit
-    def _prefetch_l2(ptrs):
-        """Ask L2 for the 128-byte lines at ptrs (sm80+), to be kept there over streamed data."""
-        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                                  dtype=tl.int32, is_pure=False, pack=1)
+    def _gelu(z, MODE: tl.constexpr):
+        """F.gelu of float32 z; MODE: GELU_MODES' 1 (exact) or 2 (tanh approximation)."""
+        if MODE == 1:
+            return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        return z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))  # tanh(u) = 2 sigmoid(2u) - 1
 
     @triton.jit
-    def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, stride_ys,
-                       K_SPLIT: tl.constexpr, K_LINES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_ys, K_SPLIT,
+                       act_from, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(1)
         m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-        k = split * K_SPLIT + tl.arange(0, BLOCK_K)
         k_end = tl.minimum((split + 1) * K_SPLIT, K)
-        w_ptrs = w_ptr + n[:, None].to(tl.int64) * K + k[None, :]
-        x_ptrs = x_ptr + m[:, None].to(tl.int64) * stride_xm + k[None, :]
-        if PDL:  # the next kernel may start; this one's weights are fetched while the one before runs
-            gdc_launch_dependents()
-            line = 128 // (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
-            lines = split * K_SPLIT + tl.arange(0, K_LINES) * line
-            _prefetch_l2(w_ptr + tl.minimum(n, N - 1)[:, None].to(tl.int64) * K + tl.minimum(lines, k_end - 1)[None, :])
-        w = tl.load(w_ptrs, mask=(n < N)[:, None] & (k < k_end)[None, :], other=0.0)
-        if PDL:
-            gdc_wait()
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in tl.static_range(0, K_SPLIT, BLOCK_K):  # each step loads the next weight tile first
-            x = tl.load(x_ptrs + k0, mask=(m < M)[:, None] & (k + k0 < k_end)[None, :], other=0.0)
-            w_next = tl.load(w_ptrs + k0 + BLOCK_K, mask=(n < N)[:, None] & (k + k0 + BLOCK_K < k_end)[None, :],
-                             other=0.0)
+        for k0 in range(split * K_SPLIT, k_end, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :], mask=(n < N)[:, None] & (k < k_end)[None, :],
+                        other=0.0)
+            x = tl.load(x_ptr + m[:, None].to(tl.int64) * stride_xm + k[None, :],
+                        mask=(m < M)[:, None] & (k < k_end)[None, :], other=0.0)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-            w = w_next
         if HAS_BIAS:
             if split == 0:
                 acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        if ACT != 0:  # the MLP's activation, on the columns from act_from
+            acc = tl.where((n >= act_from)[None, :], _gelu(acc, ACT), acc)
         y_ptrs = y_ptr + split * stride_ys + m[:, None].to(tl.int64) * stride_ym + n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(m < M)[:, None] & (n < N)[None, :])
 
     @triton.jit
     def _add_norm_kernel(x_ptr, a_ptr, b_ptr, x_out_ptr, w1_ptr, c1_ptr, y1_ptr, w2_ptr, c2_ptr, y2_ptr,
                          D, stride_parts, eps1, eps2, A_PARTS: tl.constexpr, B_PARTS: tl.constexpr,
-                         NORMS: tl.constexpr, AFFINE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                         NORMS: tl.constexpr, AFFINE: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < D
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
         x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         for i in tl.static_range(A_PARTS):  # an addend's split-K partial sums, summed here
             x += tl.load(a_ptr + i * stride_parts + row * D + cols, mask=mask, other=0.0).to(tl.float32)
@@ -142,16 +118,15 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(proj_ptr, k_ptr, v_ptr, rot_ptr, pos_ptr, pad_ptr, out_ptr, part_ptr, lse_ptr,
-                                 count_ptr, stride_pb, stride_ob, stride_kb, stride_kg, stride_kl, max_len, H, G, R, scale,
+                                 count_ptr, stride_pb, stride_ob, stride_kb, stride_kg, stride_kl, max_len, H, G, R, Q0, K0,
+                                 scale,
                                  act_in_ptr, act_out_ptr, act_width,
                                  DK: tl.constexpr, ROT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                                  NSPLIT: tl.constexpr, OWNS_KV: tl.constexpr, PRECISION: tl.constexpr,
-                                 ACT: tl.constexpr, ACT_BLOCK: tl.constexpr, EVICT: tl.constexpr, PDL: tl.constexpr):
+                                 ACT: tl.constexpr, ACT_BLOCK: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         split = tl.program_id(2)
-        if PDL:
-            gdc_launch_dependents()
         pos = tl.load(pos_ptr)  # cache index of the new token, read on the device (graph replays advance it)
         pad = tl.load(pad_ptr + b)
         d = tl.arange(0, DK)
@@ -161,11 +136,9 @@ if triton is not None:
         sin = tl.load(rot_ptr + (max_len + pos - pad) * ROT + d, mask=rotated, other=0.0).to(tl.float32)
         dtype = k_ptr.dtype.element_ty
         proj = proj_ptr + b * stride_pb
-        if PDL:  # proj is the kernel before's
-            gdc_wait()
 
         r = tl.arange(0, BLOCK_R)
-        q_ptr = proj + (g * R + r)[:, None] * DK
+        q_ptr = proj + (Q0 + g * R + r)[:, None] * DK
         q = tl.load(q_ptr + d[None, :], mask=(r < R)[:, None], other=0.0).to(tl.float32)
         q_half = tl.load(q_ptr + swapped[None, :], mask=(r < R)[:, None], other=0.0).to(tl.float32)
         q = (q * cos[None, :] + q_half * sin[None, :]).to(dtype)
@@ -173,10 +146,7 @@ if triton is not None:
         if ACT != 0:  # this program's share of the row's MLP activation (GELU), the MLP's other half
             cols = (g * NSPLIT + split) * ACT_BLOCK + tl.arange(0, ACT_BLOCK)
             z = tl.load(act_in_ptr + b * stride_pb + cols, mask=cols < act_width, other=0.0).to(tl.float32)
-            if ACT == 1:
-                z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-            else:  # tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
-                z = z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
+            z = _gelu(z, ACT)
             tl.store(act_out_ptr + b * stride_ob + cols, z.to(act_out_ptr.dtype.element_ty), mask=cols < act_width)
 
         # the splits share the cached tokens up to pos evenly, in whole tiles
@@ -186,10 +156,10 @@ if triton is not None:
         k_base = k_ptr + b * stride_kb + g * stride_kg
         v_base = v_ptr + b * stride_kb + g * stride_kg
         if OWNS_KV:  # the new k, v: rotated, written once (by the split holding pos), used by this split
-            k_new = tl.load(proj + (H + g) * DK + d).to(tl.float32)
-            k_half = tl.load(proj + (H + g) * DK + swapped).to(tl.float32)
+            k_new = tl.load(proj + (K0 + g) * DK + d).to(tl.float32)
+            k_half = tl.load(proj + (K0 + g) * DK + swapped).to(tl.float32)
             k_new = (k_new * cos + k_half * sin).to(dtype)
-            v_new = tl.load(proj + (H + G + g) * DK + d)
+            v_new = tl.load(proj + (K0 + G + g) * DK + d)
             if (pos >= start) & (pos < start + split_len):
                 tl.store(k_base + pos * stride_kl + d, k_new)
                 tl.store(v_base + pos * stride_kl + d, v_new)
@@ -201,10 +171,8 @@ if triton is not None:
         for n0 in range(lo, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             valid = (n < end) & (n >= pad)
-            k = tl.load(k_base + n[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0,
-                        eviction_policy=EVICT)
-            v = tl.load(v_base + n[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0,
-                        eviction_policy=EVICT)
+            k = tl.load(k_base + n[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_base + n[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0)
             if OWNS_KV:
                 k = tl.where((n == pos)[:, None], k_new[None, :], k)
                 v = tl.where((n == pos)[:, None], v_new[None, :], v)
@@ -267,33 +235,41 @@ def add_norm(x: torch.Tensor, addends: tuple[torch.Tensor, ...], norms: list[tor
     w2, c2, eps2 = (n2.weight, n2.bias, n2.eps) if affine else (x, x, norms)
     _add_norm_kernel[(b,)](x, a, c, x_out, w1, c1, ys[0], w2, c2, ys[-1], dim, b * dim, eps1, eps2,
                            A_PARTS=parts[0], B_PARTS=parts[1], NORMS=len(ys), AFFINE=affine,
-                           BLOCK=triton.next_power_of_2(dim), num_warps=4, **pdl(x.device))
+                           BLOCK=triton.next_power_of_2(dim), num_warps=4)
     return x_out, ys
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, deep: bool = False) -> torch.Tensor:
-    """x @ weight.T + bias for x (b, k) with few rows (a decode step), weight (n, k) contiguous,
-    streamed once. Wide shapes (deep=False) give (b, n) in x's dtype. Deep ones (k >> n: too few
-    column tiles to fill the GPU) are split over k and give the float32 partial sums (s, b, n),
-    bias in the first, for `add_norm` to add up. More rows than LINEAR_MAX_ROWS, or no kernels
-    here: cuBLAS, whose (b, n) stands for a single partial."""
+def runs_linear(x: torch.Tensor) -> bool:
+    """Whether `linear` runs its kernel for x (else cuBLAS)."""
+    return x.shape[0] <= LINEAR_MAX_ROWS and available(x.device)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, deep: bool = False,
+           gelu: tuple[str, int] | None = None) -> torch.Tensor:
+    """x @ weight.T + bias for x (b, k) with few rows (a decode step); weight (n, k), rows
+    contiguous, is streamed once. Wide shapes (deep=False) give (b, n) in x's dtype; gelu
+    (approximate, c) applies F.gelu to the columns from c on. Deep ones (k >> n: too few column
+    tiles to fill the GPU) are split over k and give the float32 partial sums (s, b, n), bias in the
+    first, for `add_norm` to add up. Where `runs_linear` is False: cuBLAS, whose (b, n) stands for a
+    single partial (no gelu)."""
     b, k = x.shape
     n = weight.shape[0]
-    if b > LINEAR_MAX_ROWS or not available(x.device):
+    if not runs_linear(x):
+        assert gelu is None
         y = torch.nn.functional.linear(x, weight, bias)
         return y[None] if deep else y
-    assert x.stride(-1) == 1 and weight.is_contiguous()
-    block_m, block_n, block_k, warps, splits = LINEAR_DEEP if deep else LINEAR_WIDE
+    assert x.stride(-1) == 1 and weight.stride(-1) == 1 and not (deep and gelu)
+    block_m, block_n, block_k, warps, stages, splits = LINEAR_DEEP if deep else LINEAR_WIDE
     block_m = min(block_m, max(16, triton.next_power_of_2(b)))
     k_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, k_split)
-    y = (torch.empty(splits, b, n, dtype=torch.float32, device=x.device) if deep
-         else x.new_empty(b, n))
+    y = torch.empty(splits, b, n, dtype=torch.float32, device=x.device) if deep else x.new_empty(b, n)
+    act, act_from = gelu or (None, n)
     _linear_kernel[(triton.cdiv(n, block_n), splits, triton.cdiv(b, block_m))](
-        x, weight, x if bias is None else bias, y, b, n, k, x.stride(0), n, b * n,
-        K_SPLIT=k_split, K_LINES=triton.next_power_of_2(triton.cdiv(k_split * weight.element_size(), 128)),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=1, **pdl(x.device))
+        x, weight, x if bias is None else bias, y, b, n, k, x.stride(0), weight.stride(0), n, b * n, k_split,
+        act_from, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
+        ACT=GELU_MODES[act], PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps,
+        num_stages=stages)
     return y
 
 
@@ -308,11 +284,12 @@ def decode_attention(proj: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
                      position: torch.Tensor, pad: torch.Tensor, num_heads: int, owns_kv: bool,
                      splits: int | None = None, out: torch.Tensor | None = None,
                      activation: tuple[str, torch.Tensor, torch.Tensor] | None = None,
-                     counters: torch.Tensor | None = None) -> torch.Tensor:
+                     counters: torch.Tensor | None = None, kv_first: bool = False) -> torch.Tensor:
     """Attention of one new token per row over a static cache; -> (b, h·d_k), written into `out` if given.
 
     proj (b, >= (h [+ 2g])·d_k), rows contiguous: the un-rotated q heads, then (owner layers) the new k
-    and v heads. keys, values (b, g, L, d_k): one cache slot; owners write the new k, v at `position`
+    and v heads; with kv_first, k and v heads come first. `out` may be proj's q columns (each q head
+    is read before its output is written). keys, values (b, g, L, d_k): one cache slot; owners write the new k, v at `position`
     first. rotary (2, L, rotary_dim): cos and sin (first half negated) per position. position (1,):
     the new token's cache index; pad (b,): left padding per row (positions before it are not
     attended; the rotary angle is position - pad). Query head i reads KV head i // (h/g).
@@ -344,9 +321,10 @@ def decode_attention(proj: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     _decode_attention_kernel[(b, g, splits)](
         proj, keys, values, rotary, position, pad, out, part, lse, out if counters is None else counters,
         proj.stride(0), out.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), max_len, h, g, r,
+        2 * g if kv_first and owns_kv else 0, 0 if kv_first else h,
         dk ** -0.5 * math.log2(math.e), act_in, act_out, act_in.shape[1],
         DK=dk, ROT=rot, BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=block_n, NSPLIT=splits,
         OWNS_KV=owns_kv, PRECISION=precision, ACT=GELU_MODES[act],
-        ACT_BLOCK=triton.next_power_of_2(triton.cdiv(act_in.shape[1], g * splits)), EVICT=EVICT_KV,
-        num_warps=warps, num_stages=stages, **pdl(proj.device))
+        ACT_BLOCK=triton.next_power_of_2(triton.cdiv(act_in.shape[1], g * splits)),
+        num_warps=warps, num_stages=stages)
     return out

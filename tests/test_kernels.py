@@ -59,6 +59,7 @@ def reference_attention(proj, keys, values, rotary, pos, pad, h, owns_kv):
 @pytest.mark.parametrize("b,h,g,dk,length,rot", [(3, 4, 4, 16, 90, 4), (3, 8, 1, 32, 130, 16),
                                                  (2, 6, 2, 16, 70, 16)])
 def test_decode_attention_equals_reference(b, h, g, dk, length, rot, splits, owns_kv):
+    """Output into a separate buffer, the MLP's GELU beside it."""
     from megatron_mlkv import kernels
     torch.manual_seed(0)
     width = (h + 2 * g) * dk if owns_kv else h * dk
@@ -83,6 +84,33 @@ def test_decode_attention_equals_reference(b, h, g, dk, length, rot, splits, own
 
 
 @interpreted
+@pytest.mark.parametrize("owns_kv", [True, False])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_attention_kv_first_in_place(splits, owns_kv):
+    """The folded layers' layout [k v | q | MLP hidden]: output written over q, GELU in place."""
+    from megatron_mlkv import kernels
+    torch.manual_seed(0)
+    b, h, g, dk, length, rot = 3, 8, 2, 16, 100, 16
+    q_width, kv_width = h * dk, 2 * g * dk if owns_kv else 0
+    proj = torch.randn(b, q_width + kv_width)  # q [k v], the reference's layout
+    mlp = torch.randn(b, 40)
+    hidden = torch.cat([proj[:, q_width:], proj[:, :q_width], mlp], 1)
+    keys, values = torch.randn(b, g, length, dk), torch.randn(b, g, length, dk)
+    cos, sin = rotary_cos_sin(torch.arange(length)[None], rot, 10000.0, torch.float32)
+    sin[..., :rot // 2] *= -1
+    rotary = torch.stack([cos[0, 0], sin[0, 0]]).contiguous()
+    pos, pad = length - 3, torch.tensor([0, 37, 3])
+    expected, expected_keys, _ = reference_attention(proj, keys, values, rotary, pos, pad, h, owns_kv)
+    act = hidden[:, kv_width + q_width:]
+    kernels.decode_attention(hidden, keys, values, rotary, torch.tensor([pos]), pad, h, owns_kv, splits,
+                             out=hidden[:, kv_width:kv_width + q_width], activation=("tanh", act, act), kv_first=True)
+    torch.testing.assert_close(hidden[:, kv_width:kv_width + q_width], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden[:, :kv_width], proj[:, q_width:])  # k, v read, not written
+    torch.testing.assert_close(act, F.gelu(mlp, approximate="tanh"))
+    torch.testing.assert_close(keys, expected_keys)
+
+
+@interpreted
 @pytest.mark.parametrize("b, k, n", [(1, 96, 40), (5, 200, 64), (70, 130, 33)])
 @pytest.mark.parametrize("deep", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
@@ -90,8 +118,8 @@ def test_linear_equals_torch(b, k, n, deep, bias, monkeypatch):
     """Tiles that do not divide the shapes; several row tiles (70 rows); deep: the split-K partials."""
     from megatron_mlkv import kernels
     monkeypatch.setattr(kernels, "LINEAR_MAX_ROWS", 128)
-    monkeypatch.setattr(kernels, "LINEAR_WIDE", (64, 16, 32, 4, 1))
-    monkeypatch.setattr(kernels, "LINEAR_DEEP", (64, 16, 32, 4, 3))
+    monkeypatch.setattr(kernels, "LINEAR_WIDE", (64, 16, 32, 4, 2, 1))
+    monkeypatch.setattr(kernels, "LINEAR_DEEP", (64, 16, 32, 4, 2, 3))
     torch.manual_seed(0)
     x, w = torch.randn(b, k + 3)[:, 3:], torch.randn(n, k)  # x's rows strided
     c = torch.randn(n) if bias else None
@@ -100,6 +128,17 @@ def test_linear_equals_torch(b, k, n, deep, bias, monkeypatch):
         assert y.shape == (3, b, n) and y.dtype == torch.float32
         y = y.sum(0)
     torch.testing.assert_close(y, F.linear(x, w, c), atol=1e-4, rtol=1e-4)
+
+
+@interpreted
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_linear_applies_gelu_from_a_column(approximate):
+    from megatron_mlkv import kernels
+    torch.manual_seed(0)
+    x, w, c = torch.randn(6, 64), torch.randn(80, 64), torch.randn(80)
+    y, expected = kernels.linear(x, w, c, gelu=(approximate, 50)), F.linear(x, w, c)
+    torch.testing.assert_close(y[:, :50], expected[:, :50], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y[:, 50:], F.gelu(expected[:, 50:], approximate=approximate), atol=1e-4, rtol=1e-4)
 
 
 @interpreted

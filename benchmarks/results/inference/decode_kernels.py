@@ -22,8 +22,8 @@ CONTEXT = 2000
 
 # the step's variants, each a step further: "sdpa" (the PyTorch path), the triton attention and norm
 # kernels with each layer's four matrix products kept apart, then folded to two (cuBLAS), then those
-# two as `kernels.linear`, then every kernel launched with programmatic dependent launch
-VARIANTS = ("sdpa", "triton-unfolded", "triton-cublas", "triton-no-pdl", "triton")
+# two as `kernels.linear` (the first also applies the MLP's GELU)
+VARIANTS = ("sdpa", "triton-unfolded", "triton-cublas", "triton")
 LINEAR_MAX_ROWS = kernels.LINEAR_MAX_ROWS
 
 
@@ -32,7 +32,6 @@ def use(decoder: StaticDecoder, variant: str) -> None:
     decoder.fused, decoder.graph = variant.startswith("triton"), None
     decoder.attention = DECODE_ATTENTION[variant.split("-")[0]]
     kernels.LINEAR_MAX_ROWS = 0 if variant in ("triton-unfolded", "triton-cublas") else LINEAR_MAX_ROWS
-    kernels.PDL = None if variant == "triton" else False
     layers = decoder.model.layers
     decoder.folded = [FoldedLayer.of(b) if variant not in ("sdpa", "triton-unfolded") else None for b in layers]
     decoder.projections = [None if f else fused_projection(b.attention) for b, f in zip(layers, decoder.folded)]
@@ -143,7 +142,7 @@ def main():
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 64, 256, 1024])
     p.add_argument("--tune", action="store_true", help="also time tiles (block, warps, stages, programs per SM) at b=64, 256")
     p.add_argument("--tune-linear", action="store_true", help="also time linear's tiles (rows, columns, K step, "
-                   "warps, K splits) for its wide and deep shapes, one after the other, at b <= 64")
+                   "warps, stages, K splits) for its wide and deep shapes, one after the other, at b <= 64")
     p.add_argument("--profile", type=int, default=0, help="print the top kernels of the triton step")
     p.add_argument("--two-streams", action="store_true", help="also time two half batches on two streams")
     p.add_argument("--out")
@@ -201,9 +200,9 @@ def main():
                 row["tune_best"] = best
                 row["tune"] = tuned
             if args.tune_linear and batch <= LINEAR_MAX_ROWS:
-                grid = itertools.product((16, 32, 64), (64, 128, 256), (2, 4, 8))
-                row["tune_wide"] = sweep(decoder, token, "LINEAR_WIDE", [(64, n, k, w, 1) for n, k, w in grid])
-                grid = itertools.product((16, 32, 64), (64, 128), (2, 4), (4, 6, 8, 12))
+                grid = itertools.product((32, 64, 128), (64, 128), (4, 8), (2, 3, 4))
+                row["tune_wide"] = sweep(decoder, token, "LINEAR_WIDE", [(64, *c, 1) for c in grid])
+                grid = itertools.product((32, 64), (64, 128), (4,), (2, 3), (6, 8, 12))
                 row["tune_deep"] = sweep(decoder, token, "LINEAR_DEEP", [(64, *c) for c in grid])
                 print(f"   linear tiles: wide {row['tune_wide']['best']}, deep {row['tune_deep']['best']}", flush=True)
             rows.append(row)
