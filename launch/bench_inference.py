@@ -41,7 +41,8 @@ def main(argv=None):
     p.add_argument("--eval-json", nargs="+", default=[], metavar="FILE",
                    help="evaluation results (lm-eval 'results' plus 'layout') for the accuracy-vs-memory plot")
     p.add_argument("--include-results", nargs="+", default=[], metavar="FILE",
-                   help="records of earlier runs (results.json) to report together with this run's")
+                   help="records of earlier runs (results.json) to report together with this run's; a "
+                        "later record of the same model, engine, context and batch replaces an earlier one")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 

@@ -564,6 +564,17 @@ def write_report(records: list[dict], out: Path, eval_files: list[str] = ()) -> 
     return written
 
 
+def latest(records: list[dict]) -> list[dict]:
+    """One record per model, engine, context and batch size: a later record (a re-measured row)
+    replaces an earlier one and takes its place at the end."""
+    by_key = {}
+    for r in records:
+        key = (r["model"], r["engine"], r["context"], r["batch_size"])
+        by_key.pop(key, None)
+        by_key[key] = r
+    return list(by_key.values())
+
+
 def run_benchmark(candidates: list[Candidate], out: Path, context: int, new_tokens: int, device: torch.device,
                   dtype: torch.dtype, batch_sizes: list[int] | None = None, max_batch: int | None = None,
                   eval_files: list[str] = (), previous: list[dict] = (), log: Callable[[str], None] = print) -> list[dict]:
@@ -574,10 +585,10 @@ def run_benchmark(candidates: list[Candidate], out: Path, context: int, new_toke
     if context < 1 or new_tokens < 1:
         raise BenchError(f"--context {context} and --new-tokens {new_tokens} must be at least 1")
     out.mkdir(parents=True, exist_ok=True)
-    records = list(previous)
+    records = latest(list(previous))
 
     def keep(record):
-        records.append(record)
+        records[:] = latest(records + [record])
         (out / "results.json").write_text(json.dumps(records, indent=1) + "\n")
 
     bandwidth = copy_bandwidth(device) if candidates else None

@@ -17,7 +17,8 @@ Why it is fast, and where the saved KV memory goes:
 - on CUDA (attention="triton") the step is few kernels (`megatron_mlkv.kernels`): rotary, cache
   write, split-sequence attention and the MLP's GELU in one launch; residual sums with their layer
   norms in another; a parallel-residual layer's four matrix products as two, the norms folded in
-  (`FoldedLayer`). 64 kernels a step for Pythia-160M, against ~200 with attention="sdpa".
+  (`FoldedLayer`), triton kernels themselves at up to 64 rows. 52 kernels a step for Pythia-160M,
+  against ~200 with attention="sdpa".
 - prefill runs the model's own forward on chunks of batch rows (about `prefill_chunk_tokens` tokens
   each), so its activations stay small next to the cache, and projects only the last position onto
   the vocabulary.

@@ -2,7 +2,7 @@
 
 A decode step of a small model at moderate batch is a few hundred small kernels; its time goes to
 their count and to attention kernels that leave most of the GPU idle, not to the bytes it must read.
-Two kernels remove most of that:
+Three kernels remove most of that:
 
 - `decode_attention`: rotary of the new q (and k), the owner's write of k and v into the cache, and
   attention of the h/g query heads of each KV head over that head's cache in one kernel. The cached
@@ -12,9 +12,13 @@ Two kernels remove most of that:
   nothing from attention.
 - `add_norm`: the residual sum of the previous layer (x + attention + MLP) and the one or two layer
   norms that read it (or a plain normalisation, when the norms' scales are folded into the next
-  weights: `generate.FoldedLayer`), in one pass over the row.
+  weights: `generate.FoldedLayer`), in one pass over the row; it also adds up the split-K partial
+  sums of `linear`.
+- `linear`: x @ W.T + b for the few rows of a decode step (up to LINEAR_MAX_ROWS), the weights
+  streamed once through a software pipeline (cuBLAS spends ~8 us on a 6 MB weight at 64 rows; this
+  ~5.5). It can apply the MLP's GELU as it stores; deep weights are split over K for more programs.
 
-Both run under TRITON_INTERPRET=1 on CPU tensors, which is how the tests check them without a GPU.
+All run under TRITON_INTERPRET=1 on CPU tensors, which is how the tests check them without a GPU.
 """
 from __future__ import annotations
 

@@ -128,6 +128,14 @@ def test_bandwidth_bound_counts_every_layers_kv_reads():
     assert step == weights - model.embed_in.weight.nbytes + 3 * emb_row + 4 * 2 * 3 * 10 * 1 * 16 * 4
 
 
+def test_later_records_replace_earlier_ones_of_the_same_row():
+    from megatron_mlkv.bench_inference import latest
+    row = dict(model="m", engine="mlkv-fast", context=20)
+    old8, old16, other = dict(row, batch_size=8, v=1), dict(row, batch_size=16, v=2), dict(row, engine="x", batch_size=8)
+    new8 = dict(row, batch_size=8, v=3)
+    assert latest([old8, old16, other, new8]) == [old16, other, new8]
+
+
 def test_layout_names():
     assert parse_layouts("mha,mlkv-6,mqa-12,4:3", 12, 12) == [("MHA", 12, 12), ("MLKV-6", 6, 1),
                                                               ("MQA-12", 12, 1), ("MLKV-12", 4, 3)]
