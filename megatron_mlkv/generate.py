@@ -260,7 +260,7 @@ class StaticDecoder:
 
     def _fused_step(self) -> torch.Tensor:
         """`_step` with the triton kernels. A parallel-residual layer is one kernel for the residual
-        sum and its normalisation, one matrix product for q (k, v) and the MLP's first layer, the
+        sum and its normalisation, one matrix product for (k, v,) q and the MLP's first layer, the
         attention kernel (which also merges the splits of the sequence), and the products of the
         attention's output projection and the MLP's second layer (`_folded_layer`)."""
         model = self.model

@@ -77,8 +77,8 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(split * K_SPLIT, k_end, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :], mask=(n < N)[:, None] & (k < k_end)[None, :],
-                        other=0.0)
+            w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :],
+                        mask=(n < N)[:, None] & (k < k_end)[None, :], other=0.0)
             x = tl.load(x_ptr + m[:, None].to(tl.int64) * stride_xm + k[None, :],
                         mask=(m < M)[:, None] & (k < k_end)[None, :], other=0.0)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
@@ -122,9 +122,8 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(proj_ptr, k_ptr, v_ptr, rot_ptr, pos_ptr, pad_ptr, out_ptr, part_ptr, lse_ptr,
-                                 count_ptr, stride_pb, stride_ob, stride_kb, stride_kg, stride_kl, max_len, H, G, R, Q0, K0,
-                                 scale,
-                                 act_in_ptr, act_out_ptr, act_width,
+                                 count_ptr, stride_pb, stride_ob, stride_kb, stride_kg, stride_kl, max_len, H, G, R,
+                                 Q0, K0, scale, act_in_ptr, act_out_ptr, act_width,
                                  DK: tl.constexpr, ROT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                                  NSPLIT: tl.constexpr, OWNS_KV: tl.constexpr, PRECISION: tl.constexpr,
                                  ACT: tl.constexpr, ACT_BLOCK: tl.constexpr):
@@ -293,8 +292,8 @@ def decode_attention(proj: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
     proj (b, >= (h [+ 2g])·d_k), rows contiguous: the un-rotated q heads, then (owner layers) the new k
     and v heads; with kv_first, k and v heads come first. `out` may be proj's q columns (each q head
-    is read before its output is written). keys, values (b, g, L, d_k): one cache slot; owners write the new k, v at `position`
-    first. rotary (2, L, rotary_dim): cos and sin (first half negated) per position. position (1,):
+    is read before its output is written). keys, values (b, g, L, d_k): one cache slot; owners write
+    the new k, v at `position` first. rotary (2, L, rotary_dim): cos and sin (first half negated) per position. position (1,):
     the new token's cache index; pad (b,): left padding per row (positions before it are not
     attended; the rotary angle is position - pad). Query head i reads KV head i // (h/g).
     activation (approximate, x, y): also y = gelu(x, approximate) for x, y (b, n) with the row
