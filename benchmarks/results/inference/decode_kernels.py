@@ -5,6 +5,7 @@ per step, and the largest logit difference. Pythia-160M shape, random weights, b
 PYTHONPATH=. python benchmarks/results/inference/decode_kernels.py [--tune] [--out FILE.json]
 """
 import argparse
+import functools
 import gc
 import itertools
 import json
@@ -85,20 +86,22 @@ def kernels_per_step(decoder: StaticDecoder, top: int = 0) -> int:
     return len(events)
 
 
-def sweep(decoder: StaticDecoder, token: torch.Tensor, setting: str, candidates: list) -> dict:
-    """The triton step's time (ms) with each candidate value of kernels.<setting>; the fastest is
-    kept set (the next sweep starts from it)."""
+def sweep(decoder: StaticDecoder, token: torch.Tensor, candidates: list, apply) -> tuple[dict, tuple[float, str]]:
+    """The triton step's time (ms) after apply(c), for each candidate c; -> (times by str(c), (the
+    best time, its str(c))). Whatever the last apply set stays set."""
     times = {}
     for value in candidates:
-        setattr(kernels, setting, value)
+        apply(value)
         use(decoder, "triton")
         try:
             times[str(value)] = step_ms(decoder, token, steps=10)
         except Exception as e:  # noqa: BLE001 - a tile that does not compile is reported
             times[str(value)] = repr(e)[:80]
-    ms, best = min((v, k) for k, v in times.items() if isinstance(v, float))
-    setattr(kernels, setting, candidates[[str(c) for c in candidates].index(best)])
-    return dict(best=best, best_ms=ms, times=times)
+    return times, min((v, k) for k, v in times.items() if isinstance(v, float))
+
+
+def set_tile(cfg) -> None:
+    kernels.TILE, kernels.PROGRAMS_PER_SM = cfg[:3], cfg[3]
 
 
 def two_streams_ms(model, batch: int, steps: int = 20) -> float:
@@ -187,23 +190,18 @@ def main():
                       f"({bound_ms / row['two_streams_ms']:.0%})", flush=True)
             if args.tune and batch in (64, 256):
                 default = kernels.PROGRAMS_PER_SM
-                tuned = {}
-                for cfg in itertools.product((32, 64), (2, 4), (2, 3, 4), (1, 2, 4)):
-                    kernels.TILE, kernels.PROGRAMS_PER_SM = cfg[:3], cfg[3]
-                    use(decoder, "triton")
-                    try:
-                        tuned[str(cfg)] = step_ms(decoder, token, steps=10)
-                    except Exception as e:  # noqa: BLE001 - a tile that does not compile is reported
-                        tuned[str(cfg)] = repr(e)[:80]
+                grid = list(itertools.product((32, 64), (2, 4), (2, 3, 4), (1, 2, 4)))
+                row["tune"], row["tune_best"] = sweep(decoder, token, grid, set_tile)
                 kernels.TILE, kernels.PROGRAMS_PER_SM = None, default
-                best = min((v, k) for k, v in tuned.items() if isinstance(v, float))
-                row["tune_best"] = best
-                row["tune"] = tuned
-            if args.tune_linear and batch <= LINEAR_MAX_ROWS:
-                grid = itertools.product((32, 64, 128), (64, 128), (4, 8), (2, 3, 4))
-                row["tune_wide"] = sweep(decoder, token, "LINEAR_WIDE", [(64, *c, 1) for c in grid])
-                grid = itertools.product((32, 64), (64, 128), (4,), (2, 3), (6, 8, 12))
-                row["tune_deep"] = sweep(decoder, token, "LINEAR_DEEP", [(64, *c) for c in grid])
+            if args.tune_linear and batch <= LINEAR_MAX_ROWS:  # the wide shape's best is kept for the deep sweep
+                for key, setting, grid in (
+                        ("tune_wide", "LINEAR_WIDE",
+                         [(64, *c, 1) for c in itertools.product((32, 64, 128), (64, 128), (4, 8), (2, 3, 4))]),
+                        ("tune_deep", "LINEAR_DEEP",
+                         [(64, *c) for c in itertools.product((32, 64), (64, 128), (4,), (2, 3), (6, 8, 12))])):
+                    times, (ms, best) = sweep(decoder, token, grid, functools.partial(setattr, kernels, setting))
+                    setattr(kernels, setting, grid[[str(c) for c in grid].index(best)])
+                    row[key] = dict(best=best, best_ms=ms, times=times)
                 print(f"   linear tiles: wide {row['tune_wide']['best']}, deep {row['tune_deep']['best']}", flush=True)
             rows.append(row)
             print(f"{name:8s} b={batch:5d}  bound {bound_ms:6.3f} ms | sdpa {row['sdpa_ms']:6.3f} ms "
