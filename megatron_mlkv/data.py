@@ -210,16 +210,46 @@ def rank_slice(global_rows: np.ndarray, dp_rank: int, dp_size: int) -> np.ndarra
     return global_rows[dp_rank * per:(dp_rank + 1) * per]
 
 
-def collate(ds: PackedDataset, rows) -> dict:
-    """Rows -> `input_ids` (b, s) int64 and `labels` (b, s) int64: the token ids, -100 on padding.
+def collate(ds: PackedDataset, rows, device=None) -> dict:
+    """Rows -> `input_ids` (b, s) int64 and `labels` (b, s) int64: the token ids, -100 on padding,
+    on `device` if given.
 
     labels[t] = input_ids[t]; the model shifts them itself (position t predicts labels[t + 1]).
+    To a GPU the rows go from pinned memory, asynchronously: a copy from pageable memory would
+    wait for all the work queued before it and leave the GPU idle at the start of each step.
     """
     import torch
 
     ids = torch.from_numpy(np.stack([ds[r] for r in rows]).astype(np.int64))
     mask = torch.from_numpy(np.stack([ds.loss_mask(r) for r in rows]))
-    return {"input_ids": ids, "labels": ids.masked_fill(~mask, -100)}
+    batch = {"input_ids": ids, "labels": ids.masked_fill(~mask, -100)}
+    if device is not None and torch.device(device).type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return batch if device is None else {k: v.to(device) for k, v in batch.items()}
+
+
+class Prefetcher:
+    """`get(i)` returns `load(i)` and starts `load(i + 1)` in a worker thread, so the next step's
+    batch (read, collated, pinned, its copy queued) is ready when the step asks for it. Indices
+    from `limit` on are not loaded ahead; a `get` out of order loads in the caller's thread."""
+
+    def __init__(self, load, limit: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+        self.load, self.limit = load, limit
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self.pending = None  # (index, future)
+
+    def get(self, i: int):
+        pending, self.pending = self.pending, None
+        result = pending[1].result() if pending else None  # also waits for a pending load of another index
+        if not pending or pending[0] != i:
+            result = self.load(i)
+        if self.limit is None or i + 1 < self.limit:
+            self.pending = (i + 1, self.pool.submit(self.load, i + 1))
+        return result
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------------------------------

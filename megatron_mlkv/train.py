@@ -38,9 +38,10 @@ from torch import nn
 
 from . import tensor_parallel as tp
 from .config import MLKVConfig
-from .data import DataError, PackedDataset, RowSampler, collate, rank_slice
+from .data import DataError, PackedDataset, Prefetcher, RowSampler, collate, rank_slice
 from .hf import CheckpointError, export_pretrained, load_pretrained, special_token_ids
 from .loss import lm_loss_sum
+from .packing import decays, pack_layers
 
 COMPLETE = "COMPLETE"
 # run_config.json keys a resumed run must share with the run it continues
@@ -139,7 +140,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            (no_decay if name == "bias" or isinstance(module, nn.LayerNorm) else decay).append(p)
+            (decay if decays(module, name) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -160,21 +161,27 @@ class LossModel(nn.Module):
 
 
 def compile_blocks(model: nn.Module) -> None:
-    """torch.compile each layer in place: quick to compile, and K/V pass between layers as inputs."""
+    """torch.compile each layer's forward in place: quick to compile, and K/V pass between layers as
+    inputs. The layer's hooks (`packing`'s views) stay outside the compiled code."""
     for block in model.layers:
-        block.compile()
+        block.forward = torch.compile(block.forward)
 
 
 def make_engine(model: nn.Module, ds_config: dict, lr: float = 6e-4, weight_decay: float = 0.01,
                 total_steps: int = 1, warmup_ratio: float = 0.2, min_lr_ratio: float = 0.1, loss: str = "auto",
-                mpu=None):
+                mpu=None, pack: bool = True):
     """`deepspeed.initialize` of `LossModel(model)` with the paper's AdamW and schedule.
 
     AdamW is torch's fused one on GPUs (DeepSpeed's CPU Adam when the config offloads the
-    optimizer); ZeRO-3 computes the loss from full logits (see loss.py)."""
+    optimizer); ZeRO-3 computes the loss from full logits (see loss.py). `pack`: hand DeepSpeed
+    two flat parameters per layer (`packing.pack_layers`) under ZeRO-0/1/2 without tensor
+    parallelism; ZeRO-3 gathers per module, and TP shards per parameter."""
     import deepspeed
     zero = ds_config.get("zero_optimization", {})
-    wrapped = LossModel(model, "logits" if zero.get("stage", 0) == 3 else loss)
+    stage3 = zero.get("stage", 0) == 3
+    if pack and not stage3 and mpu is None:
+        pack_layers(model)
+    wrapped = LossModel(model, "logits" if stage3 else loss)
     groups = param_groups(wrapped, weight_decay)
     adam = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
     if zero.get("offload_optimizer", {}).get("device") == "cpu":
@@ -429,16 +436,17 @@ class Trainer:
         rows = self.sampler.batch(step)
         n_tokens = sum(int(self.data.loss_mask(r)[1:].sum()) for r in rows)
         mine = rank_slice(rows, self.groups.dp_rank, self.groups.dp_size)
-        batches = [collate(self.data, mine[i * self.micro:(i + 1) * self.micro]) for i in range(self.gas)]
+        batches = [collate(self.data, mine[i * self.micro:(i + 1) * self.micro], self.device)
+                   for i in range(self.gas)]
         return batches, max(1, n_tokens)
 
     def train_step(self, step: int) -> float:
         """One optimizer step; returns the global mean token loss."""
-        batches, n_tokens = self._micro_batches(step)
+        batches, n_tokens = self.batches.get(step)
         scale = self.groups.dp_size * self.gas / n_tokens  # DeepSpeed averages over DP and accumulation
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # NCCL reduces device tensors
         for batch in batches:
-            total = self.engine(batch["input_ids"].to(self.device), batch["labels"].to(self.device))
+            total = self.engine(batch["input_ids"], batch["labels"])
             if _fault("nan-loss", step + 1):
                 total = total * float("nan")
             loss_sum += total.detach().double()
@@ -463,8 +471,8 @@ class Trainer:
         # a rank out of rows repeats one and does not count it
         for i in range(0, len(parts[0]), self.micro):
             chunk, counted = (mine[i:i + self.micro], 1) if i < len(mine) else (rows[:1], 0)
-            batch = collate(ds, chunk)
-            total = self.engine(batch["input_ids"].to(self.device), batch["labels"].to(self.device))
+            batch = collate(ds, chunk, self.device)
+            total = self.engine(batch["input_ids"], batch["labels"])
             sums[0] += counted * total.double()
             sums[1] += counted * (batch["labels"][:, 1:] != -100).sum()
         self.engine.train()
@@ -584,6 +592,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=start, desc="uptrain", unit="step", disable=self.rank != 0,
                    dynamic_ncols=True)
         last_valid = None
+        self.batches = Prefetcher(self._micro_batches, self.total_steps)  # the next step's, while this one runs
         try:
             for step in range(start, self.total_steps):
                 t0 = time.perf_counter()
@@ -616,6 +625,7 @@ class Trainer:
                         bar.write(f"step {done}: validation loss {last_valid:.4f}") if self.rank == 0 else None
                     self.save(done, last_valid)
         finally:
+            self.batches.close()
             bar.close()
             self.metrics.close()
         if self.rank == 0:
