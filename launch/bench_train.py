@@ -8,7 +8,7 @@ The logic lives in megatron_mlkv/bench_train.py; results are discussed in benchm
 import argparse
 import sys
 
-from megatron_mlkv.bench_train import DEFAULT_MICRO, LAYOUTS, format_table, run
+from megatron_mlkv.bench_train import DEFAULT_MICRO, ENGINES, LAYOUTS, format_table, run
 
 
 def main(argv=None) -> int:
@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation, allocator)")
-    p.add_argument("--engines", default="mlkv,hf", help="mlkv, hf or both")
+    p.add_argument("--engines", default="mlkv,hf", help=f"comma-separated, from {', '.join(ENGINES)}")
     p.add_argument("--loss-check-steps", type=int, default=30, help="steps of the eager-vs-optimised loss curve")
     p.add_argument("--ds-config", help="DeepSpeed config for both engines (default ds_configs/zero2.json)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table for the first shape/layout instead")
@@ -41,6 +41,10 @@ def main(argv=None) -> int:
     unknown = [l for l in args.layouts.split(",") if l not in LAYOUTS]
     if unknown:
         print(f"error: --layouts {','.join(unknown)} unknown; allowed: {', '.join(LAYOUTS)}", file=sys.stderr)
+        return 2
+    unknown = [e for e in args.engines.split(",") if e not in ENGINES]
+    if unknown:
+        print(f"error: --engines {','.join(unknown)} unknown; allowed: {', '.join(ENGINES)}", file=sys.stderr)
         return 2
     if args.profile:
         from megatron_mlkv.bench_train import profile

@@ -2,7 +2,9 @@
 both under the same DeepSpeed config (ZeRO-2, bf16 mixed precision) and micro-batch.
 
 For each (shape, layout) it times optimizer steps of
-    mlkv   `train.make_engine` on `MLKVTransformer` (compiled blocks, fused linear cross-entropy)
+    mlkv   `train.make_engine` on `MLKVTransformer` (compiled blocks, fused linear cross-entropy,
+           each layer's parameters packed into two for DeepSpeed: `packing.pack_layers`)
+    mlkv-unpacked  the same without the packing (to measure what it buys)
     hf     transformers' `GPTNeoXForCausalLM` (SDPA attention) with the same optimizer (MHA only:
            transformers has no cross-layer KV sharing)
 and reports tokens/s, MFU (6·N + 12·l·d·s FLOPs per token over the bf16 matrix rate measured in the
@@ -21,12 +23,13 @@ import numpy as np
 import torch
 
 from .config import MLKVConfig, preset
-from .data import RowSampler, collate
+from .data import Prefetcher, RowSampler, collate
 from .train import compile_blocks, make_engine, matmul_flops_per_s
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = {"mha": None, "gqa-48": ("l", "h/3"), "mqa-12": ("l", 1), "mlkv-6": ("l/2", 1), "mlkv-2": ("l/6", 1)}
 DEFAULT_MICRO = {"pythia-160m": 12, "pythia-410m": 16, "pythia-1b": 8}
+ENGINES = ("mlkv", "mlkv-unpacked", "hf")
 
 
 def layout_config(shape: str, layout: str) -> MLKVConfig:
@@ -91,19 +94,27 @@ def _hf_engine(config: MLKVConfig, cfg: dict):
     return engine
 
 
-def _mlkv_engine(config: MLKVConfig, cfg: dict, compiled: bool, loss: str, seed: int = 0):
+def _mlkv_engine(config: MLKVConfig, cfg: dict, compiled: bool, loss: str, seed: int = 0, pack: bool = True):
     from .model import MLKVTransformer
     torch.manual_seed(seed)
     model = MLKVTransformer(config).cuda()
     if compiled:
         compile_blocks(model)
-    return make_engine(model, cfg, total_steps=1000, loss=loss)
+    return make_engine(model, cfg, total_steps=1000, loss=loss, pack=pack)
+
+
+def _engine(kind: str, config: MLKVConfig, cfg: dict):
+    """The engine `kind` names: "hf", "mlkv" or "mlkv-unpacked" (see the module's docstring)."""
+    if kind == "hf":
+        return _hf_engine(config, cfg)
+    return _mlkv_engine(config, cfg, compiled=True, loss="auto", pack=kind == "mlkv")
 
 
 def time_steps(engine, ds, micro: int, steps: int, warmup: int, device, summed: bool = True) -> dict:
     """Run warmup + steps optimizer steps; time the last `steps`, and the data loading within them.
     `summed`: the engine returns the sum of token losses (ours), made a mean as transformers' is."""
     sampler = RowSampler(len(ds), micro)
+    batches = Prefetcher(lambda step: collate(ds, sampler.batch(step), device), warmup + steps)
     losses, data_wait = [], 0.0
     torch.cuda.reset_peak_memory_stats(device)
     for step in range(warmup + steps):
@@ -111,9 +122,8 @@ def time_steps(engine, ds, micro: int, steps: int, warmup: int, device, summed: 
             torch.cuda.synchronize(device)
             start, data_wait = time.perf_counter(), 0.0
         t0 = time.perf_counter()
-        batch = collate(ds, sampler.batch(step))
-        ids = batch["input_ids"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
+        batch = batches.get(step)
+        ids, labels = batch["input_ids"], batch["labels"]
         data_wait += time.perf_counter() - t0
         loss = engine(ids, labels)
         if summed:
@@ -123,6 +133,7 @@ def time_steps(engine, ds, micro: int, steps: int, warmup: int, device, summed: 
         losses.append(loss.detach())
     torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
+    batches.close()
     return {"step_time_s": elapsed / steps, "tokens_per_s": micro * ds.seq_len * steps / elapsed,
             "data_wait_share": data_wait / elapsed, "peak_memory_bytes": torch.cuda.max_memory_allocated(device),
             "losses": [float(x) for x in losses]}
@@ -167,9 +178,8 @@ def run(shapes, layouts, micro: dict, seq_len: int = 2048, steps: int = 20, warm
                           "device": torch.cuda.get_device_name(device), "matmul_flops_per_s": peak}
                 engine = None
                 try:
-                    engine = _hf_engine(config, ds_config(b)) if kind == "hf" else \
-                        _mlkv_engine(config, ds_config(b), compiled=True, loss="auto")
-                    record.update(time_steps(engine, ds, b, steps, warmup, device, summed=kind == "mlkv"))
+                    engine = _engine(kind, config, ds_config(b))
+                    record.update(time_steps(engine, ds, b, steps, warmup, device, summed=kind != "hf"))
                     record["mfu"] = record["tokens_per_s"] * config.flops_per_token(seq_len) / peak
                 except torch.cuda.OutOfMemoryError:
                     record["oom"] = True
@@ -205,13 +215,14 @@ def profile(shape: str, layout: str, micro: int, seq_len: int = 2048, steps: int
     device = torch.device("cuda", 0)
     config = layout_config(shape, layout)
     ds = RandomRows(micro * (steps + 6), seq_len, config.vocab_size)
-    engine = _hf_engine(config, ds_config(micro)) if kind == "hf" else \
-        _mlkv_engine(config, ds_config(micro), compiled=True, loss="auto")
-    time_steps(engine, ds, micro, 1, 5, device, summed=kind == "mlkv")
+    engine = _engine(kind, config, ds_config(micro))
+    time_steps(engine, ds, micro, 1, 5, device, summed=kind != "hf")
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        time_steps(engine, ds, micro, steps, 0, device, summed=kind == "mlkv")
+        time_steps(engine, ds, micro, steps, 0, device, summed=kind != "hf")
     _release(engine)
-    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60)
+    table = prof.key_averages()
+    return "\n".join(table.table(sort_by=key, row_limit=rows, max_name_column_width=60)
+                     for key, rows in (("self_cuda_time_total", 30), ("self_cpu_time_total", 20)))
 
 
 def _print_row(r: dict) -> None:
