@@ -216,7 +216,8 @@ def collate(ds: PackedDataset, rows, device=None) -> dict:
 
     labels[t] = input_ids[t]; the model shifts them itself (position t predicts labels[t + 1]).
     To a GPU the rows go from pinned memory, asynchronously: a copy from pageable memory would
-    wait for all the work queued before it and leave the GPU idle at the start of each step.
+    wait for all the work queued before it and leave the GPU idle at the start of each step. The
+    device is made current first, as a worker thread (`Prefetcher`) starts on GPU 0.
     """
     import torch
 
@@ -224,7 +225,8 @@ def collate(ds: PackedDataset, rows, device=None) -> dict:
     mask = torch.from_numpy(np.stack([ds.loss_mask(r) for r in rows]))
     batch = {"input_ids": ids, "labels": ids.masked_fill(~mask, -100)}
     if device is not None and torch.device(device).type == "cuda":
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.cuda.device(device):
+            return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
     return batch if device is None else {k: v.to(device) for k, v in batch.items()}
 
 
