@@ -15,7 +15,7 @@ def test_demo_pipeline_recovers_the_converted_model(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     result = subprocess.run([sys.executable, str(ROOT / "launch" / "demo.py"), "--out", str(out), "--docs", "1500",
-                             "--pretrain-steps", "150", "--uptrain-steps", "40"],
+                             "--pretrain-steps", "100", "--uptrain-steps", "30"],
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {}
@@ -26,4 +26,4 @@ def test_demo_pipeline_recovers_the_converted_model(tmp_path):
     assert int(rows["converted"][2]) == 2 and int(rows["base"][2]) == 48
     base, converted, uptrained = (float(rows[k][4]) for k in ("base", "converted", "uptrained"))
     assert uptrained < converted  # uptraining recovers what the conversion lost
-    assert (out / "run" / "tensorboard").is_dir() and (out / "run" / "hf" / "step_40" / "config.json").is_file()
+    assert (out / "run" / "tensorboard").is_dir() and (out / "run" / "hf" / "step_30" / "config.json").is_file()
