@@ -12,7 +12,7 @@ from megatron_mlkv.train import param_groups
 
 from helpers import random_mlkv, tiny_config
 
-LAYOUTS = {"mha": tiny_config(), "mlkv": tiny_config(num_layers=4).with_layout(2, 2)}
+LAYOUTS = {"mha": tiny_config(), "mlkv": tiny_config().with_layout(2, 2)}
 
 
 def _loss(model, ids):
