@@ -5,6 +5,11 @@ a CUDA graph replays.
     out = generate(model, input_ids, max_new_tokens=48)              # greedy, (b, s + 48)
     out = generate(model, ids, 48, attention_mask=mask, do_sample=True, top_k=50)
 
+    decoder = StaticDecoder(model, batch_size, max_len)              # the parts, for a serving loop
+    logits = decoder.prefill(input_ids, attention_mask)
+    tokens = decoder.greedy(logits.argmax(-1), 47)                   # (b, 48), the choice in the graph
+    logits = decoder.step(tokens[:, -1])                             # or any tokens (b,): -> next logits
+
 Why it is fast, and where the saved KV memory goes:
 - `StaticKVCache` holds `keys`/`values` of shape (m, b, g, max_len, d_k), allocated once in the
   model's dtype and written in place; no step re-materialises the cache (no `torch.cat`).
@@ -17,8 +22,11 @@ Why it is fast, and where the saved KV memory goes:
 - on CUDA (attention="triton") the step is few kernels (`megatron_mlkv.kernels`): rotary, cache
   write, split-sequence attention and the MLP's GELU in one launch; residual sums with their layer
   norms in another; a parallel-residual layer's four matrix products as two, the norms folded in
-  (`FoldedLayer`), triton kernels themselves at up to 64 rows. 52 kernels a step for Pythia-160M,
+  (`FoldedLayer`), triton kernels themselves at up to 64 rows. 50 kernels a step for Pythia-160M,
   against ~200 with attention="sdpa".
+- greedy decoding (`StaticDecoder.greedy`, `generate` without sampling or eos) chooses the next
+  token inside the captured step and feeds it to the next one: replays follow each other with
+  nothing in between.
 - prefill runs the model's own forward on chunks of batch rows (about `prefill_chunk_tokens` tokens
   each), so its activations stay small next to the cache, and projects only the last position onto
   the vocabulary.
@@ -159,7 +167,8 @@ class StaticDecoder:
         self.projections = [None if f else fused_projection(block.attention)
                             for block, f in zip(model.layers, self.folded)]
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-        self.graph, self.logits = None, None
+        self.graphs, self.outputs = {}, {}  # captured steps and their logits, by `greedy`
+        self.history = None  # (b, max_len + 1) tokens by cache index, written by greedy steps
         self.length = 0  # tokens in the cache, tracked on the host so the loop never synchronises
 
     @property
@@ -194,40 +203,84 @@ class StaticDecoder:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append tokens (b,) at the current position; -> logits (b, vocab) of the next token."""
-        if self.length >= self.cache.max_len:
-            raise ValueError(f"the cache is full ({self.cache.max_len} tokens)")
         self.token.copy_(tokens)
-        self.length += 1
-        if not self.cuda_graph:
-            return self._step()
-        self.capture()
-        self.graph.replay()
-        return self.logits
+        return self._advance(greedy=False)
 
     @torch.no_grad()
-    def capture(self) -> None:
-        """Record the step in a CUDA graph (once). Warm-up runs first on a side stream, as CUDA graphs
-        require; it writes only where the next real step writes, and position and mask are restored."""
-        if self.graph is not None or not self.cuda_graph:
+    def greedy(self, token: torch.Tensor, steps: int) -> torch.Tensor:
+        """Greedy decoding with the choice inside the step (and its CUDA graph): append token (b,),
+        then `steps` times append the most likely next token. -> (b, steps + 1): token and the
+        tokens chosen, the last of which is not yet in the cache."""
+        if steps > self.cache.max_len - self.length:
+            raise ValueError(f"{steps} steps after {self.length} tokens overflow the cache of "
+                             f"{self.cache.max_len} tokens")
+        self._allocate_history()
+        start = self.length
+        self.history[:, start] = token
+        self.token.copy_(token)
+        for _ in range(steps):
+            self._advance(greedy=True)
+        return self.history[:, start:start + steps + 1].clone()
+
+    def _allocate_history(self) -> None:
+        if self.history is None:
+            self.history = self.token.new_zeros(self.batch_size, self.cache.max_len + 1)
+
+    def _advance(self, greedy: bool) -> torch.Tensor:
+        if self.length >= self.cache.max_len:
+            raise ValueError(f"the cache is full ({self.cache.max_len} tokens)")
+        self.length += 1
+        if not self.cuda_graph:
+            return self._step(greedy)
+        self.capture(greedy)
+        self.graphs[greedy].replay()
+        return self.outputs[greedy]
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The captured `step` (None before the first)."""
+        return self.graphs.get(False)
+
+    @torch.no_grad()
+    def capture(self, greedy: bool = False) -> None:
+        """Record the step (or the greedy step) in a CUDA graph (once). Warm-up runs first on a side
+        stream, as CUDA graphs require; it writes only where the next real step writes, and the
+        token, position and mask are restored."""
+        if greedy in self.graphs or not self.cuda_graph:
             return
-        position, bias = self.position.clone(), self.bias.clone()
+        if greedy:
+            self._allocate_history()
+        saved = [(t, t.clone()) for t in (self.token, self.position, self.bias)]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._step()
+            self._step(greedy)
         torch.cuda.current_stream().wait_stream(stream)
-        self.position.copy_(position)
-        self.bias.copy_(bias)
-        del position, bias
+        for t, value in saved:
+            t.copy_(value)
+        del saved
         torch.cuda.empty_cache()  # the warm-up's blocks cannot serve the graph's private pool
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step()
+        self.graphs[greedy] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graphs[greedy]):
+            self.outputs[greedy] = self._step(greedy)
 
-    def _step(self) -> torch.Tensor:
-        """The token in `self.token` at cache index `self.position` -> logits (b, vocab); advances."""
+    def _step(self, greedy: bool = False) -> torch.Tensor:
+        """The token in `self.token` at cache index `self.position` -> logits (b, vocab); advances.
+        greedy: also the most likely next token into `self.token` and `self.history`."""
         if self.fused:
-            return self._fused_step()
+            return self._fused_step(greedy)
+        logits = self._plain_step()
+        if greedy:
+            self._choose(logits)
+        return logits
+
+    def _choose(self, logits: torch.Tensor) -> None:
+        """After a step (the position advanced): its greedy token into `token` and `history`."""
+        torch.argmax(logits, -1, out=self.token)
+        self.history.index_copy_(1, self.position, self.token[:, None])
+
+    def _plain_step(self) -> torch.Tensor:
+        """`_step` in PyTorch operations (attention "sdpa" or "matmul")."""
         model = self.model
         x = model.embed_in(self.token)  # (b, d)
         cos, sin = self.rotary[:, self.position - self.pad, None]  # each (b, 1, rotary_dim)
@@ -258,30 +311,41 @@ class StaticDecoder:
         q = proj[:, :h].view(b, g, h // g, dk)  # query head i -> group i // (h/g), row i % (h/g)
         return attn.dense(self.attention(q, keys, values, self.bias).reshape(b, h * dk))
 
-    def _fused_step(self) -> torch.Tensor:
-        """`_step` with the triton kernels. A parallel-residual layer is one kernel for the residual
-        sum and its normalisation, one matrix product for (k, v,) q and the MLP's first layer, the
-        attention kernel (which also merges the splits of the sequence), and the products of the
-        attention's output projection and the MLP's second layer (`_folded_layer`)."""
+    def _fused_step(self, greedy: bool) -> torch.Tensor:
+        """`_step` with the triton kernels. A parallel-residual layer is one matrix product for
+        (k, v,) q and the MLP's first layer, the attention kernel (which also merges the splits of the
+        sequence), and one product for the attention's output projection and the MLP's second layer
+        (`_folded_layer`); an `add_norm` kernel before each layer adds up the residual and normalises.
+        Greedy steps choose the next token from maxima the output product leaves per column tile."""
         model = self.model
-        x = model.embed_in(self.token)
+        x, rows = model.embed_in.weight, self.token  # the first add_norm gathers the embeddings
         pending = ()  # outputs still to be added to x
         for block, projection, folded in zip(model.layers, self.projections, self.folded):
             if folded is not None:
-                x, (normed,) = kernels.add_norm(x, pending, block.input_layernorm.eps)
-                pending = self._folded_layer(block, folded, normed)
+                x, (normed,) = kernels.add_norm(x, pending, block.input_layernorm.eps, rows)
+                pending, rows = self._folded_layer(block, folded, normed), None
                 continue
             norms = [block.input_layernorm] + [block.post_attention_layernorm] * block.use_parallel_residual
-            x, normed = kernels.add_norm(x, pending, norms)
+            x, normed = kernels.add_norm(x, pending, norms, rows)
+            rows = None
             out = block.attention.dense(self._attend(block.attention, F.linear(normed[0], *projection)))
             if block.use_parallel_residual:
                 pending = (out, block.mlp(normed[1]))
             else:
                 x, (h_mlp,) = kernels.add_norm(x, (out,), [block.post_attention_layernorm])
                 pending = (block.mlp(h_mlp),)
-        _, (x,) = kernels.add_norm(x, pending, [model.final_layer_norm])
-        self.position += 1
-        return model.embed_out(x)
+        _, (x,) = kernels.add_norm(x, pending, [model.final_layer_norm], rows, advance=self.position)
+        head = model.embed_out
+        if not kernels.runs_linear(x):
+            logits = head(x)
+            if greedy:
+                self._choose(logits)
+            return logits
+        if not greedy:
+            return kernels.linear(x, head.weight, head.bias, tiles=kernels.LINEAR_HEAD)
+        logits, maxima = kernels.linear(x, head.weight, head.bias, argmax=True, tiles=kernels.LINEAR_HEAD)
+        kernels.pick(maxima, self.token, self.history, self.position)
+        return logits
 
     def _folded_layer(self, block, folded: FoldedLayer, normed: torch.Tensor) -> tuple[torch.Tensor]:
         """A parallel-residual layer of the fused step; -> its residual update, an `add_norm` addend.
@@ -410,6 +474,8 @@ def generate(model: MLKVTransformer, input_ids: torch.Tensor, max_new_tokens: in
     choose = functools.partial(next_token, do_sample=do_sample, temperature=temperature, top_k=top_k,
                                generator=generator)
     logits = decoder.prefill(input_ids, attention_mask, prefill_chunk_tokens)
+    if not do_sample and eos_token_id is None:  # the choice inside the step's graph
+        return torch.cat([input_ids, decoder.greedy(choose(logits), max_new_tokens - 1)], dim=1)
     finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     new = []
     for i in range(max_new_tokens):

@@ -2,21 +2,25 @@
 
 A decode step of a small model at moderate batch is a few hundred small kernels; its time goes to
 their count and to attention kernels that leave most of the GPU idle, not to the bytes it must read.
-Three kernels remove most of that:
+Four kernels remove most of that:
 
 - `decode_attention`: rotary of the new q (and k), the owner's write of k and v into the cache, and
   attention of the h/g query heads of each KV head over that head's cache in one kernel. The cached
   sequence is split over several programs when batch x KV heads alone would not fill the GPU
   (flash-decoding); the last split of each row and KV head to finish merges them by their
   log-sum-exp. The same launch can apply the MLP's GELU of a parallel-residual layer, which needs
-  nothing from attention.
+  nothing from attention. An owner attends to its new k, v after its loop over the cache and writes
+  them then, so nothing holds the loop's first loads back.
 - `add_norm`: the residual sum of the previous layer (x + attention + MLP) and the one or two layer
   norms that read it (or a plain normalisation, when the norms' scales are folded into the next
   weights: `generate.FoldedLayer`), in one pass over the row; it also adds up the split-K partial
-  sums of `linear`.
+  sums of `linear`, gathers the first layer's embedding rows and advances the step's position.
 - `linear`: x @ W.T + b for the few rows of a decode step (up to LINEAR_MAX_ROWS), the weights
   streamed once through a software pipeline (cuBLAS spends ~8 us on a 6 MB weight at 64 rows; this
-  ~5.5). It can apply the MLP's GELU as it stores; deep weights are split over K for more programs.
+  ~5.5). It can apply the MLP's GELU as it stores; deep weights are split over K for more programs;
+  for the output head it can leave each row's largest logit per column tile,
+- from which `pick` makes the greedy choice inside the step (no argmax kernel, no copy of the
+  token, nothing between two graph replays).
 
 All run under TRITON_INTERPRET=1 on CPU tensors, which is how the tests check them without a GPU.
 """
@@ -42,11 +46,12 @@ TILE = None
 PROGRAMS_PER_SM = 2  # split the sequence until batch x KV heads x splits reaches this many per SM
 MIN_SPLIT_LEN = 128
 GELU_MODES = {None: 0, "none": 1, "tanh": 2}  # fused activations (F.gelu's `approximate`) as the kernels take them
-# linear's tiles (rows, columns, K per step, warps, pipeline stages) and K splits for its two shapes in a decode
-# step: wide (K = d: q [k v] and the MLP's first layer) and deep (the layer's output projections);
-# LINEAR_MAX_ROWS: more rows than this go to cuBLAS
+# linear's tiles (rows, columns, K per step, warps, pipeline stages) and K splits for the shapes in a decode
+# step: wide (K = d: q [k v] and the MLP's first layer), deep (the layer's output projections) and the
+# output head (K = d, N = vocabulary); LINEAR_MAX_ROWS: more rows than this go to cuBLAS
 LINEAR_WIDE = (64, 64, 128, 8, 4, 1)
-LINEAR_DEEP = (64, 32, 128, 4, 3, 8)
+LINEAR_DEEP = (64, 32, 128, 4, 5, 4)
+LINEAR_HEAD = (64, 64, 64, 8, 4, 1)
 LINEAR_MAX_ROWS = 64
 
 
@@ -68,8 +73,8 @@ if triton is not None:
 
     @triton.jit
     def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_ys, K_SPLIT,
-                       act_from, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr):
+                       act_from, amax_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, ARGMAX: tl.constexpr):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(1)
         m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -88,16 +93,51 @@ if triton is not None:
         if ACT != 0:  # the MLP's activation, on the columns from act_from
             acc = tl.where((n >= act_from)[None, :], _gelu(acc, ACT), acc)
         y_ptrs = y_ptr + split * stride_ys + m[:, None].to(tl.int64) * stride_ym + n[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(m < M)[:, None] & (n < N)[None, :])
+        mask = (m < M)[:, None] & (n < N)[None, :]
+        y = acc.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptrs, y, mask=mask)
+        if ARGMAX:  # each row's largest stored value in this column tile, and its first column
+            y = tl.where(mask, y.to(tl.float32), float("-inf"))
+            best = tl.max(y, 1)
+            first = tl.min(tl.where(y == best[:, None], n[None, :], 2147483647), 1)
+            tiles = tl.num_programs(0)
+            tile = amax_ptr + m * 2 * tiles + tl.program_id(0)  # (M, 2, tiles): a row's tiles side by side
+            tl.store(tile, best, mask=m < M)
+            tl.store(tile + tiles, first.to(tl.float32), mask=m < M)  # exact below 2**24 columns
+
+    @triton.jit
+    def _pick_kernel(amax_ptr, T, token_ptr, history_ptr, pos_ptr, stride_h, BLOCK_T: tl.constexpr):
+        """Each row's first largest logit from `linear`'s per-tile maxima: the row's next token, also
+        written to history[row, pos]."""
+        row = tl.program_id(0)
+        t = tl.arange(0, BLOCK_T)
+        best = tl.full([BLOCK_T], float("-inf"), tl.float32)
+        first = tl.full([BLOCK_T], float("inf"), tl.float32)
+        for t0 in range(0, T, BLOCK_T):  # each lane keeps its first tile of its largest value
+            tile = amax_ptr + row * 2 * T + t0 + t
+            v = tl.load(tile, mask=t0 + t < T, other=float("-inf"))
+            i = tl.load(tile + T, mask=t0 + t < T, other=float("inf"))
+            better = v > best
+            best = tl.where(better, v, best)
+            first = tl.where(better, i, first)
+        top = tl.max(best, 0)
+        token = tl.min(tl.where(best == top, first, float("inf")), 0).to(tl.int64)
+        tl.store(token_ptr + row, token)
+        tl.store(history_ptr + row * stride_h + tl.load(pos_ptr), token)
 
     @triton.jit
     def _add_norm_kernel(x_ptr, a_ptr, b_ptr, x_out_ptr, w1_ptr, c1_ptr, y1_ptr, w2_ptr, c2_ptr, y2_ptr,
-                         D, stride_parts, eps1, eps2, A_PARTS: tl.constexpr, B_PARTS: tl.constexpr,
-                         NORMS: tl.constexpr, AFFINE: tl.constexpr, BLOCK: tl.constexpr):
+                         D, stride_parts, eps1, eps2, rows_ptr, pos_ptr, A_PARTS: tl.constexpr,
+                         B_PARTS: tl.constexpr, NORMS: tl.constexpr, AFFINE: tl.constexpr, GATHER: tl.constexpr,
+                         ADVANCE: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < D
-        x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        src = tl.load(rows_ptr + row).to(tl.int64) if GATHER else row  # GATHER: x is a table (an embedding)
+        x = tl.load(x_ptr + src * D + cols, mask=mask, other=0.0).to(tl.float32)
+        if ADVANCE:  # the step's position, read by no other program of this kernel
+            if row == 0:
+                tl.store(pos_ptr, tl.load(pos_ptr) + 1)
         for i in tl.static_range(A_PARTS):  # an addend's split-K partial sums, summed here
             x += tl.load(a_ptr + i * stride_parts + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         for i in tl.static_range(B_PARTS):
@@ -106,6 +146,8 @@ if triton is not None:
             x = x.to(x_out_ptr.dtype.element_ty)
             tl.store(x_out_ptr + row * D + cols, x, mask=mask)
             x = x.to(tl.float32)
+        elif GATHER:
+            tl.store(x_out_ptr + row * D + cols, x.to(x_out_ptr.dtype.element_ty), mask=mask)
         mean = tl.sum(x, 0) / D
         diff = tl.where(mask, x - mean, 0.0)
         var = tl.sum(diff * diff, 0) / D
@@ -158,14 +200,8 @@ if triton is not None:
         end = tl.minimum(start + split_len, pos + 1)
         k_base = k_ptr + b * stride_kb + g * stride_kg
         v_base = v_ptr + b * stride_kb + g * stride_kg
-        if OWNS_KV:  # the new k, v: rotated, written once (by the split holding pos), used by this split
-            k_new = tl.load(proj + (K0 + g) * DK + d).to(tl.float32)
-            k_half = tl.load(proj + (K0 + g) * DK + swapped).to(tl.float32)
-            k_new = (k_new * cos + k_half * sin).to(dtype)
-            v_new = tl.load(proj + (K0 + G + g) * DK + d)
-            if (pos >= start) & (pos < start + split_len):
-                tl.store(k_base + pos * stride_kl + d, k_new)
-                tl.store(v_base + pos * stride_kl + d, v_new)
+        if OWNS_KV:  # the new token is not in the cache yet: the loop stops before it
+            end = tl.minimum(end, pos)
 
         m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_R], tl.float32)
@@ -176,9 +212,6 @@ if triton is not None:
             valid = (n < end) & (n >= pad)
             k = tl.load(k_base + n[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(v_base + n[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0)
-            if OWNS_KV:
-                k = tl.where((n == pos)[:, None], k_new[None, :], k)
-                v = tl.where((n == pos)[:, None], v_new[None, :], v)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # log2 units
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -188,6 +221,22 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PRECISION)
             m_i = m_new
+        if OWNS_KV:  # the new k (rotated) and v: attended and written to the cache by the split holding pos,
+            # after its loop (a store before it would hold the loop's loads back until the rotation is done)
+            if (pos >= start) & (pos < start + split_len):
+                k_new = tl.load(proj + (K0 + g) * DK + d).to(tl.float32)
+                k_half = tl.load(proj + (K0 + g) * DK + swapped).to(tl.float32)
+                k_new = (k_new * cos + k_half * sin).to(dtype)
+                v_new = tl.load(proj + (K0 + G + g) * DK + d)
+                s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
+                m_new = tl.maximum(m_i, s_new)
+                alpha = tl.exp2(m_i - m_new)
+                p_new = tl.exp2(s_new - m_new)
+                l_i = l_i * alpha + p_new
+                acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+                m_i = m_new
+                tl.store(k_base + pos * stride_kl + d, k_new)
+                tl.store(v_base + pos * stride_kl + d, v_new)
 
         head = g * R + r
         out_ptrs = out_ptr + b * stride_ob + head[:, None] * DK + d[None, :]
@@ -218,26 +267,32 @@ if triton is not None:
                 tl.store(out_ptrs, (merged / total[:, None]).to(dtype), mask=(r < R)[:, None])
 
 
-def add_norm(x: torch.Tensor, addends: tuple[torch.Tensor, ...], norms: list[torch.nn.LayerNorm] | float):
+def add_norm(x: torch.Tensor, addends: tuple[torch.Tensor, ...], norms: list[torch.nn.LayerNorm] | float,
+             rows: torch.Tensor | None = None, advance: torch.Tensor | None = None):
     """x (b, d) plus up to two addends, then one or two layer norms of the sum in one kernel.
 
     An addend is (b, d), or (s, b, d) contiguous: the partial sums of `linear` split over K, added
     up here. Returns (the sum, [norm(sum) for norm in norms]); with no addends the sum is x itself.
     `norms` may instead be an eps: one normalisation without scale and shift (folded into the next
-    weights).
+    weights). rows (b,): x is a table (an embedding, (n, d)) and the kernel's x is x[rows] (also
+    returned as the sum). advance: a one-element tensor (the decode position) to add 1 to.
     """
-    b, dim = x.shape
-    x_out = torch.empty_like(x) if addends else x
+    if rows is not None:
+        assert x.is_contiguous()
+    b, dim = (rows.shape[0], x.shape[1]) if rows is not None else x.shape
+    x_out = x.new_empty(b, dim) if addends or rows is not None else x
     affine = not isinstance(norms, float)
-    ys = [torch.empty_like(x) for _ in (norms if affine else [norms])]
+    ys = [x.new_empty(b, dim) for _ in (norms if affine else [norms])]
     parts = [t.shape[0] if t.dim() == 3 else 1 for t in addends] + [0, 0]
-    assert all(t.is_contiguous() and t.shape[-2:] == x.shape for t in addends)
+    assert all(t.is_contiguous() and t.shape[-2:] == (b, dim) for t in addends)
     a, c = (tuple(addends) + (x, x))[:2]
     n1, n2 = (norms[0], norms[-1]) if affine else (None, None)
     w1, c1, eps1 = (n1.weight, n1.bias, n1.eps) if affine else (x, x, norms)
     w2, c2, eps2 = (n2.weight, n2.bias, n2.eps) if affine else (x, x, norms)
     _add_norm_kernel[(b,)](x, a, c, x_out, w1, c1, ys[0], w2, c2, ys[-1], dim, b * dim, eps1, eps2,
+                           x if rows is None else rows, x if advance is None else advance,
                            A_PARTS=parts[0], B_PARTS=parts[1], NORMS=len(ys), AFFINE=affine,
+                           GATHER=rows is not None, ADVANCE=advance is not None,
                            BLOCK=triton.next_power_of_2(dim), num_warps=4)
     return x_out, ys
 
@@ -248,32 +303,43 @@ def runs_linear(x: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, deep: bool = False,
-           gelu: tuple[str, int] | None = None) -> torch.Tensor:
+           gelu: tuple[str, int] | None = None, argmax: bool = False, tiles: tuple | None = None):
     """x @ weight.T + bias for x (b, k) with few rows (a decode step); weight (n, k), rows
     contiguous, is streamed once. Wide shapes (deep=False) give (b, n) in x's dtype; gelu
-    (approximate, c) applies F.gelu to the columns from c on. Deep ones (k >> n: too few column
-    tiles to fill the GPU) are split over k and give the float32 partial sums (s, b, n), bias in the
-    first, for `add_norm` to add up. Where `runs_linear` is False: cuBLAS, whose (b, n) stands for a
-    single partial (no gelu)."""
+    (approximate, c) applies F.gelu to the columns from c on; argmax: also return each row's largest
+    value and its first column per column tile (b, 2, t), for `pick`. Deep ones (k >> n: too few
+    column tiles to fill the GPU) are split over k and give the float32 partial sums (s, b, n), bias
+    in the first, for `add_norm` to add up. tiles: instead of LINEAR_WIDE or LINEAR_DEEP. Where
+    `runs_linear` is False: cuBLAS, whose (b, n) stands for a single partial (no gelu or argmax)."""
     b, k = x.shape
     n = weight.shape[0]
     if not runs_linear(x):
-        assert gelu is None
+        assert gelu is None and not argmax
         y = torch.nn.functional.linear(x, weight, bias)
         return y[None] if deep else y
-    assert x.stride(-1) == 1 and weight.stride(-1) == 1 and not (deep and gelu)
-    block_m, block_n, block_k, warps, stages, splits = LINEAR_DEEP if deep else LINEAR_WIDE
+    assert x.stride(-1) == 1 and weight.stride(-1) == 1 and not (deep and (gelu or argmax))
+    block_m, block_n, block_k, warps, stages, splits = tiles or (LINEAR_DEEP if deep else LINEAR_WIDE)
     block_m = min(block_m, max(16, triton.next_power_of_2(b)))
     k_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, k_split)
+    grid = (triton.cdiv(n, block_n), splits, triton.cdiv(b, block_m))
     y = torch.empty(splits, b, n, dtype=torch.float32, device=x.device) if deep else x.new_empty(b, n)
+    maxima = torch.empty(b, 2, grid[0], dtype=torch.float32, device=x.device) if argmax else y
     act, act_from = gelu or (None, n)
-    _linear_kernel[(triton.cdiv(n, block_n), splits, triton.cdiv(b, block_m))](
+    _linear_kernel[grid](
         x, weight, x if bias is None else bias, y, b, n, k, x.stride(0), weight.stride(0), n, b * n, k_split,
-        act_from, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
-        ACT=GELU_MODES[act], PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps,
-        num_stages=stages)
-    return y
+        act_from, maxima, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
+        ACT=GELU_MODES[act], PRECISION="ieee" if x.dtype == torch.float32 else "tf32", ARGMAX=argmax,
+        num_warps=warps, num_stages=stages)
+    return (y, maxima) if argmax else y
+
+
+def pick(maxima: torch.Tensor, token: torch.Tensor, history: torch.Tensor, position: torch.Tensor) -> None:
+    """Greedy choice from `linear(..., argmax=True)`'s per-tile maxima (b, 2, t): each row's first
+    largest logit into token (b,) and history[:, position] (history (b, L), int64)."""
+    b, _, t = maxima.shape
+    assert token.dtype == history.dtype == torch.int64 and history.stride(1) == 1
+    _pick_kernel[(b,)](maxima, t, token, history, position, history.stride(0), BLOCK_T=256, num_warps=4)
 
 
 def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device) -> int:

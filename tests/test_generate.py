@@ -138,6 +138,18 @@ def test_rows_after_eos_keep_emitting_it():
     assert out[0, 8:].tolist() == [eos] * 6
 
 
+def test_greedy_steps_equal_stepping_with_argmax_and_continue():
+    model = model_for("mlkv-m<l-g<h")
+    ids = torch.randint(0, 101, (2, 9))
+    stepped, greedy = StaticDecoder(model, 2, 16), StaticDecoder(model, 2, 16)
+    tokens = [stepped.prefill(ids).argmax(-1)]
+    greedy.prefill(ids)
+    for _ in range(5):
+        tokens.append(stepped.step(tokens[-1]).argmax(-1))
+    first = greedy.greedy(tokens[0], 2)
+    assert torch.equal(torch.cat([first, greedy.greedy(first[:, -1], 3)[:, 1:]], 1), torch.stack(tokens, 1))
+
+
 def test_clear_errors_for_overflow():
     model = model_for("mha")
     decoder = StaticDecoder(model, 2, 8)
@@ -147,6 +159,9 @@ def test_clear_errors_for_overflow():
     decoder.step(token)
     with pytest.raises(ValueError, match="the cache is full"):
         decoder.step(token)
+    decoder.prefill(torch.zeros(2, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="3 steps after 6 tokens overflow the cache of 8 tokens"):
+        decoder.greedy(token, 3)
     with pytest.raises(ValueError, match="max_new_tokens = 0"):
         generate(model, torch.zeros(1, 3, dtype=torch.long), 0)
 

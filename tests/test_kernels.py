@@ -142,6 +142,22 @@ def test_linear_applies_gelu_from_a_column(approximate):
 
 
 @interpreted
+def test_linear_argmax_and_pick_give_the_first_largest_logit(monkeypatch):
+    from megatron_mlkv import kernels
+    monkeypatch.setattr(kernels, "LINEAR_WIDE", (64, 16, 32, 4, 2, 1))
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 32), torch.randn(300, 32)
+    w[200] = w[17] = w[9] = w[5]  # four equal columns, two in one tile (so in every row)
+    x[0] = w[5] * 10  # ... and they are row 0's largest
+    logits, maxima = kernels.linear(x, w, argmax=True)
+    token, history, position = torch.zeros(4, dtype=torch.long), torch.zeros(4, 9, dtype=torch.long), torch.tensor([6])
+    kernels.pick(maxima, token, history, position)
+    assert token[0] == 5
+    assert torch.equal(token, logits.argmax(-1)) and torch.equal(history[:, 6], token)
+    assert not history[:, :6].any() and not history[:, 7:].any()
+
+
+@interpreted
 @pytest.mark.parametrize("addends", [0, 1, 2, "partials"])
 @pytest.mark.parametrize("norms", [1, 2, "plain"])
 def test_add_norm_equals_torch(addends, norms):
@@ -161,6 +177,18 @@ def test_add_norm_equals_torch(addends, norms):
     else:
         for y, ln in zip(ys, layer_norms[:norms], strict=True):
             torch.testing.assert_close(y, ln(expected), atol=1e-5, rtol=1e-5)
+
+
+@interpreted
+def test_add_norm_gathers_rows_and_advances_the_position():
+    from megatron_mlkv import kernels
+    torch.manual_seed(0)
+    table, rows, part, position = torch.randn(10, 48), torch.tensor([7, 2, 7]), torch.randn(3, 48), torch.tensor([4])
+    total, (y,) = kernels.add_norm(table, (part,), 1e-5, rows=rows, advance=position)
+    torch.testing.assert_close(total, table[rows] + part)
+    torch.testing.assert_close(y, F.layer_norm(table[rows] + part, (48,), eps=1e-5), atol=1e-5, rtol=1e-5)
+    gathered, _ = kernels.add_norm(table, (), 1e-5, rows=rows, advance=position)
+    assert torch.equal(gathered, table[rows]) and position.item() == 6
 
 
 def decode_logits(model, attention, splits=None, steps=4):

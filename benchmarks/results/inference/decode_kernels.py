@@ -30,7 +30,7 @@ LINEAR_MAX_ROWS = kernels.LINEAR_MAX_ROWS
 
 def use(decoder: StaticDecoder, variant: str) -> None:
     """Switch the decoder to one of VARIANTS and rewind it to the end of the prefill (same cache)."""
-    decoder.fused, decoder.graph = variant.startswith("triton"), None
+    decoder.fused, decoder.graphs = variant.startswith("triton"), {}
     decoder.attention = DECODE_ATTENTION[variant.split("-")[0]]
     kernels.LINEAR_MAX_ROWS = 0 if variant in ("triton-unfolded", "triton-cublas") else LINEAR_MAX_ROWS
     layers = decoder.model.layers
@@ -69,7 +69,7 @@ def replay_diff(decoder: StaticDecoder, expected: torch.Tensor, replays: int = 5
     for _ in range(replays):
         rewind(decoder)
         decoder.graph.replay()
-        worst = max(worst, (decoder.logits.float() - expected).abs().max().item())
+        worst = max(worst, (decoder.outputs[False].float() - expected).abs().max().item())
     return worst
 
 
