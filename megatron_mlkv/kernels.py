@@ -22,10 +22,15 @@ Four kernels remove most of that:
 - from which `pick` makes the greedy choice inside the step (no argmax kernel, no copy of the
   token, nothing between two graph replays).
 
-All run under TRITON_INTERPRET=1 on CPU tensors, which is how the tests check them without a GPU.
+On Hopper and later they use programmatic dependent launch (`PDL`): a kernel may start while the
+one before it drains, and waits for it only before reading what it wrote.
+
+All run under TRITON_INTERPRET=1 on CPU tensors, which is how the tests check them without a GPU
+(without PDL, which the interpreter does not run).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -53,6 +58,23 @@ LINEAR_WIDE = (64, 64, 128, 8, 4, 1)
 LINEAR_DEEP = (64, 32, 128, 4, 5, 4)
 LINEAR_HEAD = (64, 64, 64, 8, 4, 1)
 LINEAR_MAX_ROWS = 64
+# programmatic dependent launch (Hopper and later; benchmarks/results/inference/pdl_step.py): each kernel
+# waits for the one before it (`gdc_wait`) before it reads anything a kernel of the step writes, then
+# lets the next one start; those in PDL_KERNELS are launched before the one before them has finished,
+# so their start overlaps its drain. Attention is not: launched early, its programs land unevenly on
+# the SMs the matrix product before leaves free, and at batch 64 steps took 2-6% longer
+PDL = True
+PDL_KERNELS = ("add_norm", "linear", "pick")
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether the kernels launch with programmatic dependent launch on this device."""
+    return PDL and device.type == "cuda" and _hopper_or_later(device.index)
+
+
+@functools.lru_cache
+def _hopper_or_later(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(tl.extra.cuda, "gdc_wait")
 
 
 def available(device: torch.device) -> bool:
@@ -65,6 +87,14 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _after_previous(PDL: tl.constexpr):
+        """Under PDL: wait for the kernel before this one to finish (and so for all before it, as
+        each waited for its own), then let the next one start."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def _gelu(z, MODE: tl.constexpr):
         """F.gelu of float32 z; MODE: GELU_MODES' 1 (exact) or 2 (tanh approximation)."""
         if MODE == 1:
@@ -74,11 +104,13 @@ if triton is not None:
     @triton.jit
     def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_ys, K_SPLIT,
                        act_from, amax_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, ARGMAX: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, ARGMAX: tl.constexpr,
+                       PDL: tl.constexpr):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(1)
         m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
         k_end = tl.minimum((split + 1) * K_SPLIT, K)
+        _after_previous(PDL)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(split * K_SPLIT, k_end, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
@@ -106,9 +138,11 @@ if triton is not None:
             tl.store(tile + tiles, first.to(tl.float32), mask=m < M)  # exact below 2**24 columns
 
     @triton.jit
-    def _pick_kernel(amax_ptr, T, token_ptr, history_ptr, pos_ptr, stride_h, BLOCK_T: tl.constexpr):
+    def _pick_kernel(amax_ptr, T, token_ptr, history_ptr, pos_ptr, stride_h, BLOCK_T: tl.constexpr,
+                     PDL: tl.constexpr):
         """Each row's first largest logit from `linear`'s per-tile maxima: the row's next token, also
         written to history[row, pos]."""
+        _after_previous(PDL)
         row = tl.program_id(0)
         t = tl.arange(0, BLOCK_T)
         best = tl.full([BLOCK_T], float("-inf"), tl.float32)
@@ -129,10 +163,17 @@ if triton is not None:
     def _add_norm_kernel(x_ptr, a_ptr, b_ptr, x_out_ptr, w1_ptr, c1_ptr, y1_ptr, w2_ptr, c2_ptr, y2_ptr,
                          D, stride_parts, eps1, eps2, rows_ptr, pos_ptr, A_PARTS: tl.constexpr,
                          B_PARTS: tl.constexpr, NORMS: tl.constexpr, AFFINE: tl.constexpr, GATHER: tl.constexpr,
-                         ADVANCE: tl.constexpr, BLOCK: tl.constexpr):
+                         ADVANCE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < D
+        if AFFINE:  # the norms' weights: read before the kernel before this one is done
+            w1 = tl.load(w1_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            c1 = tl.load(c1_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            if NORMS == 2:
+                w2 = tl.load(w2_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                c2 = tl.load(c2_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        _after_previous(PDL)
         src = tl.load(rows_ptr + row).to(tl.int64) if GATHER else row  # GATHER: x is a table (an embedding)
         x = tl.load(x_ptr + src * D + cols, mask=mask, other=0.0).to(tl.float32)
         if ADVANCE:  # the step's position, read by no other program of this kernel
@@ -153,13 +194,10 @@ if triton is not None:
         var = tl.sum(diff * diff, 0) / D
         y = diff * tl.rsqrt(var + eps1)
         if AFFINE:
-            y = y * tl.load(w1_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            y += tl.load(c1_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            y = y * w1 + c1
         tl.store(y1_ptr + row * D + cols, y.to(y1_ptr.dtype.element_ty), mask=mask)
         if NORMS == 2:
-            w = tl.load(w2_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            c = tl.load(c2_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            y = diff * tl.rsqrt(var + eps2) * w + c
+            y = diff * tl.rsqrt(var + eps2) * w2 + c2
             tl.store(y2_ptr + row * D + cols, y.to(y2_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -168,10 +206,12 @@ if triton is not None:
                                  Q0, K0, scale, act_in_ptr, act_out_ptr, act_width,
                                  DK: tl.constexpr, ROT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                                  NSPLIT: tl.constexpr, OWNS_KV: tl.constexpr, PRECISION: tl.constexpr,
-                                 ACT: tl.constexpr, ACT_BLOCK: tl.constexpr):
+                                 ACT: tl.constexpr, ACT_BLOCK: tl.constexpr, PDL: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         split = tl.program_id(2)
+        # read before the kernel before this one is done (PDL): the position (advanced by the step's
+        # last add_norm only), the padding and the rotary tables
         pos = tl.load(pos_ptr)  # cache index of the new token, read on the device (graph replays advance it)
         pad = tl.load(pad_ptr + b)
         d = tl.arange(0, DK)
@@ -181,6 +221,17 @@ if triton is not None:
         sin = tl.load(rot_ptr + (max_len + pos - pad) * ROT + d, mask=rotated, other=0.0).to(tl.float32)
         dtype = k_ptr.dtype.element_ty
         proj = proj_ptr + b * stride_pb
+
+        # the splits share the cached tokens up to pos evenly, in whole tiles
+        split_len = tl.cdiv(tl.cdiv(pos + 1, NSPLIT), BLOCK_N) * BLOCK_N
+        start = split * split_len
+        end = tl.minimum(start + split_len, pos + 1)
+        k_base = k_ptr + b * stride_kb + g * stride_kg
+        v_base = v_ptr + b * stride_kb + g * stride_kg
+        if OWNS_KV:  # the new token is not in the cache yet: the loop stops before it
+            end = tl.minimum(end, pos)
+        lo = tl.maximum(start, pad // BLOCK_N * BLOCK_N)  # whole tiles of left padding are skipped
+        _after_previous(PDL)
 
         r = tl.arange(0, BLOCK_R)
         q_ptr = proj + (Q0 + g * R + r)[:, None] * DK
@@ -194,19 +245,9 @@ if triton is not None:
             z = _gelu(z, ACT)
             tl.store(act_out_ptr + b * stride_ob + cols, z.to(act_out_ptr.dtype.element_ty), mask=cols < act_width)
 
-        # the splits share the cached tokens up to pos evenly, in whole tiles
-        split_len = tl.cdiv(tl.cdiv(pos + 1, NSPLIT), BLOCK_N) * BLOCK_N
-        start = split * split_len
-        end = tl.minimum(start + split_len, pos + 1)
-        k_base = k_ptr + b * stride_kb + g * stride_kg
-        v_base = v_ptr + b * stride_kb + g * stride_kg
-        if OWNS_KV:  # the new token is not in the cache yet: the loop stops before it
-            end = tl.minimum(end, pos)
-
         m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, DK], tl.float32)
-        lo = tl.maximum(start, pad // BLOCK_N * BLOCK_N)  # whole tiles of left padding are skipped
         for n0 in range(lo, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             valid = (n < end) & (n >= pad)
@@ -293,8 +334,14 @@ def add_norm(x: torch.Tensor, addends: tuple[torch.Tensor, ...], norms: list[tor
                            x if rows is None else rows, x if advance is None else advance,
                            A_PARTS=parts[0], B_PARTS=parts[1], NORMS=len(ys), AFFINE=affine,
                            GATHER=rows is not None, ADVANCE=advance is not None,
-                           BLOCK=triton.next_power_of_2(dim), num_warps=4)
+                           BLOCK=triton.next_power_of_2(dim), **_pdl_args(x.device, "add_norm"), num_warps=4)
     return x_out, ys
+
+
+def _pdl_args(device: torch.device, kind: str) -> dict:
+    """Every kernel waits and lets the next start; those of PDL_KERNELS also start early themselves."""
+    on = pdl(device)
+    return dict(PDL=on, launch_pdl=on and kind in PDL_KERNELS)
 
 
 def runs_linear(x: torch.Tensor) -> bool:
@@ -330,7 +377,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x, weight, x if bias is None else bias, y, b, n, k, x.stride(0), weight.stride(0), n, b * n, k_split,
         act_from, maxima, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
         ACT=GELU_MODES[act], PRECISION="ieee" if x.dtype == torch.float32 else "tf32", ARGMAX=argmax,
-        num_warps=warps, num_stages=stages)
+        **_pdl_args(x.device, "linear"), num_warps=warps, num_stages=stages)
     return (y, maxima) if argmax else y
 
 
@@ -339,7 +386,8 @@ def pick(maxima: torch.Tensor, token: torch.Tensor, history: torch.Tensor, posit
     largest logit into token (b,) and history[:, position] (history (b, L), int64)."""
     b, _, t = maxima.shape
     assert token.dtype == history.dtype == torch.int64 and history.stride(1) == 1
-    _pick_kernel[(b,)](maxima, t, token, history, position, history.stride(0), BLOCK_T=256, num_warps=4)
+    _pick_kernel[(b,)](maxima, t, token, history, position, history.stride(0), BLOCK_T=256,
+                       **_pdl_args(token.device, "pick"), num_warps=4)
 
 
 def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device) -> int:
@@ -395,5 +443,5 @@ def decode_attention(proj: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
         DK=dk, ROT=rot, BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=block_n, NSPLIT=splits,
         OWNS_KV=owns_kv, PRECISION=precision, ACT=GELU_MODES[act],
         ACT_BLOCK=triton.next_power_of_2(triton.cdiv(act_in.shape[1], g * splits)),
-        num_warps=warps, num_stages=stages)
+        **_pdl_args(proj.device, "attention"), num_warps=warps, num_stages=stages)
     return out
