@@ -168,7 +168,10 @@ class StaticDecoder:
                             for block, f in zip(model.layers, self.folded)]
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         self.graphs, self.outputs = {}, {}  # captured steps and their logits, by `greedy`
-        self.history = None  # (b, max_len + 1) tokens by cache index, written by greedy steps
+        # tokens by cache index, written by greedy steps; allocated with the cache, as a block taken
+        # later from the cached allocator's free memory (the prefill's logits) would keep that
+        # segment from the CUDA graph's pool: at the largest batches the graph would not fit
+        self.history = self.token.new_zeros(batch_size, max_len + 1)
         self.length = 0  # tokens in the cache, tracked on the host so the loop never synchronises
 
     @property
@@ -214,17 +217,12 @@ class StaticDecoder:
         if steps > self.cache.max_len - self.length:
             raise ValueError(f"{steps} steps after {self.length} tokens overflow the cache of "
                              f"{self.cache.max_len} tokens")
-        self._allocate_history()
         start = self.length
         self.history[:, start] = token
         self.token.copy_(token)
         for _ in range(steps):
             self._advance(greedy=True)
         return self.history[:, start:start + steps + 1].clone()
-
-    def _allocate_history(self) -> None:
-        if self.history is None:
-            self.history = self.token.new_zeros(self.batch_size, self.cache.max_len + 1)
 
     def _advance(self, greedy: bool) -> torch.Tensor:
         if self.length >= self.cache.max_len:
@@ -248,8 +246,6 @@ class StaticDecoder:
         token, position and mask are restored."""
         if greedy in self.graphs or not self.cuda_graph:
             return
-        if greedy:
-            self._allocate_history()
         saved = [(t, t.clone()) for t in (self.token, self.position, self.bias)]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
