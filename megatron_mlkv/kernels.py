@@ -406,10 +406,11 @@ def decode_attention(proj: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
     proj (b, >= (h [+ 2g])·d_k), rows contiguous: the un-rotated q heads, then (owner layers) the new k
     and v heads; with kv_first, k and v heads come first. `out` may be proj's q columns (each q head
-    is read before its output is written). keys, values (b, g, L, d_k): one cache slot; owners write
-    the new k, v at `position` first. rotary (2, L, rotary_dim): cos and sin (first half negated) per position. position (1,):
-    the new token's cache index; pad (b,): left padding per row (positions before it are not
-    attended; the rotary angle is position - pad). Query head i reads KV head i // (h/g).
+    is read before its output is written). keys, values (b, g, L, d_k): one cache slot; owners also
+    write the new k, v there at `position`. rotary (2, L, rotary_dim): cos and sin (first half
+    negated) per position. position (1,): the new token's cache index; pad (b,): left padding per row
+    (positions before it are not attended; the rotary angle is position - pad). Query head i reads
+    KV head i // (h/g).
     activation (approximate, x, y): also y = gelu(x, approximate) for x, y (b, n) with the row
     strides of proj and out (the MLP's half of a parallel-residual layer, in the same launch).
     counters: >= b·g int32 zeros, where the splits of each (row, KV head) count their finish (the
