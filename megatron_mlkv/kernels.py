@@ -339,9 +339,10 @@ def add_norm(x: torch.Tensor, addends: tuple[torch.Tensor, ...], norms: list[tor
 
 
 def _pdl_args(device: torch.device, kind: str) -> dict:
-    """Every kernel waits and lets the next start; those of PDL_KERNELS also start early themselves."""
+    """Every kernel waits and lets the next start; those of PDL_KERNELS also start early themselves
+    (`launch_pdl` only where it is on: triton before 3.4 does not know it)."""
     on = pdl(device)
-    return dict(PDL=on, launch_pdl=on and kind in PDL_KERNELS)
+    return dict(PDL=on, **({"launch_pdl": True} if on and kind in PDL_KERNELS else {}))
 
 
 def runs_linear(x: torch.Tensor) -> bool:
