@@ -5,7 +5,8 @@ model's activations, and writing/reading them is a good share of a step. Three i
 of the same sum of token losses:
 
     fused    liger-kernel's fused linear cross-entropy (GPU): the head matmul, softmax and its
-             gradient in chunks, the gradients computed during the forward
+             gradient in chunks, the gradients computed during the forward (see
+             `FusedLinearCrossEntropy` for why not through liger's own autograd function)
     chunked  plain PyTorch: the head and the loss per chunk of tokens, recomputed in backward
              (works everywhere; the CPU reference for `fused`)
     logits   the model's full logits, then cross-entropy (needed for ZeRO-3, whose hooks gather
@@ -39,6 +40,27 @@ def fused_available() -> bool:
     return True
 
 
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """liger's fused forward, which also computes the gradients, with a backward that scales them by
+    the upstream gradient on the GPU. liger's own backward first compares that gradient with 1.0 on
+    the host (a synchronisation, every step: the trainer's upstream gradient is 1/tokens)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
+        loss, *_, grad_hidden, grad_weight, _ = fused_linear_cross_entropy_forward(
+            hidden, weight, targets, ignore_index=-100, reduction="sum", compute_gradients=ctx.needs_input_grad[0],
+            weight_requires_grad=ctx.needs_input_grad[1], chunk_mem_const=FUSED_CHUNK_MEM)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss.float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = lambda g: None if g is None else (g.float() * grad).to(g.dtype)  # noqa: E731 (float32 scale, as liger's)
+        return scale(grad_hidden), scale(grad_weight), None
+
+
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=-100, reduction="sum")
 
@@ -68,7 +90,5 @@ def lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
     targets = labels[:, 1:].reshape(-1)
     weight = model.embed_out.weight
     if impl == "fused":
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-        return liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="sum",
-                                                chunk_mem_const=FUSED_CHUNK_MEM).float()
+        return FusedLinearCrossEntropy.apply(hidden, weight, targets)
     return chunked_cross_entropy(hidden, weight, targets)

@@ -1,9 +1,18 @@
-"""The loss implementations agree with full-logit cross-entropy, values and gradients."""
+"""The loss implementations agree with full-logit cross-entropy, values and gradients.
+
+`fused` (liger's triton kernels) runs in triton's CPU interpreter, chosen when triton is imported:
+`test_fused_loss_in_the_cpu_interpreter` runs this file's `interpreted` tests in a child pytest with
+TRITON_INTERPRET=1 (here they are skipped)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_mlkv.loss import chunked_cross_entropy, lm_loss_sum
+from megatron_mlkv.loss import FusedLinearCrossEntropy, chunked_cross_entropy, lm_loss_sum
 
 from helpers import random_mlkv, tiny_config
 
@@ -40,3 +49,49 @@ def test_lm_loss_sum_chunked_equals_logits_for_the_model(tie):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unknown"):
         lm_loss_sum(model, ids, labels, "magic")
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="run by test_fused_loss_in_the_cpu_interpreter")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the parent of the interpreted tests")
+def test_fused_loss_in_the_cpu_interpreter():
+    pytest.importorskip("liger_kernel")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted",
+                           __file__], cwd=Path(__file__).resolve().parent.parent,
+                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert "2 passed" in done.stdout
+
+
+@interpreted
+def test_interpreted_fused_loss_scales_its_gradients_by_the_upstream_gradient():
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    targets[[3, 20, 36]] = -100
+    scale = 1 / 34  # the trainer's 1/tokens; liger's own backward special-cases 1.0
+    ref = F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100, reduction="sum")
+    ref_grads = torch.autograd.grad(ref * scale, (hidden, weight))
+    got = FusedLinearCrossEntropy.apply(hidden, weight, targets)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(ref.item(), rel=1e-5)
+    for g, r in zip(torch.autograd.grad(got * scale, (hidden, weight)), ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # validation: the loss alone
+        assert FusedLinearCrossEntropy.apply(hidden, weight, targets).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+@interpreted
+def test_interpreted_lm_loss_sum_fused_equals_logits_for_the_model():
+    model = random_mlkv(tiny_config().with_layout(2, 2), std=0.05).train()
+    ids = torch.randint(0, 101, (3, 17))
+    labels = ids.clone()
+    labels[1, 12:] = -100
+    ref = lm_loss_sum(model, ids, labels, "logits")
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    got = lm_loss_sum(model, ids, labels, "fused")
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    for g, r in zip(torch.autograd.grad(got, list(model.parameters())), ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
