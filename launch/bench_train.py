@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", action="append", default=[], metavar="SHAPE=B",
                    help="micro-batch per shape (default 160m 12, 410m 16, 1b 8)")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement (in windows of 5)")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation, allocator)")
     p.add_argument("--engines", default="mlkv,hf", help=f"comma-separated, from {', '.join(ENGINES)}")
     p.add_argument("--loss-check-steps", type=int, default=30, help="steps of the eager-vs-optimised loss curve")
