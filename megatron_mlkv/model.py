@@ -180,6 +180,10 @@ class MLKVTransformer(nn.Module):
         x = self.embed_in(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.config.rotary_dim, self.config.rotary_emb_base, x.dtype)
         attn_mask, is_causal = attention_mask_for(attention_mask, s, past + s, x.device)
+        return self.final_layer_norm(self.run_layers(x, cos, sin, attn_mask, is_causal, cache))
+
+    def run_layers(self, x, cos, sin, attn_mask=None, is_causal=True, cache=None) -> torch.Tensor:
+        """The layers on x (b, s, d), each owner layer's K/V handed to the layers it serves."""
         owner_of = self.config.kv_owner
         kv = {}  # owner layer -> its (k, v), reused by the layers it serves
         for i, block in enumerate(self.layers):
@@ -192,7 +196,7 @@ class MLKVTransformer(nn.Module):
                 x, layer_kv = block(x, cos, sin, shared, attn_mask, is_causal, cache)
             if owner_of[i] == i:
                 kv[i] = layer_kv
-        return self.final_layer_norm(x)
+        return x
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, cache=None) -> torch.Tensor:
         """input_ids (b, s) -> logits (b, s, vocab)."""

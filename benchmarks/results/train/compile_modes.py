@@ -8,16 +8,21 @@ what the host costs a step, and what takes it off. Variants:
                        parameters' per-layer views), final norm
     stack-cudagraphs   the same, captured in CUDA graphs (the packed parameters are the graphs' own
                        inputs, at fixed addresses: nothing to copy in)
+    loop               `run_layers` compiled as one graph: every layer with its views, the embedding,
+                       rotary tables and final norm outside (compiled in, as in `stack`, the rotary
+                       tables were recomputed inside every layer's kernels)
+    loop-cudagraphs    the same, captured in CUDA graphs
     *-liger            the loss through liger's own autograd function (its backward synchronises
                        the host) instead of `loss.FusedLinearCrossEntropy`
-    *-cudnn            SDPA's flash and memory-efficient backends off, so attention runs on cuDNN's
+    *-cudnn            SDPA's flash and memory-efficient backends off, so attention runs on cuDNN
     *-ds-nosync        with DeepSpeed's two synchronising gradient-norm helpers replaced by
                        equivalents that do not synchronise (an experiment only: DeepSpeed's code)
     hf                 transformers, for the ratio
 
 For each: tokens/s, MFU, the first losses (same seed: the variants should agree), the GPU's busy
-time per step (kernels and copies, from a profile of 3 more steps) against the step time, and the
-host synchronisations of one step (torch.cuda.set_sync_debug_mode) with where they come from.
+time per step (kernels and copies, from a profile of 3 more steps) against the step time, the 60
+longest kernels, and the host synchronisations of one step (torch.cuda.set_sync_debug_mode) with
+where they come from.
 
 PYTHONPATH=. python benchmarks/results/train/compile_modes.py [--variants layer,stack,hf] [--layout mha] [--out FILE.json]
 """
@@ -66,6 +71,8 @@ def engine(variant: str, config, cfg: dict):
     if variant.startswith("layer"):
         for block in model.layers:  # as train.compile_blocks
             block.forward = torch.compile(block.forward, mode=mode)
+    elif variant.startswith("loop"):
+        model.run_layers = torch.compile(model.run_layers, mode=mode)
     else:
         model.hidden_states = torch.compile(model.hidden_states, mode=mode)
     loss.FusedLinearCrossEntropy.apply = liger_autograd if variant.endswith("-liger") else ORIGINAL_APPLY
@@ -84,7 +91,7 @@ def trace(e, ds, micro: int, device, summed: bool, path: str, steps: int = 2) ->
 
 def gpu_busy_per_step(e, ds, micro: int, device, summed: bool, steps: int = 3) -> tuple[float, dict]:
     """Seconds per step during which the GPU runs a kernel or a copy (union of their intervals), and
-    the attention kernels' names with their seconds per step."""
+    the 60 longest kernels' names with their seconds per step."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         bench_train.time_steps(e, ds, micro, steps, 0, device, summed=summed)
@@ -94,11 +101,15 @@ def gpu_busy_per_step(e, ds, micro: int, device, summed: bool, steps: int = 3) -
         if b > end:
             busy += b - max(a, end)
             end = b
-    attention = collections.Counter()
+    kernels = collections.Counter()
     for ev in events:
-        if any(word in ev.name.lower() for word in ("flash", "fmha", "attn", "attention", "cudnn")):
-            attention[ev.name[:100]] += ev.time_range.elapsed_us() / steps / 1e6
-    return busy / steps / 1e6, dict(attention)
+        kernels[ev.name[:100]] += ev.time_range.elapsed_us() / steps / 1e6
+    return busy / steps / 1e6, dict(kernels.most_common(60))
+
+
+def attention_kernels(kernels: dict) -> dict:
+    return {k: v for k, v in kernels.items()
+            if any(word in k.lower() for word in ("flash", "fmha", "attn", "attention", "cudnn"))}
 
 
 def host_syncs(e, ds, micro: int, device, summed: bool) -> dict:
@@ -146,7 +157,7 @@ def main():
             e = engine(variant, config, bench_train.ds_config(micro))
             record.update(bench_train.time_steps(e, ds, micro, args.steps, args.warmup, device, summed=summed))
             record["mfu"] = record["tokens_per_s"] * config.flops_per_token(seq) / peak
-            record["gpu_busy_s_per_step"], record["attention_kernels"] = gpu_busy_per_step(e, ds, micro, device, summed)
+            record["gpu_busy_s_per_step"], record["kernels"] = gpu_busy_per_step(e, ds, micro, device, summed)
             record["gpu_busy_share"] = record["gpu_busy_s_per_step"] / record["step_time_s"]
             record["host_syncs"] = host_syncs(e, ds, micro, device, summed)
             if args.trace:
@@ -155,7 +166,7 @@ def main():
                   f"step {record['step_time_s'] * 1e3:.1f} ms, GPU busy {record['gpu_busy_s_per_step'] * 1e3:.1f} ms "
                   f"({record['gpu_busy_share']:.0%})  peak {record['peak_memory_bytes'] / 2**30:.1f} GiB  "
                   f"syncs {sum(record['host_syncs'].values())} {record['host_syncs']}  losses {record['losses'][:3]}  "
-                  f"attention {[(k[:40], round(v * 1e3, 2)) for k, v in record['attention_kernels'].items()]}",
+                  f"attention {[(k[:40], round(v * 1e3, 2)) for k, v in attention_kernels(record['kernels']).items()]}",
                   flush=True)
         except Exception as exc:  # noqa: BLE001 - an experiment: a variant that fails is a result
             record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
