@@ -1,4 +1,11 @@
-"""Small shared builders for tests: tiny configs, GPT-NeoX oracles, exported checkpoints."""
+"""Small shared builders for tests: tiny configs, GPT-NeoX oracles, exported checkpoints, and the
+child pytest that runs triton kernels in the CPU interpreter."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -41,3 +48,19 @@ def random_mlkv(config: MLKVConfig, seed=0, std=0.2) -> MLKVTransformer:
         for p in model.parameters():
             p.normal_(0.0, std)
     return model
+
+
+# triton picks its CPU interpreter when it is imported, so a test file's triton tests run in a child
+# pytest with TRITON_INTERPRET=1 (`run_interpreted`); in the parent they are skipped (`interpreted`)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="run by the file's child pytest in triton's interpreter")
+interpreter_parent = pytest.mark.skipif(INTERPRETED, reason="the parent of the interpreted tests")
+
+
+def run_interpreted(test_file: str, *pytest_args: str) -> str:
+    """pytest `test_file` in a child process under TRITON_INTERPRET=1; its output, once it passed."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args, test_file],
+                          cwd=Path(__file__).resolve().parent.parent, env=dict(os.environ, TRITON_INTERPRET="1"),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    return done.stdout

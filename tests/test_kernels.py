@@ -6,32 +6,22 @@ other tests of this file in a child pytest with TRITON_INTERPRET=1 (here they ar
 interpreter's bf16 `tl.dot` is wrong, so the kernels are checked in float32 here; in bf16 on a GPU,
 `benchmarks/results/inference/decode_kernels.py` reports their logits against SDPA's.
 """
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from megatron_mlkv.model import apply_rotary, rotary_cos_sin
 
+from helpers import interpreted, interpreter_parent, run_interpreted
 from test_generate import LAYOUTS, greedy_uncached, left_padded, model_for
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="run by test_kernels_in_the_cpu_interpreter")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(INTERPRETED, reason="the parent of the interpreted tests")
+@interpreter_parent
 def test_kernels_in_the_cpu_interpreter():
     pytest.importorskip("triton")
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert " passed" in done.stdout and " failed" not in done.stdout
+    out = run_interpreted(__file__)
+    assert " passed" in out and " failed" not in out
 
 
 def reference_attention(proj, keys, values, rotary, pos, pad, h, owns_kv):

@@ -1,20 +1,14 @@
 """The loss implementations agree with full-logit cross-entropy, values and gradients.
 
-`fused` (liger's triton kernels) runs in triton's CPU interpreter, chosen when triton is imported:
-`test_fused_loss_in_the_cpu_interpreter` runs this file's `interpreted` tests in a child pytest with
-TRITON_INTERPRET=1 (here they are skipped)."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
+`fused` (liger's triton kernels) runs in triton's CPU interpreter: `test_fused_loss_in_the_cpu_interpreter`
+runs this file's `interpreted` tests in a child pytest (`helpers.run_interpreted`)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from megatron_mlkv.loss import FusedLinearCrossEntropy, chunked_cross_entropy, lm_loss_sum
 
-from helpers import random_mlkv, tiny_config
+from helpers import interpreted, interpreter_parent, random_mlkv, run_interpreted, tiny_config
 
 
 def test_chunked_cross_entropy_equals_full_logits():
@@ -51,18 +45,10 @@ def test_lm_loss_sum_chunked_equals_logits_for_the_model(tie):
         lm_loss_sum(model, ids, labels, "magic")
 
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="run by test_fused_loss_in_the_cpu_interpreter")
-
-
-@pytest.mark.skipif(INTERPRETED, reason="the parent of the interpreted tests")
+@interpreter_parent
 def test_fused_loss_in_the_cpu_interpreter():
     pytest.importorskip("liger_kernel")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted",
-                           __file__], cwd=Path(__file__).resolve().parent.parent,
-                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert "2 passed" in done.stdout
+    assert "2 passed" in run_interpreted(__file__, "-k", "interpreted")
 
 
 @interpreted
