@@ -11,13 +11,18 @@ from megatron_mlkv.loss import FusedLinearCrossEntropy, chunked_cross_entropy, l
 from helpers import interpreted, interpreter_parent, random_mlkv, run_interpreted, tiny_config
 
 
-def test_chunked_cross_entropy_equals_full_logits():
+def head_and_targets():
+    """hidden (37, 16), weight (50, 16), targets with three ignored, and their full-logit loss sum."""
     torch.manual_seed(0)
     hidden = torch.randn(37, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
     targets = torch.randint(0, 50, (37,))
     targets[[3, 20, 36]] = -100
-    ref = F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100, reduction="sum")
+    return hidden, weight, targets, F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100, reduction="sum")
+
+
+def test_chunked_cross_entropy_equals_full_logits():
+    hidden, weight, targets, ref = head_and_targets()
     ref_grads = torch.autograd.grad(ref, (hidden, weight))
     got = chunked_cross_entropy(hidden, weight, targets, chunk_tokens=8)  # 5 chunks, the last partial
     grads = torch.autograd.grad(got, (hidden, weight))
@@ -53,13 +58,8 @@ def test_fused_loss_in_the_cpu_interpreter():
 
 @interpreted
 def test_interpreted_fused_loss_scales_its_gradients_by_the_upstream_gradient():
-    torch.manual_seed(0)
-    hidden = torch.randn(37, 16, requires_grad=True)
-    weight = torch.randn(50, 16, requires_grad=True)
-    targets = torch.randint(0, 50, (37,))
-    targets[[3, 20, 36]] = -100
+    hidden, weight, targets, ref = head_and_targets()
     scale = 1 / 34  # the trainer's 1/tokens; liger's own backward special-cases 1.0
-    ref = F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100, reduction="sum")
     ref_grads = torch.autograd.grad(ref * scale, (hidden, weight))
     got = FusedLinearCrossEntropy.apply(hidden, weight, targets)
     assert got.dtype == torch.float32 and got.item() == pytest.approx(ref.item(), rel=1e-5)
