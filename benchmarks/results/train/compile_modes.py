@@ -24,7 +24,8 @@ time per step (kernels and copies, from a profile of 3 more steps) against the s
 longest kernels, and the host synchronisations of one step (torch.cuda.set_sync_debug_mode) with
 where they come from.
 
-PYTHONPATH=. python benchmarks/results/train/compile_modes.py [--variants layer,stack,hf] [--layout mha] [--out FILE.json]
+PYTHONPATH=. python benchmarks/results/train/compile_modes.py [--variants layer,stack,hf] [--layout mha] [--shape pythia-160m]
+    [--micro-batch 12] [--seq-len 2048] [--trace DIR] [--out FILE.json]
 """
 import argparse
 import collections
@@ -132,6 +133,7 @@ def main():
     p.add_argument("--layout", default="mha", choices=sorted(bench_train.LAYOUTS))
     p.add_argument("--shape", default="pythia-160m")
     p.add_argument("--micro-batch", type=int, default=12)
+    p.add_argument("--seq-len", type=int, default=2048, help="1 and 64 leave the GPU almost idle: the step's host time")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--out")
@@ -145,7 +147,7 @@ def main():
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     peak = matmul_flops_per_s(device, torch.bfloat16)
-    micro, seq = args.micro_batch, 2048
+    micro, seq = args.micro_batch, args.seq_len
     config = bench_train.layout_config(args.shape, args.layout)
     ds = bench_train.RandomRows(micro * (args.warmup + args.steps), seq, config.vocab_size)
     records = []
