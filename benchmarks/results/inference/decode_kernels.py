@@ -8,15 +8,14 @@ import argparse
 import functools
 import gc
 import itertools
-import json
 
 import torch
 
 from megatron_mlkv import kernels
-from megatron_mlkv.bench_inference import copy_bandwidth, decode_bytes_per_step, parse_layouts, random_model
-from megatron_mlkv.config import preset
-from megatron_mlkv.convert import target_config
-from megatron_mlkv.generate import DECODE_ATTENTION, FoldedLayer, StaticDecoder, fused_projection, pad_mlp_
+from megatron_mlkv.bench_inference import decode_bytes_per_step
+from megatron_mlkv.generate import DECODE_ATTENTION, FoldedLayer, StaticDecoder, fused_projection
+
+from common import SHAPE, layout_models, measured_bandwidth, save
 
 CONTEXT = 2000
 
@@ -150,16 +149,14 @@ def main():
     p.add_argument("--two-streams", action="store_true", help="also time two half batches on two streams")
     p.add_argument("--out")
     args = p.parse_args()
-    device, shape = torch.device("cuda"), preset("pythia-160m")
-    bandwidth = copy_bandwidth(device)
-    print(f"{torch.cuda.get_device_name()}  copy bandwidth {bandwidth / 1e9:,.0f} GB/s", flush=True)
+    device = torch.device("cuda")
+    bandwidth = measured_bandwidth(device)
     rows = []
-    for name, m, g in parse_layouts(args.layouts, shape.num_layers, shape.num_heads):
-        model = pad_mlp_(random_model(target_config(shape, m, g), torch.bfloat16, device))
+    for name, model in layout_models(args.layouts, device):
         for batch in args.batch_sizes:
             try:
                 decoder = StaticDecoder(model, batch, CONTEXT + 128, attention="sdpa")
-                ids = torch.randint(0, shape.vocab_size, (batch, CONTEXT), device=device)
+                ids = torch.randint(0, SHAPE.vocab_size, (batch, CONTEXT), device=device)
                 token = decoder.prefill(ids).argmax(-1)
             except torch.OutOfMemoryError:
                 print(f"{name} b={batch}: out of memory", flush=True)
@@ -216,9 +213,7 @@ def main():
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), copy_bandwidth=bandwidth, rows=rows), f, indent=1)
+    save(args.out, bandwidth, rows)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,15 @@ LINEAR_HEAD). Pythia-160M shape, random weights, bf16, context 2000.
 PYTHONPATH=. python benchmarks/results/inference/greedy_step.py [--layouts mlkv-6,mqa-12] [--sweep] [--out FILE.json]
 """
 import argparse
-import json
 import time
 
 import torch
 
 from megatron_mlkv import kernels
-from megatron_mlkv.bench_inference import copy_bandwidth, decode_bytes_per_step, parse_layouts, random_model
-from megatron_mlkv.config import preset
-from megatron_mlkv.convert import target_config
-from megatron_mlkv.generate import StaticDecoder, pad_mlp_
+from megatron_mlkv.bench_inference import decode_bytes_per_step
+from megatron_mlkv.generate import StaticDecoder
+
+from common import SHAPE, layout_models, measured_bandwidth, save
 
 CONTEXT, STEPS = 2000, 48
 SWEEP = {
@@ -55,15 +54,13 @@ def main():
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--out")
     args = p.parse_args()
-    device, shape = torch.device("cuda"), preset("pythia-160m")
-    bandwidth = copy_bandwidth(device)
-    print(f"{torch.cuda.get_device_name()}  copy bandwidth {bandwidth / 1e9:,.0f} GB/s", flush=True)
+    device = torch.device("cuda")
+    bandwidth = measured_bandwidth(device)
     rows = []
-    for name, m, g in parse_layouts(args.layouts, shape.num_layers, shape.num_heads):
-        model = pad_mlp_(random_model(target_config(shape, m, g), torch.bfloat16, device))
+    for name, model in layout_models(args.layouts, device):
         for batch in args.batch_sizes:
             decoder = StaticDecoder(model, batch, CONTEXT + STEPS + 1)
-            token = decoder.prefill(torch.randint(0, shape.vocab_size, (batch, CONTEXT), device=device)).argmax(-1)
+            token = decoder.prefill(torch.randint(0, SHAPE.vocab_size, (batch, CONTEXT), device=device)).argmax(-1)
             bound = decode_bytes_per_step(model, model.config.layout, model.config.head_dim, batch,
                                           CONTEXT + STEPS / 2) / bandwidth * 1e3
             row = dict(layout=name, batch=batch, bound_ms=bound, step_argmax_ms=best_ms(decoder, token, False),
@@ -92,9 +89,7 @@ def main():
             rows.append(row)
             del decoder
             torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), copy_bandwidth=bandwidth, rows=rows), f, indent=1)
+    save(args.out, bandwidth, rows)
 
 
 if __name__ == "__main__":
