@@ -122,17 +122,11 @@ def time_steps(engine, ds, micro: int, steps: int, warmup: int, device, summed: 
     batches = Prefetcher(lambda step: collate(ds, sampler.batch(step), device), warmup + steps)
     losses, data_wait, windows = [], 0.0, []
     torch.cuda.reset_peak_memory_stats(device)
-    for step in range(warmup + steps + 1):
-        if step >= warmup and ((step - warmup) % window == 0 or step == warmup + steps):
+    for step in range(warmup + steps):
+        if step == warmup:
             torch.cuda.synchronize(device)
-            now = time.perf_counter()
-            if step == warmup:
-                start, data_wait = now, 0.0
-            else:
-                windows.append((now - mark) / (step - mark_step))
-            mark, mark_step = now, step
-        if step == warmup + steps:
-            break
+            start = mark = time.perf_counter()
+            data_wait = 0.0
         t0 = time.perf_counter()
         batch = batches.get(step)
         ids, labels = batch["input_ids"], batch["labels"]
@@ -143,6 +137,12 @@ def time_steps(engine, ds, micro: int, steps: int, warmup: int, device, summed: 
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach())
+        done = step + 1 - warmup  # timed steps done
+        if done > 0 and (done % window == 0 or done == steps):
+            torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            windows.append((now - mark) / ((done - 1) % window + 1))
+            mark = now
     elapsed = mark - start
     batches.close()
     step_time = float(np.median(windows))
