@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from megatron_mlkv import tensor_parallel as tp
 from megatron_mlkv.config import MLKVConfig
 from megatron_mlkv.model import MLKVTransformer
+from megatron_mlkv.train import float32_grad_norm
 
 RTOL = 1e-5
 
@@ -219,6 +220,24 @@ def check_groups(world: int) -> None:
         raise AssertionError("--tp 3 was accepted for world 4")
 
 
+def check_float32_grad_norm(optimizer, params: list) -> None:
+    """`train.float32_grad_norm` against DeepSpeed's own (float64) method on the same gradients:
+    different on every rank, TP-sharded and replicated parameters, a ZeRO padding tensor, and a
+    non-finite gradient (both give -1)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    assert "get_grad_norm_direct" in vars(optimizer), "float32_grad_norm left DeepSpeed's method in place"
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    padding = torch.full((3,), 100.0)
+    padding._zero_padding = True  # DeepSpeed's alignment padding: not a gradient, no parameter
+    grads.insert(1, padding)
+    non_finite = [*grads[:-1], torch.full_like(grads[-1], float("inf"))]
+    for gradients, what in ((grads, "finite"), (non_finite, "non-finite")):
+        ours = optimizer.get_grad_norm_direct(gradients, params)
+        close(ours, DeepSpeedZeroOptimizer.get_grad_norm_direct(optimizer, gradients, params), f"{what} grad norm")
+    assert ours.item() == -1.0
+
+
 def check_deepspeed_tp2_dp2(stage: int, workdir: str) -> None:
     """TP=2 × DP=2 under a real DeepSpeed engine (ZeRO `stage`, gradient clipping, mpu) vs TP=1 on the
     whole batch; then per-TP-rank checkpoints, resume with the same T, export merge."""
@@ -240,9 +259,11 @@ def check_deepspeed_tp2_dp2(stage: int, workdir: str) -> None:
         model = tp.parallelize(model, groups.tp_group)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config, mpu=groups.mpu())
+        float32_grad_norm(engine.optimizer)  # as train.make_engine: the clipping below goes through it
         return engine
 
     engine = engine_for(copy.deepcopy(ref))
+    check_float32_grad_norm(engine.optimizer, list(engine.module.parameters()))
     plan = engine.module.tp_plan
     assert engine.dp_world_size == 2 and engine.mp_world_size == 2 and engine.zero_optimization_stage() == stage
     # ZeRO reduces and partitions over the data-parallel group only
