@@ -15,8 +15,12 @@ what the host costs a step, and what takes it off. Variants:
     *-liger            the loss through liger's own autograd function (its backward synchronises
                        the host) instead of `loss.FusedLinearCrossEntropy`
     *-cudnn            SDPA's flash and memory-efficient backends off, so attention runs on cuDNN
+    *-cppwrapper       inductor's C++ wrapper (`cpp_wrapper`): the compiled graphs launch their
+                       kernels from C++ instead of Python
+    *-dsnorm           DeepSpeed's own gradient norm (float64) instead of `train.float32_grad_norm`'s
     *-ds-nosync        with DeepSpeed's two synchronising gradient-norm helpers replaced by
-                       equivalents that do not synchronise (an experiment only: DeepSpeed's code)
+                       equivalents that do not synchronise (an experiment only: DeepSpeed's code;
+                       since `train.float32_grad_norm`, only the clipping's check is left to replace)
     hf                 transformers, for the ratio
 
 For each: tokens/s, MFU, the first losses (same seed: the variants should agree), the GPU's busy
@@ -35,6 +39,7 @@ import traceback
 import warnings
 
 import torch
+import torch._inductor.config
 
 from megatron_mlkv import bench_train, loss
 from megatron_mlkv.model import MLKVTransformer
@@ -64,6 +69,7 @@ def patch_deepspeed_norms() -> None:
 def engine(variant: str, config, cfg: dict):
     for backend in ("flash", "mem_efficient"):  # chosen when the compiled layers are traced
         getattr(torch.backends.cuda, f"enable_{backend}_sdp")("-cudnn" not in variant)
+    torch._inductor.config.cpp_wrapper = "-cppwrapper" in variant  # also when the backward compiles
     if variant == "hf":
         return bench_train._hf_engine(config, cfg)
     torch.manual_seed(0)
@@ -79,7 +85,10 @@ def engine(variant: str, config, cfg: dict):
     loss.FusedLinearCrossEntropy.apply = liger_autograd if variant.endswith("-liger") else ORIGINAL_APPLY
     if variant.endswith("-ds-nosync"):
         patch_deepspeed_norms()  # for the rest of the process: run this variant last
-    return make_engine(model, cfg, total_steps=1000)
+    e = make_engine(model, cfg, total_steps=1000)
+    if "-dsnorm" in variant:
+        del e.optimizer.get_grad_norm_direct  # the instance's own: back to DeepSpeed's method
+    return e
 
 
 def trace(e, ds, micro: int, device, summed: bool, path: str, steps: int = 2) -> None:
@@ -175,9 +184,9 @@ def main():
             traceback.print_exc(limit=-6)
         bench_train._release(e)
         records.append(record)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(records, f, indent=1)
+        if args.out:  # after each variant: a run stopped at its time limit keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(records, f, indent=1)
 
 
 if __name__ == "__main__":
