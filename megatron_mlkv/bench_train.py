@@ -163,18 +163,22 @@ def _release(engine) -> None:
     torch.cuda.empty_cache()
 
 
-def run(shapes, layouts, micro: dict, seq_len: int = 2048, steps: int = 30, warmup: int = 8,
-        engines=("mlkv", "hf"), out: str | None = None, loss_check_steps: int = 30) -> list[dict]:
-    """The benchmark table (a list of records), printed and saved to `out` as JSON."""
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29511")
+def single_gpu_process(master_port: str = "29511") -> torch.device:
+    """This process as the one rank of a DeepSpeed world on GPU 0 (no launcher needed); its device."""
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=master_port).items():
+        os.environ.setdefault(key, value)
     import deepspeed
     deepspeed.init_distributed(dist_backend="nccl")
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
+    return device
+
+
+def run(shapes, layouts, micro: dict, seq_len: int = 2048, steps: int = 30, warmup: int = 8,
+        engines=("mlkv", "hf"), out: str | None = None, loss_check_steps: int = 30) -> list[dict]:
+    """The benchmark table (a list of records), printed and saved to `out` as JSON."""
+    device = single_gpu_process()
     torch.backends.cuda.matmul.allow_tf32 = True
     peak = matmul_flops_per_s(device, torch.bfloat16)
     records = []
@@ -225,7 +229,7 @@ def loss_check(shape: str, micro: int, seq_len: int, steps: int, device) -> dict
 def profile(shape: str, layout: str, micro: int, seq_len: int = 2048, steps: int = 4, kind: str = "mlkv") -> str:
     """torch.profiler table of a few steps (after warm-up): where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    device = torch.device("cuda", 0)
+    device = single_gpu_process()
     config = layout_config(shape, layout)
     ds = RandomRows(micro * (steps + 6), seq_len, config.vocab_size)
     engine = _engine(kind, config, ds_config(micro))

@@ -148,13 +148,7 @@ def main():
     p.add_argument("--out")
     p.add_argument("--trace", metavar="DIR", help="also save a chrome trace of two steps per variant there")
     args = p.parse_args()
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT="29512").items():
-        os.environ.setdefault(key, value)
-    import deepspeed
-    deepspeed.init_distributed(dist_backend="nccl")
-    device = torch.device("cuda", 0)
-    torch.cuda.set_device(device)
+    device = bench_train.single_gpu_process(master_port="29512")
     peak = matmul_flops_per_s(device, torch.bfloat16)
     micro, seq = args.micro_batch, args.seq_len
     config = bench_train.layout_config(args.shape, args.layout)

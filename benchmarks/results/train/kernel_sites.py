@@ -7,7 +7,6 @@ PYTHONPATH=. python benchmarks/results/train/kernel_sites.py [--shape pythia-1b]
 """
 import argparse
 import collections
-import os
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -24,13 +23,7 @@ def main():
     p.add_argument("--layout", default="mha", choices=sorted(bench_train.LAYOUTS))
     p.add_argument("--steps", type=int, default=2)
     args = p.parse_args()
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT="29513").items():
-        os.environ.setdefault(key, value)
-    import deepspeed
-    deepspeed.init_distributed(dist_backend="nccl")
-    device = torch.device("cuda", 0)
-    torch.cuda.set_device(device)
+    device = bench_train.single_gpu_process(master_port="29513")
     b = args.micro_batch
     config = bench_train.layout_config(args.shape, args.layout)
     ds = bench_train.RandomRows(b * (7 + args.steps), 2048, config.vocab_size)
