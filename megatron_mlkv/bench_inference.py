@@ -31,6 +31,7 @@ from .config import MLKVConfig, preset
 from .configuration_mlkv import MLKVGPTNeoXConfig
 from .convert import DTYPES, paper_variants, target_config
 from .generate import StaticDecoder, pad_mlp_
+from .hf import output_cache
 from .layout import KVLayout, LayoutError
 from .model import MLKVTransformer
 
@@ -259,7 +260,7 @@ def run_transformers(model: nn.Module, batch: int, context: int, new_tokens: int
                          do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
     synchronize(device)
     total = time.perf_counter() - start
-    cache = out.past_key_values
+    cache = output_cache(out)
     kv = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
     return dict(kv_cache_bytes=kv, prefill_s=prefill_s, decode_s=max(total - prefill_s, 1e-9),
                 attention=getattr(model.config, "_attn_implementation", None))

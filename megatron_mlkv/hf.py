@@ -11,7 +11,7 @@ import torch
 from .config import MLKVConfig
 from .configuration_mlkv import MLKVGPTNeoXConfig
 from .model import MLKVTransformer
-from .modeling_mlkv import MLKVForCausalLM
+from .modeling_mlkv import CACHE_FIELD, MLKVForCausalLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
@@ -23,6 +23,11 @@ SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 def special_token_ids(hf_config) -> dict:
     """The special token ids set in a transformers config, to carry into an export's config."""
     return {n: getattr(hf_config, n) for n in SPECIAL_TOKEN_IDS if getattr(hf_config, n, None) is not None}
+
+
+def output_cache(output):
+    """The cache of a transformers model output or `generate` result, under either name it goes by."""
+    return getattr(output, CACHE_FIELD)
 
 
 class CheckpointError(ValueError):

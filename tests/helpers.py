@@ -50,6 +50,24 @@ def random_mlkv(config: MLKVConfig, seed=0, std=0.2) -> MLKVTransformer:
     return model
 
 
+# (name, layout changes) for l = 4 layers, h = 4 heads
+LAYOUTS = {
+    "mha": dict(kv_layers=4, kv_groups=4),
+    "gqa": dict(kv_layers=4, kv_groups=2),
+    "mqa": dict(kv_layers=4, kv_groups=1),
+    "mlkv-m<l": dict(kv_layers=2, kv_groups=4),
+    "mlkv-m<l-g<h": dict(kv_layers=2, kv_groups=2),
+    "mlkv-1": dict(kv_layers=1, kv_groups=1),
+    "non-uniform": dict(kv_owner=[0, 0, 0, 3], kv_groups=2),
+}
+
+
+def model_for(layout: str, seed=0, **changes) -> MLKVTransformer:
+    """A random model of tiny_config's shape in one of LAYOUTS."""
+    cfg = tiny_config(max_position_embeddings=128, **changes).with_layout(**LAYOUTS[layout])
+    return random_mlkv(cfg, seed=seed, std=0.1)
+
+
 # triton picks its CPU interpreter when it is imported, so a test file's triton tests run in a child
 # pytest with TRITON_INTERPRET=1 (`run_interpreted`); in the parent they are skipped (`interpreted`)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

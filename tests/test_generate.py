@@ -5,23 +5,7 @@ from transformers import AutoModelForCausalLM
 from megatron_mlkv.generate import StaticDecoder, StaticKVCache, generate, pad_mlp_
 from megatron_mlkv.hf import export_pretrained
 
-from helpers import random_mlkv, tiny_config
-
-# (name, layout changes) for l = 4 layers, h = 4 heads
-LAYOUTS = {
-    "mha": dict(kv_layers=4, kv_groups=4),
-    "gqa": dict(kv_layers=4, kv_groups=2),
-    "mqa": dict(kv_layers=4, kv_groups=1),
-    "mlkv-m<l": dict(kv_layers=2, kv_groups=4),
-    "mlkv-m<l-g<h": dict(kv_layers=2, kv_groups=2),
-    "mlkv-1": dict(kv_layers=1, kv_groups=1),
-    "non-uniform": dict(kv_owner=[0, 0, 0, 3], kv_groups=2),
-}
-
-
-def model_for(layout: str, seed=0, **changes):
-    cfg = tiny_config(max_position_embeddings=128, **changes).with_layout(**LAYOUTS[layout])
-    return random_mlkv(cfg, seed=seed, std=0.1)
+from helpers import LAYOUTS, model_for
 
 
 def greedy_uncached(model, ids, mask, steps):
@@ -93,6 +77,7 @@ def test_matmul_attention_equals_sdpa_attention():
     assert torch.allclose(logits["sdpa"], logits["matmul"], atol=1e-5)
 
 
+@pytest.mark.compat
 def test_equals_the_transformers_wrapper_generate(tmp_path):
     model = model_for("mlkv-m<l-g<h", seed=2)
     path = export_pretrained(model.state_dict(), model.config, tmp_path / "mlkv")

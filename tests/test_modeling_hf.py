@@ -4,11 +4,13 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache
 
-from megatron_mlkv.hf import CheckpointError, export_pretrained, load_pretrained
+from megatron_mlkv.hf import CheckpointError, export_pretrained, load_pretrained, output_cache
 
-from helpers import gpt_neox, mlkv_from_gpt_neox, random_mlkv, tiny_config
+from helpers import LAYOUTS, gpt_neox, mlkv_from_gpt_neox, model_for, random_mlkv, tiny_config
+
+pytestmark = pytest.mark.compat  # the exported remote code under transformers: also run by `make test-compat`
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +50,13 @@ import sys
 sys.modules["megatron_mlkv"] = None  # any import of this package now fails
 import torch
 from transformers import AutoModelForCausalLM
+
 model = AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True).eval()
 assert not type(model).__module__.startswith("megatron_mlkv"), type(model).__module__
 ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
 out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                      return_dict_in_generate=True)
-cache = out.past_key_values
+cache = out.cache if hasattr(out, "cache") else out.past_key_values  # renamed in transformers 5.24
 n = sum(t.numel() for layer in cache.layers for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
 print(n, out.sequences.shape[1])
 """
@@ -76,8 +79,10 @@ def greedy_uncached(model, ids, mask, steps):
     return ids
 
 
-def test_cached_generate_equals_uncached_greedy_with_left_padding(mlkv_dir):
-    path, _ = mlkv_dir
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cached_generate_equals_uncached_greedy_with_left_padding(tmp_path, layout):
+    model = model_for(layout)
+    path = export_pretrained(model.state_dict(), model.config, tmp_path / layout)
     model = hf_model(path)
     pad = 1
     prompts = [[5, 17, 33, 2, 8, 90, 12], [44, 3, 9], [7, 7, 61, 20, 5]]
@@ -89,6 +94,34 @@ def test_cached_generate_equals_uncached_greedy_with_left_padding(mlkv_dir):
     for row, prompt in enumerate(prompts):  # padding changes nothing: each prompt alone decodes the same
         alone = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=pad)
         assert alone[0, len(prompt):].tolist() == cached[row, width:].tolist()
+
+
+def test_forward_takes_the_cache_under_either_name_and_refuses_what_it_cannot_honour(mlkv_dir):
+    """transformers up to 5.23 hands the cache to forward as `past_key_values`, 5.24 as `cache`."""
+    path, _ = mlkv_dir
+    model = hf_model(path)
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        for name in ("past_key_values", "cache"):
+            cache = DynamicCache()
+            first = model(ids[:, :6], use_cache=True, **{name: cache})
+            assert output_cache(first) is cache and cache.get_seq_length() == 6
+            rest = model(ids[:, 6:], use_cache=True, **{name: cache}).logits
+            assert torch.allclose(torch.cat([first.logits, rest], dim=1), full, atol=1e-5), name
+        logits, returned = model(ids, use_cache=True, return_dict=False)
+        assert torch.equal(logits, full) and returned.get_seq_length() == 9
+        with pytest.raises(ValueError, match="as `cache` or `past_key_values`, not both"):
+            model(ids, cache=DynamicCache(), past_key_values=DynamicCache())
+        with pytest.raises(TypeError, match=r"unexpected argument\(s\) head_mask, token_type_ids"):
+            model(ids, token_type_ids=torch.zeros_like(ids), head_mask=None)
+        assert torch.equal(model(ids, use_cache=False, cache_position=torch.arange(9)).logits, full)
+        with pytest.raises(ValueError, match=r"cache_position must continue the cache \(0, 1, ...\), got \[3"):
+            model(ids, use_cache=False, cache_position=torch.arange(3, 12))
+        with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+            model(ids, output_attentions=True)
+        with pytest.raises(ValueError, match=r"attention_mask must be \(batch, seq\).*\(2, 1, 9, 9\)"):
+            model(ids, attention_mask=torch.ones(2, 1, 9, 9))
 
 
 def test_mha_generation_and_loss_equal_gpt_neox(tmp_path):
