@@ -13,6 +13,8 @@ from megatron_mlkv.hf import export_pretrained
 
 from helpers import random_mlkv, tiny_config
 
+pytestmark = pytest.mark.compat  # transformers' generate as the baseline: also run by `make test-compat`
+
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = {"model", "layout", "kv_heads_total", "batch_size", "context", "kv_cache_bytes", "peak_memory_bytes",
           "tokens_per_s", "oom", "engine", "bandwidth_bound_tokens_per_s", "fraction_of_bound"}

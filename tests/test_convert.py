@@ -22,6 +22,8 @@ from megatron_mlkv.model import MLKVTransformer
 
 from helpers import gpt_neox
 
+pytestmark = pytest.mark.compat  # transformers' GPT-NeoX and checkpoint formats: also run by `make test-compat`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The paper's Table 2 (Pythia-160M): name, m, g, parameters.
@@ -46,7 +48,7 @@ def pythia_160m_hf_config() -> GPTNeoXConfig:
 def save_base(model: GPTNeoXForCausalLM, path: Path, fmt: str = "safetensors", tokenizer_dir: Path | None = None) -> Path:
     """Write `model` as a hub-style folder. transformers 5 writes safetensors only, so the
     pytorch_model.bin variants are written by hand: `bin` with the hub's `embed_out.weight`,
-    `bin-sharded` with the in-memory `lm_head.weight` name and an index."""
+    `bin-sharded` with transformers' in-memory `lm_head.weight` name (5.14 on) and an index."""
     if fmt == "safetensors":
         model.save_pretrained(path)
     elif fmt == "sharded":
@@ -55,8 +57,9 @@ def save_base(model: GPTNeoXForCausalLM, path: Path, fmt: str = "safetensors", t
         path.mkdir(parents=True)
         model.config.save_pretrained(path)
         sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        head = sd.pop("lm_head.weight" if "lm_head.weight" in sd else "embed_out.weight")
+        sd["embed_out.weight" if fmt == "bin" else "lm_head.weight"] = head
         if fmt == "bin":
-            sd["embed_out.weight"] = sd.pop("lm_head.weight")
             torch.save(sd, path / "pytorch_model.bin")
         else:
             names = sorted(sd)
@@ -223,7 +226,7 @@ def test_mha_to_mha_is_the_identity_after_a_save_load_round_trip(tmp_path, fmt):
     sd = out_tensors(tmp_path / "mha")
     assert torch.equal(sd["layers.1.attention.key.weight"], torch.cat(qkv_rows(ref, 1, 1)))
     assert torch.equal(sd["layers.2.attention.query.bias"], torch.cat(qkv_rows(ref, 2, 0, "bias")))
-    assert torch.equal(sd["embed_out.weight"], ref.lm_head.weight)
+    assert torch.equal(sd["embed_out.weight"], ref.get_output_embeddings().weight)
 
 
 def test_tied_embeddings_without_bias_round_trip(tmp_path):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.compat  # the whole pipeline: also run by `make test-compat`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

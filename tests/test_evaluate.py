@@ -19,6 +19,8 @@ from megatron_mlkv.demo import train_tokenizer, write_corpus
 from megatron_mlkv.evaluate import eval_scalars, try_evaluate_checkpoint
 from megatron_mlkv.report import ReportError, build_report, pareto_front
 
+pytestmark = pytest.mark.compat  # lm-eval: also run by `make test-compat`
+
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 TASKS = ["tiny_mc", "tiny_lambada"]

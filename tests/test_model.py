@@ -9,6 +9,8 @@ from megatron_mlkv.model import MLKVTransformer
 
 from helpers import gpt_neox, mlkv_from_gpt_neox, random_mlkv, tiny_config
 
+pytestmark = pytest.mark.compat  # transformers' GPT-NeoX as the oracle: also run by `make test-compat`
+
 
 @pytest.mark.parametrize("rotary_pct", [0.25, 1.0])
 @pytest.mark.parametrize("parallel", [True, False])

@@ -24,6 +24,8 @@ from megatron_mlkv.data import pack
 from megatron_mlkv.demo import train_tokenizer, write_corpus
 from megatron_mlkv.train import lr_factor
 
+pytestmark = pytest.mark.compat  # DeepSpeed's engine, launcher and checkpoints: also run by `make test-compat`
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
 _spec = importlib.util.spec_from_file_location("uptrain_cli", ROOT / "launch" / "uptrain.py")
