@@ -455,11 +455,15 @@ class WeightReader:
                                   f"({', '.join(f.name for f in self.files)})")
         index = self._where[name]
         try:
-            return self._handles[index].get_tensor(name)
+            tensor = self._handles[index].get_tensor(name)
         except CheckpointError:
             raise
         except Exception as e:
             raise CheckpointError(f"{self.files[index]}: cannot read tensor '{name}' ({_first_line(e)})") from None
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{self.files[index]}: tensor '{name}' holds NaN or infinite values; "
+                                  f"a base with non-finite weights cannot be converted")
+        return tensor
 
     def dtype(self, name: str) -> torch.dtype | None:
         """The stored dtype of tensor `name`, without reading it."""

@@ -548,6 +548,19 @@ def test_missing_and_corrupt_weight_files_are_named(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("fmt,value", [("safetensors", float("nan")), ("bin", float("inf"))])
+def test_non_finite_base_weights_are_refused_by_file_and_tensor(tmp_path, fmt, value):
+    ref = gpt_neox()
+    with torch.no_grad():
+        ref.gpt_neox.layers[1].mlp.dense_h_to_4h.weight[3, 5] = value
+    base = save_base(ref, tmp_path / "base", fmt)
+    weights = "model.safetensors" if fmt == "safetensors" else "pytorch_model.bin"
+    with pytest.raises(CheckpointError, match=f"{base / weights}: tensor 'gpt_neox.layers.1.mlp.dense_h_to_4h.weight' "
+                                              f"holds NaN or infinite values"):
+        convert_checkpoint(base, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_config_folder_tensor_and_head_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="no such folder"):
         convert_checkpoint(tmp_path / "nowhere", tmp_path / "out", progress=False)
