@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-doc-tokens", type=int, metavar="N",
                    help="keep at most N tokens of a document, end-of-document token included (default: all)")
     p.add_argument("--workers", type=int, default=1, metavar="W", help="tokenizer processes (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX (refused otherwise)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
@@ -39,7 +40,8 @@ def main(argv=None) -> int:
     try:
         meta = pack(args.input, args.tokenizer, args.seq_len, args.out, num_docs=args.num_docs,
                     fraction=args.fraction, seed=args.seed, text_key=args.text_key, packing=args.packing,
-                    max_doc_tokens=args.max_doc_tokens, workers=args.workers, progress=args.progress)
+                    max_doc_tokens=args.max_doc_tokens, workers=args.workers, progress=args.progress,
+                    overwrite=args.overwrite)
     except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

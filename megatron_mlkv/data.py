@@ -701,7 +701,7 @@ def _check_options(seq_len, num_docs, fraction, packing, max_doc_tokens, workers
 
 def pack(inputs, tokenizer: str, seq_len: int, out_prefix: str, num_docs: int | None = None,
          fraction: float | None = None, seed: int = 0, text_key: str = "text", packing: str = "best-fit",
-         max_doc_tokens: int | None = None, workers: int = 1, progress: bool = True) -> dict:
+         max_doc_tokens: int | None = None, workers: int = 1, progress: bool = True, overwrite: bool = False) -> dict:
     """Tokenize the documents of `inputs`, pack them into rows of `seq_len` tokens, write `out_prefix`.*.
 
     inputs: local .jsonl/.jsonl.zst/.json/.parquet/.txt files, globs or folders, or one hub dataset
@@ -709,8 +709,9 @@ def pack(inputs, tokenizer: str, seq_len: int, out_prefix: str, num_docs: int | 
     first N documents; fraction: a `seed`ed sample (see `select_documents`). max_doc_tokens: keep at
     most this many tokens of a document (EOD included); `reference` packing also truncates every
     document to seq_len - 1 tokens + EOD. workers: tokenizer processes (the output does not depend
-    on it). Raises DataError on bad input; an existing prefix is only replaced when everything
-    succeeded. Returns the metadata written to PREFIX.json.
+    on it). Raises DataError on bad input and on an existing prefix unless `overwrite` (a run resuming
+    on it would read other rows); an existing prefix is only replaced when everything succeeded.
+    Returns the metadata written to PREFIX.json.
     """
     from tqdm import tqdm
 
@@ -724,6 +725,9 @@ def pack(inputs, tokenizer: str, seq_len: int, out_prefix: str, num_docs: int | 
     limit = max_doc_tokens if packing == "best-fit" else min(seq_len, max_doc_tokens or seq_len)
 
     final = {ext: Path(f"{out_prefix}.{ext}") for ext in ("bin", "idx", "json")}
+    existing = [str(path) for path in final.values() if path.exists()]
+    if existing and not overwrite:
+        raise DataError(f"--out {out_prefix}: {', '.join(existing)} already exist(s); pass --overwrite to replace")
     tmp = {ext: path.with_name(path.name + ".tmp") for ext, path in final.items()}
     try:
         final["bin"].parent.mkdir(parents=True, exist_ok=True)

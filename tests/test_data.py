@@ -375,6 +375,16 @@ def test_cli_packs_and_reports(work, tmp_path):
                               str(tmp_path / "x")], capture_output=True, text=True)
     assert_one_line_error((missing.returncode, missing.stdout, missing.stderr), "missing.jsonl", "no such file")
     assert "Traceback" not in missing.stderr
+    # an existing prefix is refused (a run resuming on it would train on other rows) unless --overwrite
+    before = bytes_of(tmp_path / "cli")
+    again = [sys.executable, str(ROOT / "data_tools" / "pack_pile.py"), "--input", str(work["corpus"]),
+             "--tokenizer", str(work["tok"]), "--seq-len", "32", "--out", str(tmp_path / "cli"), "--no-progress"]
+    refused = subprocess.run(again, capture_output=True, text=True)
+    assert_one_line_error((refused.returncode, refused.stdout, refused.stderr), f"{tmp_path / 'cli'}.bin",
+                          "already exist", "--overwrite")
+    assert bytes_of(tmp_path / "cli") == before
+    assert subprocess.run(again + ["--overwrite"], capture_output=True, text=True).returncode == 0
+    assert PackedDataset(tmp_path / "cli").seq_len == 32
 
 
 def test_cli_errors_name_the_file_and_line(work, tmp_path):
@@ -419,7 +429,7 @@ def test_a_failure_leaves_nothing_that_looks_complete(work, tmp_path):
     pack([str(work["corpus"])], str(work["tok"]), 64, str(tmp_path / "old"), progress=False)
     before = bytes_of(tmp_path / "old")
     with pytest.raises(DataError):
-        pack([str(late)], str(work["tok"]), 64, str(tmp_path / "old"), progress=False)
+        pack([str(late)], str(work["tok"]), 64, str(tmp_path / "old"), progress=False, overwrite=True)
     assert bytes_of(tmp_path / "old") == before and len(PackedDataset(tmp_path / "old")) > 0  # the old pack stays
     assert sorted(p.name for p in tmp_path.glob("old*")) == ["old.bin", "old.idx", "old.json"]
 
