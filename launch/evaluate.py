@@ -9,7 +9,7 @@ markdown table is printed. The logic lives in megatron_mlkv/evaluate.py; see the
 import argparse
 import sys
 
-from megatron_mlkv.evaluate import (DEFAULT_TASKS, EvaluationError, evaluate_checkpoint, format_error,
+from megatron_mlkv.evaluate import (DEFAULT_TASKS, DTYPES, EvaluationError, evaluate_checkpoint, format_error,
                                     format_results)
 
 
@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=float, help="at most N documents per task (a fraction if < 1; for quick checks)")
     p.add_argument("--batch-size", default="8", help="batch size, or 'auto' (default 8)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="what the model computes in, as lm-eval's dtype= (default auto: the checkpoint's own)")
     p.add_argument("--out", required=True, help="JSON file for the results (written atomically)")
     return p
 
@@ -33,7 +35,8 @@ def main(argv=None) -> int:
     batch_size = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
     try:
         result = evaluate_checkpoint(args.model, args.tasks, include_path=args.include_path, limit=limit,
-                                     batch_size=batch_size, out_path=args.out, device=args.device)
+                                     batch_size=batch_size, out_path=args.out, device=args.device,
+                                     dtype=args.dtype)
     except EvaluationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

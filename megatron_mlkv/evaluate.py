@@ -23,6 +23,7 @@ import torch
 from .config import MLKVConfig
 
 DEFAULT_TASKS = ("arc_easy", "lambada_openai", "piqa", "sciq")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # what the model computes in; 'auto': the checkpoint's own
 KV_DTYPE = "fp16"  # the cache dtype KV bytes per token are reported in (the paper's inference setting)
 HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -88,13 +89,14 @@ def make_task_manager(tasks: Sequence[str], include_path: str | os.PathLike | No
 def evaluate_checkpoint(model_dir: str | os.PathLike, tasks: str | Sequence[str] = DEFAULT_TASKS,
                         include_path: str | os.PathLike | None = None, limit: int | float | None = None,
                         batch_size: int | str = 8, out_path: str | os.PathLike | None = None,
-                        device: str | None = None) -> dict:
+                        device: str | None = None, dtype: str = "auto") -> dict:
     """Evaluate one checkpoint with lm-eval and return (and write to `out_path`) the result dict.
 
     The dict holds lm-eval's `results` (task -> {'acc,none': ..., ...}), `higher_is_better`,
     `n-samples`, `versions`, `n-shot` and `config`, plus the model's `layout` (name, m, g, owner map)
     and `kv_bytes_per_token`. `limit` caps documents per task (a fraction if < 1); `batch_size` may be
-    'auto'; `device` defaults to `default_device()`. The caller's random states are left as they were
+    'auto'; `device` defaults to `default_device()`; `dtype` is one of DTYPES, 'auto' (the checkpoint's
+    own, lm-eval's default) or the one the model computes in. The caller's random states are left as they were
     (lm-eval reseeds them). Raises EvaluationError for a missing model or unknown task; lm-eval's and
     datasets' own errors (e.g. data that cannot be downloaded) propagate.
     """
@@ -111,8 +113,9 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, tasks: str | Sequence[str]
         try:
             # The model is loaded here, not by HFLM from the path: HFLM would then start an accelerate
             # Accelerator, which under a distributed training launcher sees WORLD_SIZE > 1 and waits
-            # for ranks that are not evaluating. The load is the one HFLM does (dtype 'auto', remote code).
-            model = _load_model(model_dir, device)
+            # for ranks that are not evaluating. The load is the one HFLM does (`dtype`, remote code).
+            model = _load_model(model_dir, device, dtype)
+            loaded_dtype = str(model.dtype).removeprefix("torch.")
             with _quiet("lm_eval.models.huggingface"):  # its warnings about being passed a loaded model
                 lm = HFLM(pretrained=model, batch_size=batch_size, trust_remote_code=True)
             output = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
@@ -127,7 +130,7 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, tasks: str | Sequence[str]
               **layout_summary(config),
               **{k: output[k] for k in ("results", "higher_is_better", "n-samples", "versions", "n-shot",
                                         "config", "lm_eval_version", "date") if k in output}}
-    result["config"] = {**result.get("config", {}), "model": str(model_dir), "device": device,
+    result["config"] = {**result.get("config", {}), "model": str(model_dir), "device": device, "dtype": loaded_dtype,
                         "include_path": str(include_path) if include_path is not None else None}
     result = json.loads(json.dumps(result, default=handle_non_serializable))
     if out_path is not None:
@@ -207,10 +210,13 @@ def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
     return Path(path)
 
 
-def _load_model(model: str | os.PathLike, device: str) -> torch.nn.Module:
+def _load_model(model: str | os.PathLike, device: str, dtype: str = "auto") -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    loaded = AutoModelForCausalLM.from_pretrained(str(model), dtype="auto", trust_remote_code=True)
+    if dtype not in DTYPES:
+        raise EvaluationError(f"--dtype {dtype}: allowed {', '.join(DTYPES)}")
+    loaded = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                                                  trust_remote_code=True)
     return loaded.to(device).eval()
 
 

@@ -111,21 +111,25 @@ def run_cli(script: str, *args, cwd=None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
-def test_cli_matches_lm_eval_hf_loader(workspace, offline):
-    """launch/evaluate.py gives lm-eval's own `--model hf` numbers on a converted MLKV checkpoint."""
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_cli_matches_lm_eval_hf_loader(workspace, offline, dtype):
+    """launch/evaluate.py gives lm-eval's own `--model hf` numbers on a converted MLKV checkpoint (float32),
+    in its own dtype (lm-eval's default) and in another one."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    out = workspace["root"] / "eval" / "mlkv-2.json"
+    out = workspace["root"] / f"eval-{dtype}" / "mlkv-2.json"
     proc = run_cli("evaluate.py", "--model", workspace["model"], "--tasks", ",".join(TASKS),
                    "--include-path", workspace["tasks"], "--limit", LIMIT, "--batch-size", BATCH,
-                   "--out", out, cwd=workspace["root"])
+                   *(["--dtype", dtype] if dtype != "auto" else []), "--out", out, cwd=workspace["root"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| tiny_mc | acc |" in proc.stdout and "MLKV-2" in proc.stdout
     assert sorted(p.name for p in out.parent.iterdir()) == ["mlkv-2.json"]  # no temporary left behind
     ours = json.loads(out.read_text())
+    assert ours["config"]["dtype"] == ("float32" if dtype == "auto" else dtype)
 
-    ref = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={workspace['model']},trust_remote_code=True",
+    model_args = f"pretrained={workspace['model']},trust_remote_code=True,dtype={dtype}"
+    ref = lm_eval.simple_evaluate(model="hf", model_args=model_args,
                                   tasks=TASKS, task_manager=TaskManager(include_path=str(workspace["tasks"])),
                                   limit=LIMIT, batch_size=BATCH, device="cpu", log_samples=False)
     for task in TASKS:
