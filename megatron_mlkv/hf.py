@@ -18,6 +18,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+PARTIAL = ".tmp-"  # an export is written to `.NAME.tmp-XXXX` beside NAME, then renamed
 
 
 def special_token_ids(hf_config) -> dict:
@@ -68,7 +69,7 @@ def export_pretrained(state_dict: dict, config: MLKVConfig, out_dir: str | os.Pa
     model.load_state_dict(state, strict=True, assign=True)
     if dtype is not None:
         model.config.dtype = dtype
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL}", dir=out.parent))
     try:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         copy_tokenizer_files(tokenizer_from, tmp)
@@ -79,6 +80,15 @@ def export_pretrained(state_dict: dict, config: MLKVConfig, out_dir: str | os.Pa
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def remove_partial_exports(parent: str | os.PathLike) -> list[Path]:
+    """Delete the temporary folders that exports into `parent` left when killed midway; returns them.
+    Only while nothing exports into `parent`."""
+    removed = [p for p in Path(parent).glob(f".*{PARTIAL}*") if p.is_dir()]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MLKVTransformer:

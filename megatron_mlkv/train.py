@@ -39,7 +39,7 @@ from torch import nn
 from . import tensor_parallel as tp
 from .config import MLKVConfig
 from .data import DataError, PackedDataset, Prefetcher, RowSampler, collate, rank_slice
-from .hf import CheckpointError, export_pretrained, load_pretrained, special_token_ids
+from .hf import CheckpointError, export_pretrained, load_pretrained, remove_partial_exports, special_token_ids
 from .loss import lm_loss_sum
 from .packing import decays, pack_layers
 
@@ -606,6 +606,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self._check_resumable()
+        if self.rank == 0:
+            for partial in remove_partial_exports(self.run_dir / "hf"):
+                print(f"removed {partial}, an export a killed run left unfinished", flush=True)
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.groups = tp.init_groups(self.args.tp)
         dist.barrier()

@@ -134,10 +134,15 @@ def test_two_rank_zero2_loss_falls_and_everything_is_written(zero2_run):
 @pytest.mark.slow
 def test_rerunning_a_finished_run_does_nothing(workdir, zero2_run):
     before = (zero2_run / "metrics.jsonl").read_text()
+    partial = zero2_run / "hf" / ".step_8.tmp-k1lled"  # what an export killed midway leaves
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")
     result = uptrain(workdir, zero2_run, ds_config(workdir, "zero2.json"), "--save-interval", 4)
     ok(result)
     assert "already complete" in result.stdout
     assert (zero2_run / "metrics.jsonl").read_text() == before
+    assert f"removed {partial}" in result.stdout and not partial.exists()
+    assert sorted(p.name for p in (zero2_run / "hf").iterdir()) == ["step_4", "step_8"]
 
 
 @pytest.mark.slow
