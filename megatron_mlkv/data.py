@@ -733,12 +733,20 @@ def pack(inputs, tokenizer: str, seq_len: int, out_prefix: str, num_docs: int | 
         final["bin"].parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"--out {out_prefix}: cannot create {final['bin'].parent} ({e.strerror})") from None
-    stats = {"documents": 0, "document_tokens": 0, "truncated_tokens": 0, "split_documents": 0}
+    stats = {"documents": 0, "empty_documents": 0, "document_tokens": 0, "truncated_tokens": 0,
+             "split_documents": 0}
     bar = None  # made at the first document, so an error before it is the only thing on stderr
+
+    def non_empty(texts):  # an empty or blank document would be an end-of-document token alone
+        for text in texts:
+            if text.strip():
+                yield text
+            else:
+                stats["empty_documents"] += 1
 
     def documents():
         nonlocal bar
-        texts = select_documents(iter_documents(inputs, text_key), num_docs, fraction, seed)
+        texts = select_documents(non_empty(iter_documents(inputs, text_key)), num_docs, fraction, seed)
         for doc in encode_documents(texts, tok, workers):
             if bar is None:
                 bar = tqdm(desc=f"pack {Path(out_prefix).name}", unit=" docs", total=num_docs, disable=not progress)
@@ -764,7 +772,8 @@ def pack(inputs, tokenizer: str, seq_len: int, out_prefix: str, num_docs: int | 
         writer.write_index(tmp["idx"])
         kept = int(np.sum(np.asarray(writer.row_tokens, dtype=np.int64)))
         meta = {
-            "seq_len": seq_len, "rows": rows, "documents": stats["documents"], "pieces": len(writer.doc_starts),
+            "seq_len": seq_len, "rows": rows, "documents": stats["documents"],
+            "empty_documents": stats["empty_documents"], "pieces": len(writer.doc_starts),
             "document_tokens": stats["document_tokens"], "kept_tokens": kept,
             "truncated_tokens": stats["truncated_tokens"], "split_documents": stats["split_documents"],
             "padding_tokens": rows * seq_len - kept, "fill_ratio": kept / (rows * seq_len),

@@ -235,8 +235,14 @@ def test_every_input_format_gives_the_same_rows(work, tmp_path):
     for k in range(3):  # 'part-1' sorts before 'part-2': the glob keeps source order
         write_jsonl(parts / f"part-{k}.jsonl", docs[k * 50:(k + 1) * 50])
 
+    docs_and_blanks = [x for i, t in enumerate(docs) for x in ([t, "", "  \n "] if i % 40 == 0 else [t])]
+    write_jsonl(src / "blanks.jsonl", docs_and_blanks)  # blank documents are skipped, and counted
+
     pack([str(work["corpus"])], tok, 64, str(tmp_path / "base"), progress=False)
     base = bytes_of(tmp_path / "base")
+    meta = pack([str(src / "blanks.jsonl")], tok, 64, str(tmp_path / "blanks"), num_docs=len(docs), progress=False)
+    assert bytes_of(tmp_path / "blanks") == base
+    assert (meta["documents"], meta["empty_documents"]) == (len(docs), 8)
     cases = {"zst": [str(src / "c.jsonl.zst")], "json": [str(src / "c.json")], "parquet": [str(src / "c.parquet")],
              "txt": [str(src / "c.txt")], "glob": [str(parts / "part-*.jsonl")], "folder": [str(parts)],
              "list": [str(parts / f"part-{k}.jsonl") for k in range(3)]}
