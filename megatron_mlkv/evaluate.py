@@ -95,8 +95,8 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, tasks: str | Sequence[str]
     The dict holds lm-eval's `results` (task -> {'acc,none': ..., ...}), `higher_is_better`,
     `n-samples`, `versions`, `n-shot` and `config`, plus the model's `layout` (name, m, g, owner map)
     and `kv_bytes_per_token`. `limit` caps documents per task (a fraction if < 1); `batch_size` may be
-    'auto'; `device` defaults to `default_device()`; `dtype` is one of DTYPES, 'auto' (the checkpoint's
-    own, lm-eval's default) or the one the model computes in. The caller's random states are left as they were
+    'auto'; `device` defaults to `default_device()`; `dtype` (one of DTYPES) is what the model computes
+    in, 'auto' (lm-eval's default) the checkpoint's own. The caller's random states are left as they were
     (lm-eval reseeds them). Raises EvaluationError for a missing model or unknown task; lm-eval's and
     datasets' own errors (e.g. data that cannot be downloaded) propagate.
     """
