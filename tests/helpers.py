@@ -68,6 +68,14 @@ def model_for(layout: str, seed=0, **changes) -> MLKVTransformer:
     return random_mlkv(cfg, seed=seed, std=0.1)
 
 
+def left_padded(prompts, pad=1):
+    """Prompts (lists of ids) left-padded with `pad` to one width: ids and attention mask, each (b, s)."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
 # triton picks its CPU interpreter when it is imported, so a test file's triton tests run in a child
 # pytest with TRITON_INTERPRET=1 (`run_interpreted`); in the parent they are skipped (`interpreted`)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 from megatron_mlkv.generate import StaticDecoder, StaticKVCache, generate, pad_mlp_
 from megatron_mlkv.hf import export_pretrained
 
-from helpers import LAYOUTS, model_for
+from helpers import LAYOUTS, left_padded, model_for
 
 
 def greedy_uncached(model, ids, mask, steps):
@@ -17,13 +17,6 @@ def greedy_uncached(model, ids, mask, steps):
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return ids
-
-
-def left_padded(prompts, pad=1):
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

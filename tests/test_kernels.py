@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from megatron_mlkv.model import apply_rotary, rotary_cos_sin
 
-from helpers import LAYOUTS, interpreted, interpreter_parent, model_for, run_interpreted
-from test_generate import greedy_uncached, left_padded
+from helpers import LAYOUTS, interpreted, interpreter_parent, left_padded, model_for, run_interpreted
+from test_generate import greedy_uncached
 
 
 @pytest.mark.slow

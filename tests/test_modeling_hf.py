@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from megatron_mlkv.hf import CheckpointError, export_pretrained, load_pretrained, output_cache
 
-from helpers import LAYOUTS, gpt_neox, mlkv_from_gpt_neox, model_for, random_mlkv, tiny_config
+from helpers import LAYOUTS, gpt_neox, left_padded, mlkv_from_gpt_neox, model_for, random_mlkv, tiny_config
 
 pytestmark = pytest.mark.compat  # the exported remote code under transformers: also run by `make test-compat`
 
@@ -86,9 +86,8 @@ def test_cached_generate_equals_uncached_greedy_with_left_padding(tmp_path, layo
     model = hf_model(path)
     pad = 1
     prompts = [[5, 17, 33, 2, 8, 90, 12], [44, 3, 9], [7, 7, 61, 20, 5]]
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids, mask = left_padded(prompts, pad)
+    width = ids.shape[1]
     cached = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=pad)
     assert torch.equal(cached, greedy_uncached(model, ids, mask, 10))
     for row, prompt in enumerate(prompts):  # padding changes nothing: each prompt alone decodes the same
