@@ -13,7 +13,9 @@ Three files per prefix:
                    doc_ptr      u64[rows + 1]  row i's documents are doc_starts[doc_ptr[i]:doc_ptr[i + 1]]
                    row_tokens   u32[rows]      real tokens at the start of row i; the rest is padding
                    doc_starts   u32[pieces]    offset of each document (or document piece) in its row
-    PREFIX.json  metadata: tokenizer, sources, counts, fill ratio, ids, versions
+    PREFIX.json  metadata: tokenizer, sources, counts, fill ratio, ids, versions, and the fingerprint:
+                 an XXH3-128 digest of .bin and of .idx (`integrity`), which `PackedDataset.verify`
+                 checks, so a file damaged or replaced after packing is found before training
 
 The three files are written under temporary names and renamed at the end, .json last: a prefix with a
 .json is complete.
@@ -39,6 +41,8 @@ from array import array
 from pathlib import Path
 
 import numpy as np
+
+from .integrity import ALGORITHM, file_digest
 
 MAGIC = b"MLKVPACK"
 VERSION = 1
@@ -110,6 +114,49 @@ class PackedDataset:
         self.eod_id = int(self.meta["eod_id"])
         self.vocab_size = int(self.meta["vocab_size"])
         self._maps = None
+
+    def verify(self) -> dict:
+        """Check the files against the fingerprint in PREFIX.json; returns the fingerprint.
+
+        Reads every byte (as fast as the disk: XXH3). A pack from before fingerprints has none: its
+        fingerprint is computed, and its largest token id found in the same pass, so an id beyond
+        the index header's is still caught. Raises DataError naming the file that differs."""
+        expected = self.meta.get("fingerprint")
+        largest = 0
+
+        def scan(block):
+            nonlocal largest
+            ids = np.frombuffer(block, self.dtype, count=len(block) // self.dtype.itemsize)
+            if ids.size:
+                largest = max(largest, int(ids.max()))
+
+        got = {"algorithm": ALGORITHM,
+               "bin": file_digest(f"{self.prefix}.bin", on_block=None if expected else scan),
+               "idx": file_digest(f"{self.prefix}.idx")}
+        if expected is None:
+            if largest > self.max_token_id:
+                raise DataError(f"{self.prefix}.bin: holds token id {largest}, its index says the largest is "
+                                f"{self.max_token_id}; the file is damaged: re-run pack_pile.py")
+            return got
+        for ext in ("bin", "idx"):
+            if expected.get("algorithm") != ALGORITHM or got[ext] != expected.get(ext):
+                raise DataError(f"{self.prefix}.{ext}: its content does not match the fingerprint in "
+                                f"{self.prefix}.json; the file changed after packing (damaged or replaced): "
+                                f"re-run pack_pile.py")
+        return got
+
+    def check_ids(self, rows, limit: int) -> None:
+        """Raise DataError, naming the file and the row, when one of `rows` holds a token id >= `limit`
+        (what an embedding would index out of range; on a GPU a device-side assert)."""
+        rows = np.asarray(rows)
+        if rows.size == 0:
+            return
+        largest = self._arrays()["tokens"][rows].max(axis=1)
+        bad = np.flatnonzero(largest >= limit)
+        if bad.size:
+            raise DataError(f"{self.prefix}.bin: row {int(rows[bad[0]])} holds token id {int(largest[bad[0]])}, "
+                            f"beyond the model's vocabulary of {limit}; the file changed after it was "
+                            f"verified: re-run pack_pile.py")
 
     def _arrays(self) -> dict:
         """The memory maps of this process (made on first use)."""
@@ -770,6 +817,7 @@ def pack(inputs, tokenizer: str, seq_len: int, out_prefix: str, num_docs: int | 
             raise DataError(f"--tokenizer {tok.name}: produced token id {writer.max_id}, beyond its vocabulary "
                             f"of {tok.vocab_size}")
         writer.write_index(tmp["idx"])
+        fingerprint = {"algorithm": ALGORITHM, "bin": file_digest(tmp["bin"]), "idx": file_digest(tmp["idx"])}
         kept = int(np.sum(np.asarray(writer.row_tokens, dtype=np.int64)))
         meta = {
             "seq_len": seq_len, "rows": rows, "documents": stats["documents"],
@@ -781,7 +829,7 @@ def pack(inputs, tokenizer: str, seq_len: int, out_prefix: str, num_docs: int | 
             "pad_id": tok.eod_id, "max_token_id": writer.max_id, "dtype": dtype.name,
             "sources": inputs, "files": None if isinstance(sources, str) else [str(p) for p in sources],
             "text_key": text_key, "num_docs": num_docs, "fraction": fraction, "seed": seed,
-            "max_doc_tokens": max_doc_tokens, "versions": _versions(),
+            "max_doc_tokens": max_doc_tokens, "fingerprint": fingerprint, "versions": _versions(),
         }
         tmp["json"].write_text(json.dumps(meta, indent=2) + "\n")
         final["json"].unlink(missing_ok=True)  # from here until the last rename the prefix reads as incomplete

@@ -45,8 +45,9 @@ from .packing import decays, pack_layers
 
 COMPLETE = "COMPLETE"
 # run_config.json keys a resumed run must share with the run it continues
-RESUME_KEYS = ("init", "data", "valid_data", "valid_rows", "tp", "seed", "global_batch", "total_steps",
-               "lr", "min_lr_ratio", "warmup_ratio", "weight_decay")
+# (the data's content first: data that changed also changes the step count)
+RESUME_KEYS = ("data_fingerprint", "valid_data_fingerprint", "init", "data", "valid_data", "valid_rows", "tp",
+               "seed", "global_batch", "total_steps", "lr", "min_lr_ratio", "warmup_ratio", "weight_decay")
 
 
 class UptrainError(ValueError):
@@ -339,10 +340,16 @@ def _fail(message: str, rank: int, code: int = 2) -> None:
 
 
 def _open_data(prefix: str, flag: str, config: MLKVConfig) -> PackedDataset:
+    """Open a packed prefix, verify its content against its fingerprint (`PackedDataset.verify`, kept
+    as `ds.fingerprint`) and check that it fits the model."""
     try:
         ds = PackedDataset(prefix)
+        ds.fingerprint = ds.verify()
     except (DataError, OSError) as e:
         raise UptrainError(f"{flag} {prefix}: {e}") from None
+    if "fingerprint" not in ds.meta and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: {prefix}.json has no fingerprint (packed by an older version): its files cannot be "
+              f"checked against the pack; re-run pack_pile.py to add one", file=sys.stderr, flush=True)
     if ds.seq_len > config.max_position_embeddings:
         raise UptrainError(f"{flag} {prefix}: rows of {ds.seq_len} tokens exceed the model's "
                            f"max_position_embeddings {config.max_position_embeddings}")
@@ -426,6 +433,8 @@ class Trainer:
         a = self.args
         return {"init": str(Path(a.init).resolve()), "data": str(Path(a.data).resolve()),
                 "valid_data": str(Path(a.valid_data).resolve()) if a.valid_data else None,
+                "data_fingerprint": self.data.fingerprint,
+                "valid_data_fingerprint": self.valid.fingerprint if self.valid is not None else None,
                 "valid_rows": a.valid_rows, "tp": a.tp, "seed": a.seed, "global_batch": self.global_batch,
                 "total_steps": self.total_steps, "lr": a.lr, "min_lr_ratio": a.min_lr_ratio,
                 "warmup_ratio": a.warmup_ratio, "weight_decay": a.weight_decay, "world_size": self.world,
@@ -438,6 +447,13 @@ class Trainer:
         if path.exists():
             saved = json.loads(path.read_text())
             for key in RESUME_KEYS:
+                if key.endswith("fingerprint") and key in saved and saved[key] != current[key]:
+                    flag = "--" + key.removesuffix("_fingerprint").replace("_", "-")
+                    raise UptrainError(f"--out {self.run_dir} holds a run on other data: the files of {flag} "
+                                       f"{getattr(self.args, key.removesuffix('_fingerprint'))} changed since it "
+                                       f"started (their fingerprint differs); restore them, or choose a new --out")
+                if key.endswith("fingerprint"):
+                    continue  # runs started before fingerprints were recorded have none
                 if saved.get(key) != current[key]:
                     raise UptrainError(f"--out {self.run_dir} holds a run with {key} = {saved.get(key)!r}, this "
                                        f"command gives {current[key]!r}; rerun the same command to resume, or "
@@ -469,6 +485,10 @@ class Trainer:
     def _micro_batches(self, step: int):
         """This rank's `gas` micro-batches of step `step`, and the global batch's real-token count."""
         rows = self.sampler.batch(step)
+        try:  # every rank checks the whole global batch, so all of them stop with the same line
+            self.data.check_ids(rows, self.config.vocab_size)
+        except DataError as e:
+            raise UptrainError(f"--data: step {step + 1}: {e}") from None
         n_tokens = sum(int(self.data.loss_mask(r)[1:].sum()) for r in rows)
         mine = rank_slice(rows, self.groups.dp_rank, self.groups.dp_size)
         batches = [collate(self.data, mine[i * self.micro:(i + 1) * self.micro], self.device)

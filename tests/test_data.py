@@ -473,3 +473,65 @@ def test_corrupt_or_truncated_packed_files_are_one_line_errors(packed, tmp_path)
     meta = json.loads(Path(f"{other}.json").read_text())
     Path(f"{other}.json").write_text(json.dumps({**meta, "rows": meta["rows"] + 1}))
     assert "different packs" in error(other)
+
+
+def overwrite_bytes(path, at: int, value: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(value)
+
+
+def copy_pack(src: Path, dst: Path) -> Path:
+    import shutil
+    for ext in ("bin", "idx", "json"):
+        shutil.copy(f"{src}.{ext}", f"{dst}.{ext}")
+    return dst
+
+
+def test_the_fingerprint_finds_files_changed_after_packing(work, packed, tmp_path):
+    ds = PackedDataset(packed)
+    fingerprint = ds.verify()
+    assert fingerprint == ds.meta["fingerprint"] and fingerprint["algorithm"] == "xxh3_128"
+    assert ds.meta["max_token_id"] == int(np.fromfile(f"{packed}.bin", ds.dtype).max())  # the true largest id
+    # ten bytes of 0xff in the middle of .bin: sizes and header intact, so opening succeeds
+    bad = copy_pack(packed, tmp_path / "bad_bin")
+    overwrite_bytes(f"{bad}.bin", 40, b"\xff" * 10)
+    ds = PackedDataset(bad)
+    with pytest.raises(DataError, match=f"^{bad}.bin: its content does not match the fingerprint in {bad}.json"):
+        ds.verify()
+    # the same check for the index: one document boundary moved
+    bad = copy_pack(packed, tmp_path / "bad_idx")
+    size = Path(f"{bad}.idx").stat().st_size
+    overwrite_bytes(f"{bad}.idx", size - 4, b"\x01\x00\x00\x00")
+    with pytest.raises(DataError, match=f"^{bad}.idx: its content does not match"):
+        PackedDataset(bad).verify()
+    # a re-pack of other documents at the same prefix has another fingerprint
+    other = tmp_path / "other"
+    pack([str(write_jsonl(tmp_path / "o.jsonl", make_docs(150, seed=9)))], str(work["tok"]), 32, str(other),
+         progress=False)
+    assert PackedDataset(other).verify() != fingerprint
+
+
+def test_a_pack_without_fingerprint_is_scanned_for_its_largest_id(packed, tmp_path):
+    old = copy_pack(packed, tmp_path / "old")
+    meta = json.loads(Path(f"{old}.json").read_text())
+    del meta["fingerprint"]
+    Path(f"{old}.json").write_text(json.dumps(meta))
+    assert PackedDataset(old).verify() == PackedDataset(packed).verify()  # computed, the same digests
+    overwrite_bytes(f"{old}.bin", 40, b"\xff" * 10)
+    with pytest.raises(DataError, match=f"^{old}.bin: holds token id 65535, its index says the largest is"):
+        PackedDataset(old).verify()
+
+
+def test_each_batch_is_checked_for_ids_beyond_the_vocabulary(packed, tmp_path):
+    ds = PackedDataset(packed)
+    ds.check_ids(np.arange(len(ds)), ds.max_token_id + 1)  # nothing beyond: no error
+    with pytest.raises(DataError, match=f"^{packed}.bin: row \\d+ holds token id {ds.max_token_id}, beyond the "
+                                        f"model's vocabulary of {ds.max_token_id}"):
+        ds.check_ids(np.arange(len(ds)), ds.max_token_id)
+    bad = copy_pack(packed, tmp_path / "bad")
+    overwrite_bytes(f"{bad}.bin", 5 * 32 * 2 + 6, b"\xff\xff")  # row 5, token 3
+    ds = PackedDataset(bad)
+    ds.check_ids([0, 1, 2, 4], 1000)
+    with pytest.raises(DataError, match=f"^{bad}.bin: row 5 holds token id 65535"):
+        ds.check_ids([0, 7, 5, 2], 1000)

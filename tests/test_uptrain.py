@@ -337,6 +337,52 @@ def test_data_that_does_not_fit_the_model_is_rejected(workdir, tmp_path):
     assert_one_line_error(run_single(workdir, tmp_path, "--valid-rows", 10 ** 6), "--valid-rows")
 
 
+def test_data_changed_after_packing_is_refused_before_the_first_step(workdir, tmp_path):
+    data = tmp_path / "data"
+    for ext in ("bin", "idx", "json"):
+        Path(f"{data}.{ext}").write_bytes(Path(f"{workdir / 'train'}.{ext}").read_bytes())
+    with open(f"{data}.bin", "r+b") as f:  # ten bytes of 0xff, header and index intact
+        f.seek(1000)
+        f.write(b"\xff" * 10)
+    assert_one_line_error(run_single(workdir, tmp_path, data=data), f"--data {data}: {data}.bin",
+                          "does not match the fingerprint")
+
+
+def test_a_batch_damaged_after_start_up_stops_the_run_with_one_line(workdir, tmp_path):
+    """The host checks each global batch's ids before they reach the model (on a GPU an id beyond the
+    embedding is a device-side assert): here the file is damaged after the start-up verification."""
+    from megatron_mlkv.train import Trainer, UptrainError
+    data = tmp_path / "data"
+    pack([str(workdir / "train.jsonl")], str(workdir / "tok"), 64, str(data), progress=False)
+    argv = ["--ds_config", str(ds_config(workdir, "zero2.json", micro=8)), "--init", str(workdir / "mlkv"),
+            "--data", str(data), "--out", str(tmp_path / "run")]
+    trainer = Trainer(UPTRAIN.build_parser().parse_args(argv))
+    trainer.groups, trainer.device = types.SimpleNamespace(dp_rank=0, dp_size=1), torch.device("cpu")
+    batches, _ = trainer._micro_batches(2)
+    row = int(trainer.sampler.batch(2)[3])
+    with open(f"{data}.bin", "r+b") as f:
+        f.seek(row * 64 * 2 + 10)
+        f.write(b"\xff\xff")
+    trainer._micro_batches(1)  # other rows: fine
+    with pytest.raises(UptrainError, match=f"^--data: step 3: {data}.bin: row {row} holds token id 65535, beyond "
+                                           f"the model's vocabulary of"):
+        trainer._micro_batches(2)
+
+
+def test_resuming_on_repacked_data_is_refused(workdir, tmp_path):
+    """A run started on PREFIX, then PREFIX re-packed from other documents: the rerun is refused."""
+    data = tmp_path / "data"
+    pack([str(workdir / "train.jsonl")], str(workdir / "tok"), 64, str(data), progress=False)
+    argv = ["--ds_config", str(ds_config(workdir, "zero2.json")), "--init", str(workdir / "mlkv"),
+            "--data", str(data), "--out", str(tmp_path / "run"), "--train-iters", "8"]
+    from megatron_mlkv.train import Trainer
+    Trainer(UPTRAIN.build_parser().parse_args(argv))._check_resumable()  # what the first start records
+    pack([str(workdir / "valid.jsonl")], str(workdir / "tok"), 64, str(data), progress=False, overwrite=True)
+    assert_one_line_error(run_single(workdir, tmp_path, "--train-iters", 8, data=data),
+                          f"--out {tmp_path / 'run'} holds a run on "
+                          f"other data: the files of --data {data} changed")
+
+
 def test_invalid_tp_for_the_layout_is_rejected(workdir, tmp_path):
     # h = 4, g = 1: T = 2 is valid (replicated KV); h = 4 with T = 3 fails on divisibility of the world
     gqa = tmp_path / "gqa"
