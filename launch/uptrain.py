@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation rows: the first N of --valid-data, or else the last N of --data held out")
     p.add_argument("--save-interval", type=int, default=1000, help="checkpoint (and validate, export) every N steps")
     p.add_argument("--keep-last", type=int, default=0, help="keep only the newest K DeepSpeed checkpoints (0: all)")
+    p.add_argument("--export-dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="dtype of the transformers export of each checkpoint: auto = the training weights' "
+                        "(bfloat16 under the shipped configs); float32 = the optimizer's fp32 master weights")
     p.add_argument("--log-interval", type=int, default=1, help="log metrics every N steps")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute layer activations in backward")
     p.add_argument("--no-compile", dest="compile", action="store_false",

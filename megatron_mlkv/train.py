@@ -13,7 +13,9 @@ Run folder:
     RUN_DIR/run_config.json          what must not change between a run and its resumption
     RUN_DIR/metrics.jsonl            one JSON object per logged step (and per validation)
     RUN_DIR/tensorboard/             the same scalars as TensorBoard events
-    RUN_DIR/checkpoints/step_N/      DeepSpeed checkpoints; complete once `step_N/COMPLETE` exists
+    RUN_DIR/checkpoints/step_N/      DeepSpeed checkpoints; complete once `step_N/COMPLETE` exists (it holds
+                                     the manifest of the folder's files: sizes and XXH3 checksums)
+    RUN_DIR/checkpoints/latest       the newest complete checkpoint's tag (DeepSpeed's zero_to_fp32.py reads it)
     RUN_DIR/hf/step_N/               transformers export of each checkpoint
     RUN_DIR/eval/step_N.json         lm-evaluation-harness results (with --eval-tasks)
 """
@@ -40,10 +42,12 @@ from . import tensor_parallel as tp
 from .config import MLKVConfig
 from .data import DataError, PackedDataset, Prefetcher, RowSampler, collate, rank_slice
 from .hf import CheckpointError, export_pretrained, load_pretrained, remove_partial_exports, special_token_ids
+from .integrity import manifest, manifest_problem
 from .loss import lm_loss_sum
-from .packing import decays, pack_layers
+from .packing import decays, pack_layers, unpack_tensors, unpacked_checkpoint
 
-COMPLETE = "COMPLETE"
+COMPLETE = "COMPLETE"  # written last into each checkpoint folder, with the manifest of its files
+LATEST = "latest"  # the newest complete checkpoint's tag, as DeepSpeed's own tools (zero_to_fp32.py) read it
 # run_config.json keys a resumed run must share with the run it continues
 # (the data's content first: data that changed also changes the step count)
 RESUME_KEYS = ("data_fingerprint", "valid_data_fingerprint", "init", "data", "valid_data", "valid_rows", "tp",
@@ -244,6 +248,40 @@ def checkpoint_steps(ckpt_dir: Path, complete_only: bool = True) -> list[int]:
     return sorted(int(d.name[5:]) for d in ckpt_dir.iterdir()
                   if d.is_dir() and d.name.startswith("step_") and d.name[5:].isdigit()
                   and (not complete_only or (d / COMPLETE).is_file()))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with a complete checkpoint folder (a file missing, resized or changed since its
+    manifest was written), or None. A checkpoint saved without a manifest has nothing to check."""
+    try:
+        marker = json.loads((folder / COMPLETE).read_text())
+    except (OSError, ValueError) as e:
+        return f"its {COMPLETE} marker is unreadable ({e.__class__.__name__})"
+    files = marker.get("files") if isinstance(marker, dict) else None
+    return None if files is None else manifest_problem(folder, files)
+
+
+def newest_intact_checkpoint(ckpt_dir: Path) -> tuple[int | None, list[tuple[int, str]]]:
+    """The newest complete checkpoint that matches its manifest (None if none does), and the newer
+    complete ones that do not, each with its problem."""
+    damaged = []
+    for step in reversed(checkpoint_steps(ckpt_dir)):
+        problem = checkpoint_problem(ckpt_dir / f"step_{step}")
+        if problem is None:
+            return step, damaged
+        damaged.append((step, problem))
+    return None, damaged
+
+
+def move_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint folder to `step_N.damaged` (`.damaged.2`, ...): kept for inspection,
+    no longer a checkpoint, so neither resumed from nor counted by --keep-last."""
+    aside, n = folder.with_name(f"{folder.name}.damaged"), 1
+    while aside.exists():
+        n += 1
+        aside = folder.with_name(f"{folder.name}.damaged.{n}")
+    os.replace(folder, aside)
+    return aside
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -538,7 +576,7 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------------------
 
     def _full_state_dict(self) -> dict | None:
-        """The TP=1 model state dict on rank 0 (None elsewhere); collective."""
+        """The TP=1 model state dict on rank 0 (None elsewhere), in the training dtype; collective."""
         stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         if stage == 3:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
@@ -548,6 +586,24 @@ class Trainer:
             sd = tp.gather_full_state_dict(model, self.groups.tp_group)
         else:
             sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return sd if self.rank == 0 else None
+
+    def _master_state_dict(self) -> dict | None:
+        """The TP=1 model state dict of the optimizer's float32 master weights (not the 16-bit copies
+        the forward uses) on rank 0, None elsewhere; collective (each parameter gathered over the
+        data-parallel ranks, then over the TP ranks)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+        model = self.engine.module.model
+        masters, by_param = {}, {}
+        for name, p in model.named_parameters(remove_duplicate=False):  # tied names share one tensor
+            if id(p) not in by_param:
+                full = safe_get_full_fp32_param(p)  # None when the optimizer keeps no other copy (fp32 training)
+                by_param[id(p)] = (p.detach() if full is None else full).float().cpu()
+            masters[name] = by_param[id(p)]
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # the buffers, and every name
+        sd.update(unpack_tensors(model, masters))
+        if self.args.tp > 1:
+            sd = tp.gather_full_tensors(sd, model.config, self.groups.tp_group)
         return sd if self.rank == 0 else None
 
     def save(self, step: int, valid_loss: float | None) -> None:
@@ -560,17 +616,20 @@ class Trainer:
         if self.rank == 0 and folder.exists():  # a save that was cut short: replace it
             shutil.rmtree(folder)
         dist.barrier()
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state, save_latest=False)
-        sd = self._full_state_dict()
+        with unpacked_checkpoint(self.engine):  # so zero_to_fp32.py writes the model's own names
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state, save_latest=False)
+        sd = self._master_state_dict() if self.args.export_dtype == "float32" else self._full_state_dict()
         if self.rank == 0:
-            export_dir = self.run_dir / "hf" / tag
-            export_pretrained(sd, self.config, export_dir, tokenizer_from=self.args.init, overwrite=True,
-                              dtype=next(iter(sd.values())).dtype, hf_kwargs=special_token_ids(self.hf_config))
+            dtype = getattr(torch, self.args.export_dtype, None) or next(iter(sd.values())).dtype
+            export_pretrained(sd, self.config, self.run_dir / "hf" / tag, tokenizer_from=self.args.init,
+                              overwrite=True, dtype=dtype, hf_kwargs=special_token_ids(self.hf_config))
         dist.barrier()
         if _fault("kill-in-save", step):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.rank == 0:
-            atomic_write(folder / COMPLETE, json.dumps({"step": step, "valid_loss": valid_loss}) + "\n")
+            files = manifest(folder, exclude=(COMPLETE,))
+            atomic_write(folder / COMPLETE, json.dumps({"step": step, "valid_loss": valid_loss, "files": files}) + "\n")
+            atomic_write(self.ckpt_dir / LATEST, tag)
             self._prune()
             if self.args.eval_tasks:
                 self._evaluate(step, self.run_dir / "hf" / tag)
@@ -598,13 +657,35 @@ class Trainer:
             return
         self.metrics.log({"step": step, **eval_scalars(result)})
 
-    def _resume(self) -> int:
-        steps = checkpoint_steps(self.ckpt_dir)
-        if not steps:
+    def _choose_checkpoint(self) -> int | None:
+        """The step to resume from: the newest complete checkpoint that matches its manifest (checked
+        on rank 0). Newer damaged ones are moved aside, each reported in one line; with complete
+        checkpoints but none intact, a CheckpointError. Collective."""
+        choice = [None]
+        if self.rank == 0:
+            step, damaged = newest_intact_checkpoint(self.ckpt_dir)
+            if step is None and damaged:
+                choice = [f"{self.ckpt_dir}: no intact checkpoint to resume from: " + "; ".join(
+                    f"step_{s}: {problem}" for s, problem in damaged) + "; restore the files, or choose a new --out"]
+            else:
+                for s, problem in damaged:
+                    aside = move_aside(self.ckpt_dir / f"step_{s}")
+                    print(f"skipping checkpoint step_{s}: {problem}; moved to {aside}", file=sys.stderr, flush=True)
+                if damaged:
+                    atomic_write(self.ckpt_dir / LATEST, f"step_{step}")
+                choice = [step]
+        dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], str):
+            raise CheckpointError(choice[0])
+        return choice[0]
+
+    def _resume(self, step: int | None) -> int:
+        if step is None:
             return 0
-        tag = f"step_{steps[-1]}"
+        tag = f"step_{step}"
         tp.check_resume_tp(self.ckpt_dir, self.args.tp, tag)
-        _, state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        with unpacked_checkpoint(self.engine):
+            _, state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         if state is None:
             raise CheckpointError(f"{self.ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
         rng = state["rng"]
@@ -632,8 +713,9 @@ class Trainer:
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.groups = tp.init_groups(self.args.tp)
         dist.barrier()
+        resume_from = self._choose_checkpoint()
         self.engine = self._build_engine()
-        start = self._resume()
+        start = self._resume(resume_from)
         self.metrics = MetricsLog(self.run_dir, start, enabled=self.rank == 0)
         if start >= self.total_steps:
             if self.rank == 0:

@@ -7,12 +7,29 @@ import pytest
 import torch
 
 from megatron_mlkv.data import Prefetcher
-from megatron_mlkv.packing import PACKS, pack_layers
+from megatron_mlkv.packing import PACKS, pack_layers, pieces, unpack_tensors
 from megatron_mlkv.train import param_groups
 
 from helpers import random_mlkv, tiny_config
 
 LAYOUTS = {"mha": tiny_config(), "mlkv": tiny_config().with_layout(2, 2)}
+
+
+def test_packed_tensors_split_into_the_state_dict_names():
+    """What a checkpoint's flat fp32 weights are cut into (zero_to_fp32.py, the float32 export): each
+    packed parameter's pieces are the unpacked model's parameters, same names, shapes and values."""
+    ref = random_mlkv(LAYOUTS["mlkv"], std=0.05)
+    packed = copy.deepcopy(ref)
+    pack_layers(packed)
+    where = pieces(packed)
+    assert sorted(where) == sorted(f"layers.{i}.{pack}" for i in range(len(packed.layers)) for pack in PACKS.values())
+    assert pieces(ref) == {}
+    flat = {name: p.detach() * 2 for name, p in packed.named_parameters()}  # any tensors of the packed shapes
+    got = unpack_tensors(packed, flat)
+    want = {name: p.detach() * 2 for name, p in ref.named_parameters()}
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
 
 
 def _loss(model, ids):

@@ -178,14 +178,78 @@ def test_sigkill_at_any_moment_resumes_with_identical_losses(workdir, zero2_run)
 
 
 @pytest.mark.slow
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(workdir, zero2_run):
+    import shutil
+    run = workdir / "runs" / "damaged"
+    shutil.copytree(zero2_run, run)
+    ckpt, config = run / "checkpoints", ds_config(workdir, "zero2.json")
+    shard = sorted((ckpt / "step_8").glob("*optim_states.pt"))[-1]
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[:-100])  # a file cut short
+    result = uptrain(workdir, run, config, "--save-interval", 4)
+    ok(result)
+    skipped = [line for line in result.stderr.splitlines() if "skipping checkpoint" in line]
+    assert skipped == [f"skipping checkpoint step_8: {shard.name} is {size - 100} bytes, {size} when saved; "
+                       f"moved to {ckpt / 'step_8.damaged'}"]
+    assert losses(run) == losses(zero2_run)  # steps 5-8 again from step_4: exactly the same
+    assert (ckpt / "step_8.damaged" / shard.name).stat().st_size == size - 100  # kept for inspection
+    assert (ckpt / "step_8" / "COMPLETE").is_file() and (ckpt / "latest").read_text() == "step_8"
+    # the same size, other bytes, in every checkpoint: nothing to fall back to, one line, nothing moved
+    for step in (4, 8):
+        with open(ckpt / f"step_{step}" / "mp_rank_00_model_states.pt", "r+b") as f:
+            f.seek(1000)
+            f.write(b"\xff" * 16)
+    result = uptrain(workdir, run, config, "--save-interval", 4)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert (f"error: {ckpt}: no intact checkpoint to resume from: step_8: mp_rank_00_model_states.pt does not "
+            f"match its checksum") in result.stderr
+    assert "; step_4: mp_rank_00_model_states.pt does not match" in result.stderr
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_4", "step_8", "step_8.damaged"]
+
+
+@pytest.mark.slow
+def test_zero_to_fp32_reads_our_checkpoints_and_the_float32_export_is_the_master_weights(workdir):
+    """bf16 mixed precision. DeepSpeed's own zero_to_fp32.py, run as its users do (no tag: it reads
+    `latest`), writes the model's own parameter names, which from_pretrained loads with nothing
+    missing; they are the --export-dtype float32 export, and the bf16 weights are their rounding."""
+    import shutil
+    from transformers import AutoModelForCausalLM
+    run = workdir / "runs" / "bf16"
+    config = ds_config(workdir, "zero2.json", bf16={"enabled": True, "check_grad_overflow": False})
+    ok(uptrain(workdir, run, config, "--train-iters", 4, "--save-interval", 2, "--export-dtype", "float32"))
+    ckpt, out = run / "checkpoints", run / "fp32"
+    assert (ckpt / "latest").read_text() == "step_4"
+    script = subprocess.run([sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(out), "--safe_serialization"],
+                            capture_output=True, text=True, timeout=300)
+    assert script.returncode == 0, script.stderr[-3000:]
+    for f in (run / "hf" / "step_4").iterdir():  # the weights need the export's config and modeling code
+        if f.suffix in (".json", ".py") and not f.name.startswith("model.safetensors"):
+            shutil.copy(f, out / f.name)
+    model, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32,
+                                                       output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    export = load_file_dir(run / "hf" / "step_4")
+    got = model.state_dict()
+    assert export.keys() <= got.keys() and all(v.dtype == torch.float32 for v in export.values())
+    for key, value in export.items():
+        assert torch.equal(got[key], value), key
+    bf16 = torch.load(ckpt / "step_4" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert {v.dtype for v in bf16.values() if v.is_floating_point()} == {torch.bfloat16}
+    for key, value in export.items():
+        assert torch.equal(bf16[key], value.to(torch.bfloat16)), key
+    assert any((v != v.to(torch.bfloat16).float()).any() for v in export.values())  # more than bf16 holds
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero1.json", "zero3.json", "zero2_offload.json"])
 def test_zero_stages_give_the_same_losses(workdir, zero2_run, stage):
     run = workdir / "runs" / stage.removesuffix(".json")
-    ok(uptrain(workdir, run, ds_config(workdir, stage), "--save-interval", 8))
+    ok(uptrain(workdir, run, ds_config(workdir, stage), "--save-interval", 8, "--export-dtype", "float32"))
     got, ref = losses(run), losses(zero2_run)
     assert got.keys() == ref.keys()
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=1e-5), step
+    assert_same_weights(run / "hf" / f"step_{STEPS}", zero2_run / "hf" / f"step_{STEPS}")  # the optimizer's fp32 copy
 
 
 @pytest.mark.slow
@@ -244,11 +308,21 @@ def test_tp2_with_sharded_kv_heads_matches_tp1(workdir):
 @pytest.mark.slow
 def test_tp2_times_dp2_with_zero2_matches(workdir, zero2_run):
     run = workdir / "runs" / "tp2_dp2"
-    ok(uptrain(workdir, run, ds_config(workdir, "zero2.json"), "--tp", 2, "--save-interval", 4, ranks=4))
+    ok(uptrain(workdir, run, ds_config(workdir, "zero2.json"), "--tp", 2, "--save-interval", 4, "--export-dtype",
+               "float32", ranks=4))
     assert_same_run(run, zero2_run)
+    assert_same_weights(run / "hf" / f"step_{STEPS}", zero2_run / "hf" / f"step_{STEPS}")  # gathered over DP and TP
     # resume keeps T: a different --tp is refused with the saved value named
     result = uptrain(workdir, run, ds_config(workdir, "zero2.json"), "--tp", 1, "--save-interval", 4, ranks=4)
     assert result.returncode != 0 and "tp" in result.stderr
+
+
+def assert_same_weights(got: Path, ref: Path) -> None:
+    a, b = load_file_dir(got), load_file_dir(ref)
+    assert a.keys() == b.keys()
+    for key in b:
+        assert a[key].dtype == b[key].dtype == torch.float32, key
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4, msg=key)  # lr 3e-3: a wrong tensor is far off
 
 
 def load_file_dir(folder: Path) -> dict:
