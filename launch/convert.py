@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the first units (the reference code)")
     p.add_argument("--no-match-params", dest="match_params", action="store_false",
                    help="keep the base's MLP width instead of matching its parameter count")
+    p.add_argument("--random-init", action="store_true",
+                   help="the layout with freshly initialised weights instead of the base's (a from-scratch baseline)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init (default 0)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the base's)")
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
@@ -45,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.paper_variants and args.random_init:
+        parser.error("--random-init makes one layout: give --out, not --paper-variants")
     if args.paper_variants:
         if not args.out_root or args.out or args.kv_layers or args.kv_groups or args.kv_owner_map:
             parser.error("--paper-variants takes --out-root, and none of --out, --kv-layers, --kv-groups, --kv-owner-map")
@@ -58,7 +63,8 @@ def main(argv=None) -> int:
             print(format_variants_table(convert_paper_variants(args.base, args.out_root, **common)))
         else:
             print(format_report(convert_checkpoint(args.base, args.out, args.kv_layers, args.kv_groups,
-                                                   args.kv_owner_map, **common)))
+                                                   args.kv_owner_map, random_init=args.random_init,
+                                                   seed=args.seed, **common)))
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ import torch
 from .config import ConfigError, MLKVConfig
 from .hf import TOKENIZER_FILES, CheckpointError, export_pretrained, special_token_ids
 from .layout import KVLayout
+from .model import MLKVTransformer
 
 MERGE_MODES = ("mean", "sequential")
 MLP_INITS = ("zero", "copy")
@@ -741,7 +742,9 @@ def format_report(report: dict) -> str:
     lines = [f"{report['base']} -> {report['out']}",
              f"layout {report['base_layout']} -> {report['layout']} (m = {report['kv_layers']}, "
              f"g = {report['kv_groups']}), owner map {','.join(map(str, owners))}",
-             f"merge {report['merge']}, mlp init {report['mlp_init']}, match params {report['match_params']}",
+             f"merge {report['merge']}, mlp init {report['mlp_init']}, match params {report['match_params']}"
+             if report.get("init", "converted") == "converted" else
+             f"weights {report['init']} (the base's are not used), match params {report['match_params']}",
              "", "| | before | after | after / before |", "|---|---|---|---|"]
     rows = [("parameters", report["parameters"]), ("MLP intermediate size", report["intermediate_size"]),
             ("KV heads per token", report["kv_heads"])]
@@ -789,7 +792,8 @@ def convert_checkpoint(base: str | os.PathLike | BaseCheckpoint, out: str | os.P
                        kv_owner: list[int] | str | None = None, merge: str = "mean", mlp_init: str = "zero",
                        match_params: bool = True, overwrite: bool = False,
                        dtype: str | torch.dtype | None = None, max_shard_size: str = "2GB",
-                       report_path: str | os.PathLike | None = None, progress: bool = True) -> dict:
+                       report_path: str | os.PathLike | None = None, progress: bool = True,
+                       random_init: bool = False, seed: int = 0) -> dict:
     """Convert a GPT-NeoX checkpoint (hub name or local folder) into a transformers folder `out`.
 
     Layout: `kv_layers` (m) owner layers with `kv_groups` (g) KV heads each, at the paper's uniform
@@ -800,6 +804,8 @@ def convert_checkpoint(base: str | os.PathLike | BaseCheckpoint, out: str | os.P
     one base layer, plus transformers' saving buffers). Writes `out/conversion_report.json` (and
     `report_path` if given) and returns the report. Raises ConfigError for an invalid layout or
     option and CheckpointError for an unreadable base or an existing `out` without `overwrite`.
+    `random_init`: the same layout and parameter count with GPT-NeoX's initialisation (`seed`) instead
+    of the base's weights, the train-from-scratch baseline that uptraining is measured against.
     """
     for value, allowed, what in ((merge, MERGE_MODES, "merge"), (mlp_init, MLP_INITS, "mlp_init")):
         if value not in allowed:
@@ -815,8 +821,13 @@ def convert_checkpoint(base: str | os.PathLike | BaseCheckpoint, out: str | os.P
             from tqdm.auto import tqdm
             layers = tqdm(range(target.num_layers), desc=f"convert to {target.layout.name}", unit="layer",
                           leave=False, disable=not progress)
-            sd = convert_tensors(reader.get, ckpt.config, target, merge, mlp_init, prefix,
-                                 has=reader.__contains__, dtype=out_dtype, layers=layers, release=reader.release)
+            if random_init:
+                torch.manual_seed(seed)
+                sd = MLKVTransformer(target).state_dict()
+                sd = {k: v.to(out_dtype or base_dtype) for k, v in sd.items()}
+            else:
+                sd = convert_tensors(reader.get, ckpt.config, target, merge, mlp_init, prefix,
+                                     has=reader.__contains__, dtype=out_dtype, layers=layers, release=reader.release)
         counted = _count_parameters(sd)
         if counted != target.num_parameters():  # the converted tensors must build exactly `target`
             raise RuntimeError(f"converted {counted} parameters, config expects {target.num_parameters()}")
@@ -825,6 +836,7 @@ def convert_checkpoint(base: str | os.PathLike | BaseCheckpoint, out: str | os.P
                                    mlp_init=mlp_init, match_params=match_params, base_dtype=base_dtype,
                                    out_dtype=out_dtype)
         report["weight_files"] = [f.name for f in ckpt.files]
+        report["init"] = f"random (seed {seed})" if random_init else "converted"
         _write_folder(sd, target, out, ckpt, out_dtype, max_shard_size, report, overwrite)
     if report_path is not None:
         Path(report_path).write_text(json.dumps(report, indent=2) + "\n")

@@ -364,6 +364,29 @@ def test_no_match_params_keeps_the_mlp(tiny_base, tmp_path):
     assert report["parameters"]["after"] < report["parameters"]["before"]
 
 
+def test_random_init_is_the_same_layout_with_fresh_weights(tiny_base, tmp_path):
+    """The train-from-scratch baseline: the converted folder's layout, shapes, parameter count and
+    tokenizer, none of the base's weights, GPT-NeoX's initialisation, reproducible by seed."""
+    _, base = tiny_base
+    ref = convert_checkpoint(base, tmp_path / "converted", 2, 1, progress=False)
+    report = convert_checkpoint(base, tmp_path / "scratch", 2, 1, random_init=True, seed=3, progress=False)
+    convert_checkpoint(base, tmp_path / "again", 2, 1, random_init=True, seed=3, progress=False)
+    assert report["init"] == "random (seed 3)" and ref["init"] == "converted"
+    assert report["parameters"] == ref["parameters"] and report["layout"] == ref["layout"]
+    converted, scratch = (load_file(tmp_path / name / "model.safetensors") for name in ("converted", "scratch"))
+    assert scratch.keys() == converted.keys()
+    assert all(scratch[k].shape == converted[k].shape for k in converted)
+    assert scratch.keys() == load_file(tmp_path / "again" / "model.safetensors").keys()
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert all(torch.equal(scratch[k], again[k]) for k in scratch)
+    weight = scratch["model.layers.0.attention.query.weight"]
+    assert not torch.equal(weight, converted["model.layers.0.attention.query.weight"])
+    assert abs(weight.std().item() - 0.02) < 0.005  # initializer_range
+    assert torch.equal(scratch["model.layers.0.input_layernorm.weight"],
+                       torch.ones_like(scratch["model.layers.0.input_layernorm.weight"]))
+    assert (tmp_path / "scratch" / "tokenizer.json").is_file()
+
+
 # ---------------------------------------------------------------------------------------------
 # owner maps, output folder, report, dtype, tokenizer
 # ---------------------------------------------------------------------------------------------
