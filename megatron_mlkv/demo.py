@@ -58,8 +58,9 @@ def write_corpus(path: Path, num_docs: int, seed: int = 0) -> Path:
     return path
 
 
-def train_tokenizer(corpus: Path, out_dir: Path, vocab_size: int = 512) -> Path:
-    """A byte-level BPE tokenizer trained on `corpus`, saved as a transformers tokenizer folder."""
+def train_tokenizer(corpus: Path, out_dir: Path, vocab_size: int = 512, max_chars: int | None = None) -> Path:
+    """A byte-level BPE tokenizer trained on `corpus` (.jsonl; its first `max_chars` characters if
+    given), saved as a transformers tokenizer folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -69,8 +70,17 @@ def train_tokenizer(corpus: Path, out_dir: Path, vocab_size: int = 512) -> Path:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eod],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    def texts(f):
+        seen = 0
+        for line in f:
+            text = json.loads(line)["text"]
+            yield text
+            seen += len(text)
+            if max_chars is not None and seen >= max_chars:
+                return
+
     with open(corpus) as f:
-        tok.train_from_iterator((json.loads(line)["text"] for line in f), trainer)
+        tok.train_from_iterator(texts(f), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eod, bos_token=eod, unk_token=eod)
     fast.save_pretrained(out_dir)
     return out_dir
