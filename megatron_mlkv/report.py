@@ -100,6 +100,15 @@ def format_table(tasks: Sequence[str], rows: Sequence[dict], metric: str = METRI
                               f"(no other row has as little KV memory and as high an avg, one of them strictly better)."
 
 
+def point_labels(rows: Sequence[dict]) -> list[str]:
+    """The name each row's point gets: its layout, or its row label (the run, without '@ step N')
+    where several rows share the layout (ablations of one layout), so no two points read alike."""
+    counts = {}
+    for r in rows:
+        counts[r["layout"]] = counts.get(r["layout"], 0) + 1
+    return [r["layout"] if counts[r["layout"]] == 1 else r["label"].split(" @ step ")[0] for r in rows]
+
+
 def plot_accuracy_vs_kv(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     """PNG of average accuracy against KV bytes per token (log scale), the Pareto front marked."""
     import matplotlib
@@ -116,8 +125,8 @@ def plot_accuracy_vs_kv(rows: Sequence[dict], path: str | os.PathLike) -> Path:
             color="tab:red", linestyle="--", zorder=1)
     ax.scatter([r["kv_bytes_per_token"] for r in front], [r["average"] for r in front], color="tab:red",
                marker="*", s=140, label="Pareto front", zorder=3)
-    for r in pts:
-        ax.annotate(r["layout"], (r["kv_bytes_per_token"], r["average"]), textcoords="offset points",
+    for r, name in zip(pts, point_labels(pts)):
+        ax.annotate(name, (r["kv_bytes_per_token"], r["average"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
     if pts and max(r["kv_bytes_per_token"] for r in pts) > 4 * min(r["kv_bytes_per_token"] for r in pts):
         ax.set_xscale("log", base=2)

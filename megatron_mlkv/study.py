@@ -181,7 +181,7 @@ def pretrain_base(data_prefix: str, tokenizer_dir: str | Path, out_dir: str | Pa
                   minutes: float | None = None, seed: int = 0, log_every: int = 20) -> dict:
     """Pre-train a transformers `GPTNeoXForCausalLM` (Pythia's architecture) from scratch on `tokens`
     tokens of the packed data (fewer if `minutes` runs out first: the step count is fixed after
-    timing the first 10 steps, inside the warm-up): AdamW (0.9, 0.95), weight decay 0.01, clipping
+    timing steps 10-30, inside the warm-up): AdamW (0.9, 0.95), weight decay 0.01, clipping
     1.0, `warmup_steps` of linear warm-up, then cosine decay to 10%; bf16 autocast on a GPU. Writes
     the folder, with `pretrain.jsonl` (the loss every `log_every` steps) and `pretrain_summary.json`."""
     import torch
@@ -200,7 +200,7 @@ def pretrain_base(data_prefix: str, tokenizer_dir: str | Path, out_dir: str | Pa
                            attn_implementation="sdpa")
     model = GPTNeoXForCausalLM(config).to(device)
     tokens_per_step = batch_rows * ds.seq_len
-    warmup_steps = min(warmup_steps, max(20, tokens // tokens_per_step // 10))
+    warmup_steps = min(warmup_steps, max(40, tokens // tokens_per_step // 10))
     plan = {"steps": max(warmup_steps + 1, tokens // tokens_per_step)}
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -231,11 +231,15 @@ def pretrain_base(data_prefix: str, tokenizer_dir: str | Path, out_dir: str | Pa
         sched.step()
         step += 1
         bar.update()
-        if step == 10 and minutes is not None:  # fits the budget; the warm-up is not over yet
+        if step in (10, 30) and minutes is not None:  # steps 10-30 time a step; the warm-up is not over yet
             loss.item()
-            per_step = (time.perf_counter() - start) / 10
-            plan["steps"] = max(warmup_steps + 1, min(plan["steps"], int(minutes * 60 / per_step)))
-            bar.total = plan["steps"]
+            if step == 10:
+                timed_from = time.perf_counter()
+            else:
+                per_step = (time.perf_counter() - timed_from) / 20
+                left = minutes * 60 - (time.perf_counter() - start)
+                plan["steps"] = max(warmup_steps + 1, min(plan["steps"], step + int(left / per_step)))
+                bar.total = plan["steps"]
         if step % log_every == 0 or step == plan["steps"]:
             loss_value = loss.item()
             log.write(json.dumps({"step": step, "tokens": step * tokens_per_step, "loss": loss_value}) + "\n")
@@ -356,10 +360,13 @@ def plot_curves(out: Path, results: dict) -> Path:
     pre = _records(out / "base" / "pretrain.jsonl")
     ax_pre.plot([r["tokens"] / 1e6 for r in pre], [r["loss"] for r in pre])
     ax_pre.set(xlabel="tokens (millions)", ylabel="training loss", title="pre-training the MHA base")
-    for r in results["runs"]:
+    runs = sorted(results["runs"], key=lambda r: (-r["kv_heads"], r["run"]))  # legend from most KV to least
+    colors = plt.cm.tab20(np.linspace(0, 1, max(1, len(runs))))
+    for r, color in zip(runs, colors):
         steps, losses = zip(*r["train_loss"]) if r["train_loss"] else ((), ())
         ablation = r["init"] != "converted" or r["merge"] != "mean" or r["mlp_init"] != "zero"
-        ax_up.plot(steps, losses, label=f"{r['run']} ({r['kv_heads']} KV heads)", linestyle="--" if ablation else "-")
+        ax_up.plot(steps, losses, color=color, label=f"{r['run']} ({r['kv_heads']} KV heads)",
+                   linestyle="--" if ablation else "-")
     ax_up.set(xlabel="step", ylabel="training loss", title="uptraining (5% of the base's tokens)")
     ax_up.legend(fontsize=8)
     path = out / "loss_curves.png"

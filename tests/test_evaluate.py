@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 from megatron_mlkv.convert import convert_checkpoint
 from megatron_mlkv.demo import train_tokenizer, write_corpus
 from megatron_mlkv.evaluate import eval_scalars, try_evaluate_checkpoint
-from megatron_mlkv.report import ReportError, build_report, pareto_front
+from megatron_mlkv.report import ReportError, build_report, pareto_front, point_labels
 
 pytestmark = pytest.mark.compat  # lm-eval: also run by `make test-compat`
 
@@ -234,6 +234,12 @@ def test_report_table_front_and_plot(tmp_path):
     assert "| mha | MHA | 144 | 36,864 | 0.6000 | 0.7000 | 0.6500 | * |" in table
     assert "| mlkv-48 | MLKV-48 | 48 | 12,288 | 0.5000 | 0.6000 | 0.5500 |  |" in table
     assert prefix.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_names_ablations_of_one_layout_by_run():
+    rows = [{"layout": "MHA", "label": "mha @ step 8"}, {"layout": "MLKV-6", "label": "mlkv-6 @ step 8"},
+            {"layout": "MLKV-6", "label": "mlkv-6-scratch @ step 8"}, {"layout": "MLKV-1", "label": "x.json"}]
+    assert point_labels(rows) == ["MHA", "mlkv-6", "mlkv-6-scratch", "MLKV-1"]
 
 
 def test_report_bad_source(tmp_path):
