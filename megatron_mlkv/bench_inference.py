@@ -12,8 +12,15 @@ bandwidth measured in the same run (bytes read plus bytes written). `fraction_of
 over that bound.
 
 Engines: "mlkv-fast" (`megatron_mlkv.generate.StaticDecoder`: static cache, CUDA graph, the triton
-decode kernels where they run; each record's `attention` says which) and
-"transformers" (`GPTNeoXForCausalLM.generate` with its default DynamicCache, the baseline).
+decode kernels where they run; each record's `attention` says which), and the baseline twice:
+"transformers" (`GPTNeoXForCausalLM.generate` with its default DynamicCache) and "transformers-static"
+(`cache_implementation="static"`: its static cache and, on GPUs, its compiled decode step).
+
+Every measurement is the second run of its exact shape (batch, context, new tokens): the first warms
+up the engine (compilation, CUDA graph capture, library handles, the allocator) and is discarded,
+its time kept as `warmup_s`. Prefill and decode are timed apart the same way for every engine: the
+prefill forward alone, then decoding (for transformers: `generate`'s time less a prefill forward).
+Ratios against transformers (`vs_transformers`) take the faster of its two engines at each batch.
 """
 from __future__ import annotations
 
@@ -147,10 +154,13 @@ def to_gpt_neox(model: MLKVTransformer):
     return ref.eval()
 
 
+TRANSFORMERS = {"transformers": "dynamic", "transformers-static": "static"}  # engine: cache_implementation
+
+
 def transformers_baseline(dtype: torch.dtype, device: torch.device, hf_model: str | None = None,
-                          shape: str | None = None, mha_folder: str | None = None) -> Candidate:
+                          shape: str | None = None, mha_folder: str | None = None) -> list[Candidate]:
     """transformers' GPTNeoXForCausalLM from a GPT-NeoX folder, a Pythia shape (random weights), or
-    an MHA folder of ours converted in memory."""
+    an MHA folder of ours converted in memory: one candidate per engine of `TRANSFORMERS`."""
     from transformers import GPTNeoXForCausalLM
     if hf_model:
         cfg = MLKVConfig.from_hf(_read_hf_config(hf_model))
@@ -170,7 +180,7 @@ def transformers_baseline(dtype: torch.dtype, device: torch.device, hf_model: st
         name = str(mha_folder)
     else:
         raise BenchError("--baseline-hf needs --hf-model DIR, --shape NAME, or an MHA folder among --model")
-    return Candidate(name, cfg.layout, cfg.head_dim, "transformers", load)
+    return [Candidate(name, cfg.layout, cfg.head_dim, engine, load) for engine in TRANSFORMERS]
 
 
 def _read_hf_config(path: str):
@@ -243,9 +253,11 @@ def run_fast(model: MLKVTransformer, batch: int, context: int, new_tokens: int, 
                 attention=decoder.attention_name)
 
 
-def run_transformers(model: nn.Module, batch: int, context: int, new_tokens: int, device: torch.device) -> dict:
-    """transformers' `generate` (greedy, default DynamicCache); decode time = generate's time minus
-    a separately timed prefill forward."""
+def run_transformers(model: nn.Module, batch: int, context: int, new_tokens: int, device: torch.device,
+                     cache: str = "dynamic") -> dict:
+    """transformers' `generate` (greedy) with its default DynamicCache (`cache="dynamic"`) or its
+    static cache and compiled decoding (`"static"`); decode time = generate's time minus a separately
+    timed prefill forward."""
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
     mask = torch.ones_like(ids)
     synchronize(device)
@@ -256,14 +268,15 @@ def run_transformers(model: nn.Module, batch: int, context: int, new_tokens: int
     prefill_s = time.perf_counter() - start
     del out
     start = time.perf_counter()
+    static = {"cache_implementation": "static"} if cache == "static" else {}
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1,
-                         do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
+                         do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True, **static)
     synchronize(device)
     total = time.perf_counter() - start
     cache = output_cache(out)
     kv = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
     return dict(kv_cache_bytes=kv, prefill_s=prefill_s, decode_s=max(total - prefill_s, 1e-9),
-                attention=getattr(model.config, "_attn_implementation", None))
+                attention=getattr(model.config, "_attn_implementation", None), cache=type(cache).__name__)
 
 
 def _is_oom(e: BaseException | None) -> bool:
@@ -327,8 +340,11 @@ def bench_candidate(cand: Candidate, context: int, new_tokens: int, device: torc
                     on_record: Callable[[dict], None] = lambda r: None, log: Callable[[str], None] = print) -> list[dict]:
     """All measurements of one model: the given batch sizes, or the search for its maximum."""
     model = cand.load()
-    run = run_fast if cand.engine == "mlkv-fast" else run_transformers
-    measure(lambda: run(model, 2, 8, 2, device), device)  # warm-up: kernels, handles, allocator
+    if cand.engine == "mlkv-fast":
+        run = run_fast
+    else:
+        def run(model, batch, context, new_tokens, device):
+            return run_transformers(model, batch, context, new_tokens, device, TRANSFORMERS[cand.engine])
     weights = weight_bytes(model)
     size = torch.tensor([], dtype=dtype).element_size()
     memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
@@ -336,7 +352,9 @@ def bench_candidate(cand: Candidate, context: int, new_tokens: int, device: torc
 
     def attempt(batch: int) -> dict:
         start = time.perf_counter()
-        result = measure(lambda: run(model, batch, context, new_tokens, device), device)
+        warmup = measure(lambda: run(model, batch, context, new_tokens, device), device)  # same shape, discarded
+        warmup_s = time.perf_counter() - start
+        result = warmup if warmup["oom"] else measure(lambda: run(model, batch, context, new_tokens, device), device)
         record = dict(model=cand.name, layout=cand.layout.name, engine=cand.engine,
                       kv_heads_total=cand.layout.kv_heads_total(), num_layers=cand.layout.num_layers,
                       kv_layers=cand.layout.kv_layers, num_kv_heads=cand.layout.num_kv_heads,
@@ -348,7 +366,8 @@ def bench_candidate(cand: Candidate, context: int, new_tokens: int, device: torc
                       peak_memory_bytes=result["peak_memory_bytes"], weights_bytes=weights,
                       device_memory_bytes=memory, oom=result["oom"], tokens_per_s=None,
                       prefill_s=result.get("prefill_s"), decode_s=result.get("decode_s"),
-                      copy_bandwidth_bytes_per_s=bandwidth, attention=result.get("attention"))
+                      copy_bandwidth_bytes_per_s=bandwidth, attention=result.get("attention"),
+                      cache=result.get("cache", "StaticDecoder"), warmed_up=not result["oom"], warmup_s=warmup_s)
         step_bytes = decode_bytes_per_step(model, cand.layout, cand.head_dim, batch,
                                            context + (new_tokens + 1) / 2)
         bound = batch * bandwidth / step_bytes
@@ -391,12 +410,23 @@ def _series(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
 
 def _label(model: str, engine: str, layout: str) -> str:
     """'MLKV-6', 'MHA (transformers)', or 'MLKV-6: <folder>' for a folder."""
-    name = layout if engine == "mlkv-fast" else f"{layout} (transformers)"
+    name = layout if engine == "mlkv-fast" else f"{layout} ({engine})"
     return name if ":" in model else f"{name}: {Path(model).name}"
 
 
+def transformers_best(records: list[dict]) -> dict[int, float]:
+    """{batch: tokens/s of the faster transformers engine at that batch} over the baseline's records."""
+    best = {}
+    for r in records:
+        if r["engine"] in TRANSFORMERS and not r["oom"]:
+            best[r["batch_size"]] = max(best.get(r["batch_size"], 0.0), r["tokens_per_s"])
+    return best
+
+
 def summarize(records: list[dict]) -> list[dict]:
-    """Per model and engine: maximum batch that fit, first OOM, tokens/s at batch 8 and at the maximum."""
+    """Per model and engine: maximum batch that fit, first OOM, tokens/s at batch 8 and at the maximum,
+    and against transformers (the faster of its engines): at batch 8, and best against best."""
+    baseline = transformers_best(records)
     rows = []
     for (model, engine), rs in _series(records).items():
         fits = [r for r in rs if not r["oom"]]
@@ -409,6 +439,11 @@ def summarize(records: list[dict]) -> list[dict]:
                          tokens_per_s_max=best and best["tokens_per_s"], fraction_max=best and best["fraction_of_bound"],
                          peak_gib_max=best and best["peak_memory_bytes"] and best["peak_memory_bytes"] / 2**30,
                          best_tokens_per_s=max((r["tokens_per_s"] for r in fits), default=None)))
+        row = rows[-1]
+        ours = engine not in TRANSFORMERS
+        row["vs_transformers_b8"] = (at8["tokens_per_s"] / baseline[8]) if ours and at8 and baseline.get(8) else None
+        row["vs_transformers_best"] = (row["best_tokens_per_s"] / max(baseline.values())
+                                       if ours and baseline and row["best_tokens_per_s"] else None)
     return rows
 
 
@@ -417,14 +452,15 @@ def format_summary(rows: list[dict]) -> str:
     def num(x, fmt):
         return "-" if x is None else format(x, fmt)
     lines = ["| model | engine | KV heads | max batch | first OOM | tokens/s b=8 (of bound) | "
-             "tokens/s at max (of bound) | best tokens/s | peak GiB at max |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "tokens/s at max (of bound) | best tokens/s | peak GiB at max | x transformers b=8 | "
+             "x transformers, best |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {_label(r['model'], r['engine'], r['layout'])} | {r['engine']} | {r['kv_heads_total']} | "
                      f"{num(r['max_batch'], 'd')} | {num(r['first_oom'], 'd')} | "
                      f"{num(r['tokens_per_s_b8'], ',.0f')} ({num(r['fraction_b8'], '.0%')}) | "
                      f"{num(r['tokens_per_s_max'], ',.0f')} ({num(r['fraction_max'], '.0%')}) | "
-                     f"{num(r['best_tokens_per_s'], ',.0f')} | {num(r['peak_gib_max'], '.2f')} |")
+                     f"{num(r['best_tokens_per_s'], ',.0f')} | {num(r['peak_gib_max'], '.2f')} | "
+                     f"{num(r['vs_transformers_b8'], '.2f')} | {num(r['vs_transformers_best'], '.2f')} |")
     return "\n".join(lines)
 
 

@@ -56,7 +56,8 @@ def test_cli_with_batch_sizes_baseline_and_eval_json(folders, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     records = json.loads((out / "results.json").read_text())
     assert [(r["engine"], r["batch_size"]) for r in records] == [
-        ("transformers", 1), ("transformers", 3), ("mlkv-fast", 1), ("mlkv-fast", 3), ("mlkv-fast", 1), ("mlkv-fast", 3)]
+        ("transformers", 1), ("transformers", 3), ("transformers-static", 1), ("transformers-static", 3),
+        ("mlkv-fast", 1), ("mlkv-fast", 3), ("mlkv-fast", 1), ("mlkv-fast", 3)]
     for r in records:
         assert FIELDS <= r.keys() and not r["oom"] and r["tokens_per_s"] > 0
         assert r["peak_memory_bytes"] is None  # CPU: no allocator peak
@@ -66,7 +67,10 @@ def test_cli_with_batch_sizes_baseline_and_eval_json(folders, tmp_path):
         # exact bytes of the cache: 2·b·s·m·g·d_k·4 (fp32), s = context + new tokens, for both engines
         m, g = (4, 4) if r["layout"] == "MHA" else (2, 1)
         assert r["kv_heads_total"] == m * g
-        assert r["kv_cache_bytes"] == 2 * r["batch_size"] * 15 * m * g * 16 * 4
+        assert r["kv_cache_bytes"] == 2 * r["batch_size"] * 15 * m * g * 16 * 4, r["engine"]
+        assert r["warmed_up"] and r["warmup_s"] > 0
+        assert r["cache"] == {"transformers": "DynamicCache", "transformers-static": "StaticCache",
+                              "mlkv-fast": "StaticDecoder"}[r["engine"]]
     for name in ("memory.png", "throughput.png", "accuracy.png", "summary.md"):
         assert (out / name).stat().st_size > 0, name
     points = json.loads((out / "accuracy.json").read_text())
@@ -76,6 +80,39 @@ def test_cli_with_batch_sizes_baseline_and_eval_json(folders, tmp_path):
     merged = tmp_path / "merged"  # re-plotting earlier results needs no model
     bench_main("--include-results", out / "results.json", "--out", merged)
     assert json.loads((merged / "results.json").read_text()) == records and (merged / "memory.png").is_file()
+
+
+def test_every_timed_run_follows_a_warm_up_of_the_same_shape(monkeypatch):
+    """Each engine's timed run is its second of that exact shape (the first compiles, captures,
+    allocates), and the summary's ratios take the faster transformers engine at each batch."""
+    from megatron_mlkv import bench_inference as bi
+    calls = []
+
+    def fake(engine):
+        def run(model, batch, context, new_tokens, device, *cache):
+            calls.append((engine, cache, batch))
+            n = sum(1 for c in calls if c == (engine, cache, batch))
+            speed = {"mlkv-fast": 8.0, ("dynamic",): 1.0, ("static",): 2.0}[cache or engine]
+            return dict(kv_cache_bytes=1, prefill_s=0.1, decode_s=batch * new_tokens / speed / n, attention="x")
+        return run
+
+    monkeypatch.setattr(bi, "run_fast", fake("mlkv-fast"))
+    monkeypatch.setattr(bi, "run_transformers", fake("transformers"))
+    config = tiny_config()
+    model = random_mlkv(config)
+    candidates = [bi.Candidate("m:mha", config.layout, config.head_dim, engine, lambda: model)
+                  for engine in ("transformers", "transformers-static", "mlkv-fast")]
+    records = []
+    for cand in candidates:
+        records += bi.bench_candidate(cand, 4, 2, torch.device("cpu"), torch.float32, 1e9, batch_sizes=[8, 16],
+                                      log=lambda _: None)
+    assert calls == [(e, c, b) for e, c in (("transformers", ("dynamic",)), ("transformers", ("static",)),
+                                              ("mlkv-fast", ())) for b in (8, 8, 16, 16)]
+    # the timed run is the second: here twice as fast as the first
+    assert [r["tokens_per_s"] for r in records] == [2.0, 2.0, 4.0, 4.0, 16.0, 16.0]
+    rows = {r["engine"]: r for r in bi.summarize(records)}
+    assert rows["mlkv-fast"]["vs_transformers_b8"] == 4.0  # 16 / the static engine's 4, not the dynamic's 2
+    assert rows["mlkv-fast"]["vs_transformers_best"] == 4.0 and rows["transformers"]["vs_transformers_b8"] is None
 
 
 def test_cli_searches_the_batch_up_to_max_batch_on_cpu(folders, tmp_path):
