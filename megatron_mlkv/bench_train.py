@@ -242,6 +242,77 @@ def profile(shape: str, layout: str, micro: int, seq_len: int = 2048, steps: int
                      for key, rows in (("self_cuda_time_total", 30), ("self_cpu_time_total", 20)))
 
 
+def _memory_kind(t: torch.Tensor, config: MLKVConfig, seq_len: int) -> str:
+    """What a tensor saved for backward is, from its shape."""
+    shape = tuple(t.shape)
+    if t.dim() == 4 and shape[-2:] == (seq_len, seq_len):
+        return "attention scores (s x s)"
+    if t.dim() == 4:
+        return "attention q/k/v/output (b, heads, s, d)"
+    if t.dim() >= 2 and shape[-1] >= config.vocab_size:
+        return "logits"
+    last = shape[-1] if shape else 0
+    if last == config.hidden_size:
+        return "hidden states (b, s, d)"
+    if last == config.intermediate_size:
+        return "MLP (b, s, intermediate)"
+    return "other (projections, norms' statistics, ids)"
+
+
+def saved_memory(config: MLKVConfig, micro: int, seq_len: int, device: torch.device, dtype: torch.dtype,
+                 loss: str = "auto") -> dict:
+    """What one training forward keeps for its backward, by kind (`_memory_kind`), in bytes: every
+    tensor autograd saves, each storage counted once, the weights left out. On CUDA also the peak
+    allocated above the weights over forward and backward. Weights in `dtype`, as DeepSpeed's bf16
+    module holds them; no optimizer."""
+    from .loss import lm_loss_sum
+    from .model import MLKVTransformer
+    torch.manual_seed(0)
+    model = MLKVTransformer(config).to(device=device, dtype=dtype)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    ids = torch.randint(0, config.vocab_size, (micro, seq_len), device=device)
+    kinds, seen = {}, set()
+
+    def pack(t):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in weights and key not in seen:
+            seen.add(key)
+            kind = _memory_kind(t, config, seq_len)
+            kinds[kind] = kinds.get(kind, 0) + storage.nbytes()
+        return t
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        total = lm_loss_sum(model, ids, ids, loss)
+    total.backward()
+    record = {"layout": config.layout.name, "kv_heads": config.layout.kv_heads_total(), "micro_batch": micro,
+              "seq_len": seq_len, "dtype": str(dtype).removeprefix("torch."), "loss": loss,
+              "saved_bytes": kinds, "saved_total_bytes": sum(kinds.values()),
+              "peak_above_weights_bytes": (torch.cuda.max_memory_allocated(device) - base
+                                           if device.type == "cuda" else None)}
+    del model, total
+    gc.collect()
+    return record
+
+
+def format_memory(records: list[dict]) -> str:
+    """Markdown: saved bytes by kind per layout (GiB), and the total against the first row's."""
+    kinds = sorted({k for r in records for k in r["saved_bytes"]})
+    lines = ["| shape | layout | micro-batch | " + " | ".join(kinds) + " | saved in all | vs first | peak above weights |",
+             "|---" * (len(kinds) + 6) + "|"]
+    first = records[0]["saved_total_bytes"] if records else 1
+    for r in records:
+        cells = [f"{r['saved_bytes'].get(k, 0) / 2**30:.2f}" for k in kinds]
+        peak = "" if r["peak_above_weights_bytes"] is None else f"{r['peak_above_weights_bytes'] / 2**30:.1f} GiB"
+        lines.append(f"| {r.get('shape', '')} | {r['layout']} | {r['micro_batch']} | " + " | ".join(cells) +
+                     f" | {r['saved_total_bytes'] / 2**30:.2f} GiB | {r['saved_total_bytes'] / first:.2f}x | {peak} |")
+    return "\n".join(lines)
+
+
 def _print_row(r: dict) -> None:
     if r.get("oom"):
         print(f"{r['shape']:12s} {r['layout']:8s} {r['engine']:5s} b={r['micro_batch']:3d}  OOM", flush=True)
