@@ -13,7 +13,7 @@ EXTRAS := .[test,eval]
 # them: pip itself included, this package (editable) left out, a build's local label such as +cpu dropped
 FREEZE = $(1) -m pip freeze --all --exclude-editable | sed -E 's/\+[[:alnum:].]+$$//' | LC_ALL=C sort -f
 
-.PHONY: test test-fast test-compat demo install lock check-venv clean
+.PHONY: test test-fast test-compat lint demo install lock check-venv clean
 
 $(STAMP): $(LOCK) setup.cfg pyproject.toml
 	rm -rf $(VENV)
@@ -50,6 +50,11 @@ lock:
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# ruff (pyproject.toml): lint, and the formatting `ruff format` gives
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

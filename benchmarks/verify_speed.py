@@ -6,6 +6,7 @@ pack of --gb gigabytes (2048-token rows of random ids), next to plain reads and 
 Prints a table and writes benchmarks/results/verify/verify_speed.json. The page cache is dropped
 before the cold pass when this process may (root); otherwise that row says "warm".
 """
+
 import argparse
 import hashlib
 import json
@@ -40,9 +41,19 @@ def write_pack(prefix: Path, gb: float) -> int:
         f.write(np.arange(rows + 1, dtype="<u8").tobytes())
         f.write(np.full(rows, SEQ, "<u4").tobytes())
         f.write(np.zeros(rows, "<u4").tobytes())
-    meta = {"seq_len": SEQ, "rows": rows, "pad_id": 0, "eod_id": 0, "vocab_size": 50304, "max_token_id": 49999,
-            "fingerprint": {"algorithm": ALGORITHM, "bin": file_digest(f"{prefix}.bin"),
-                            "idx": file_digest(f"{prefix}.idx")}}
+    meta = {
+        "seq_len": SEQ,
+        "rows": rows,
+        "pad_id": 0,
+        "eod_id": 0,
+        "vocab_size": 50304,
+        "max_token_id": 49999,
+        "fingerprint": {
+            "algorithm": ALGORITHM,
+            "bin": file_digest(f"{prefix}.bin"),
+            "idx": file_digest(f"{prefix}.idx"),
+        },
+    }
     Path(f"{prefix}.json").write_text(json.dumps(meta))
     return rows
 
@@ -86,16 +97,30 @@ def main() -> int:
         results.append(("read only (warm cache)", timed(lambda: read_only(f"{prefix}.bin"))))
         sample = np.fromfile(f"{prefix}.bin", np.uint8, count=1 << 30)  # digests of 1 GiB, scaled to the pack
         for name, fn in (("sha256", hashlib.sha256), ("blake2b", hashlib.blake2b)):
-            results.append((f"{name} (in memory, scaled)", timed(lambda: fn(sample).digest()) * size / sample.size))
+            results.append(
+                (f"{name} (in memory, scaled)", timed(lambda fn=fn: fn(sample).digest()) * size / sample.size)
+            )
     print(f"pack: {rows:,} rows x {SEQ} tokens, {size / 1e9:.2f} GB (.bin + .idx), {os.cpu_count()} CPUs")
     print("| pass | seconds | GB/s |\n|---|---|---|")
     for name, seconds in results:
         print(f"| {name} | {seconds:.2f} | {size / seconds / 1e9:.1f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"bytes": size, "rows": rows, "seq_len": SEQ, "cpus": os.cpu_count(),
-                               "machine": platform.platform(), "cold_cache_dropped": cold,
-                               "seconds": dict(results)}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "bytes": size,
+                "rows": rows,
+                "seq_len": SEQ,
+                "cpus": os.cpu_count(),
+                "machine": platform.platform(),
+                "cold_cache_dropped": cold,
+                "seconds": dict(results),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
     return 0
 

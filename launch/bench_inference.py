@@ -10,6 +10,7 @@ python launch/bench_inference.py --include-results a/results.json b/results.json
 Writes OUTDIR/results.json (one record per model and batch size), summary.md, memory.png,
 throughput.png, and accuracy.png with --eval-json.
 """
+
 import argparse
 import json
 import sys
@@ -17,16 +18,25 @@ from pathlib import Path
 
 import torch
 
-from megatron_mlkv.bench_inference import (DTYPES, BenchError, from_folder, from_shape, run_benchmark,
-                                           transformers_baseline)
+from megatron_mlkv.bench_inference import (
+    BenchError,
+    from_folder,
+    from_shape,
+    run_benchmark,
+    transformers_baseline,
+)
+from megatron_mlkv.convert import DTYPES
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", default=[], metavar="DIR", help="exported MLKV folders")
     p.add_argument("--shape", help="a Pythia shape (e.g. pythia-160m): randomly initialised models, no weights needed")
-    p.add_argument("--layouts", default="all", help="with --shape: mha, the paper's names (mlkv-6, gqa-48, ...), "
-                   "all, or m:g, comma-separated (default: all)")
+    p.add_argument(
+        "--layouts",
+        default="all",
+        help="with --shape: mha, the paper's names (mlkv-6, gqa-48, ...), all, or m:g, comma-separated (default: all)",
+    )
     p.add_argument("--context", type=int, default=2000, help="tokens in the cache before decoding")
     p.add_argument("--new-tokens", type=int, default=48, help="tokens decoded (timed)")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="measure these; default: search up to OOM")
@@ -34,16 +44,32 @@ def main(argv=None):
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--baseline-hf", action="store_true",
-                   help="also benchmark transformers' GPTNeoXForCausalLM twice: its default cache, and its "
-                        "static cache with compiled decoding (ratios take the faster at each batch)")
-    p.add_argument("--hf-model", metavar="DIR", help="GPT-NeoX folder for --baseline-hf (default: the --shape, "
-                   "or the MHA folder among --model)")
-    p.add_argument("--eval-json", nargs="+", default=[], metavar="FILE",
-                   help="evaluation results (lm-eval 'results' plus 'layout') for the accuracy-vs-memory plot")
-    p.add_argument("--include-results", nargs="+", default=[], metavar="FILE",
-                   help="records of earlier runs (results.json) to report together with this run's; a "
-                        "later record of the same model, engine, context and batch replaces an earlier one")
+    p.add_argument(
+        "--baseline-hf",
+        action="store_true",
+        help="also benchmark transformers' GPTNeoXForCausalLM twice: its default cache, and its "
+        "static cache with compiled decoding (ratios take the faster at each batch)",
+    )
+    p.add_argument(
+        "--hf-model",
+        metavar="DIR",
+        help="GPT-NeoX folder for --baseline-hf (default: the --shape, or the MHA folder among --model)",
+    )
+    p.add_argument(
+        "--eval-json",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="evaluation results (lm-eval 'results' plus 'layout') for the accuracy-vs-memory plot",
+    )
+    p.add_argument(
+        "--include-results",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="records of earlier runs (results.json) to report together with this run's; a "
+        "later record of the same model, engine, context and batch replaces an earlier one",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -60,8 +86,19 @@ def main(argv=None):
         previous = [r for f in args.include_results for r in json.loads(Path(f).read_text())]
         if not candidates and not previous:
             raise BenchError("nothing to benchmark: give --model DIR ..., --shape NAME, or --include-results")
-        run_benchmark(candidates, args.out, args.context, args.new_tokens, device, dtype, args.batch_sizes,
-                      args.max_batch, args.eval_json, previous, log=lambda s: print(s, flush=True))
+        run_benchmark(
+            candidates,
+            args.out,
+            args.context,
+            args.new_tokens,
+            device,
+            dtype,
+            args.batch_sizes,
+            args.max_batch,
+            args.eval_json,
+            previous,
+            log=lambda s: print(s, flush=True),
+        )
     except BenchError as e:
         sys.exit(f"error: {e}")
 

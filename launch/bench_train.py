@@ -5,6 +5,7 @@ python launch/bench_train.py --shapes pythia-160m,pythia-410m,pythia-1b --layout
 
 The logic lives in megatron_mlkv/bench_train.py; results are discussed in benchmarks/README.md.
 """
+
 import argparse
 import sys
 
@@ -15,21 +16,32 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="pythia-160m,pythia-410m,pythia-1b", help="Pythia presets, comma-separated")
     p.add_argument("--layouts", default="mha,mqa-12,mlkv-6", help=f"comma-separated, from {', '.join(LAYOUTS)}")
-    p.add_argument("--micro-batch", action="append", default=[], metavar="SHAPE=B",
-                   help="micro-batch per shape (default 160m 12, 410m 16, 1b 8)")
+    p.add_argument(
+        "--micro-batch",
+        action="append",
+        default=[],
+        metavar="SHAPE=B",
+        help="micro-batch per shape (default 160m 12, 410m 16, 1b 8)",
+    )
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement (in windows of 5)")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation, allocator)")
     p.add_argument("--engines", default="mlkv,hf", help=f"comma-separated, from {', '.join(ENGINES)}")
     p.add_argument("--loss-check-steps", type=int, default=30, help="steps of the eager-vs-optimised loss curve")
     p.add_argument("--ds-config", help="DeepSpeed config for both engines (default ds_configs/zero2.json)")
-    p.add_argument("--profile", action="store_true", help="print a torch.profiler table for the first shape/layout instead")
-    p.add_argument("--memory", action="store_true",
-                   help="instead: what a training forward saves for backward, by kind, per shape and layout "
-                        "(and the peak on a GPU); runs on the CPU too")
+    p.add_argument(
+        "--profile", action="store_true", help="print a torch.profiler table for the first shape/layout instead"
+    )
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="instead: what a training forward saves for backward, by kind, per shape and layout "
+        "(and the peak on a GPU); runs on the CPU too",
+    )
     p.add_argument("--out", default="benchmarks/results/train.json", help="JSON output")
     args = p.parse_args(argv)
     import torch
+
     micro = dict(DEFAULT_MICRO)
     for item in args.micro_batch:
         shape, _, value = item.partition("=")
@@ -41,6 +53,7 @@ def main(argv=None) -> int:
         return 2
     if args.ds_config:
         from megatron_mlkv import bench_train
+
         bench_train.DS_CONFIG = args.ds_config
     shapes = args.shapes.split(",")
     unknown = [l for l in args.layouts.split(",") if l not in LAYOUTS]
@@ -53,11 +66,21 @@ def main(argv=None) -> int:
         return 2
     if args.profile:
         from megatron_mlkv.bench_train import profile
+
         shape, layout = shapes[0], args.layouts.split(",")[0]
         print(profile(shape, layout, micro[shape], args.seq_len, kind=args.engines.split(",")[0]))
         return 0
-    records = run(shapes, args.layouts.split(","), micro, args.seq_len, args.steps, args.warmup,
-                  tuple(args.engines.split(",")), args.out, args.loss_check_steps)
+    records = run(
+        shapes,
+        args.layouts.split(","),
+        micro,
+        args.seq_len,
+        args.steps,
+        args.warmup,
+        tuple(args.engines.split(",")),
+        args.out,
+        args.loss_check_steps,
+    )
     print(format_table(records))
     return 0
 
@@ -68,7 +91,9 @@ def memory_mode(args, micro: dict) -> int:
     from pathlib import Path
 
     import torch
+
     from megatron_mlkv.bench_train import format_memory, layout_config, saved_memory
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     records = []

@@ -6,25 +6,40 @@ python launch/evaluate.py --model ckpt/mlkv-6 --tasks my_task --include-path my_
 FILE.json holds lm-eval's `results` mapping plus the model's KV layout and KV bytes per token; a
 markdown table is printed. The logic lives in megatron_mlkv/evaluate.py; see the README.
 """
+
 import argparse
 import sys
 
-from megatron_mlkv.evaluate import (DEFAULT_TASKS, DTYPES, EvaluationError, evaluate_checkpoint, format_error,
-                                    format_results)
+from megatron_mlkv.evaluate import (
+    DEFAULT_TASKS,
+    DTYPES,
+    EvaluationError,
+    evaluate_checkpoint,
+    format_error,
+    format_results,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="transformers folder (launch/convert.py, RUN_DIR/hf/step_N) or hub name")
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
-                   help=f"comma-separated lm-eval tasks (default {','.join(DEFAULT_TASKS)})")
+    p.add_argument(
+        "--model", required=True, help="transformers folder (launch/convert.py, RUN_DIR/hf/step_N) or hub name"
+    )
+    p.add_argument(
+        "--tasks",
+        default=",".join(DEFAULT_TASKS),
+        help=f"comma-separated lm-eval tasks (default {','.join(DEFAULT_TASKS)})",
+    )
     p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
     p.add_argument("--limit", type=float, help="at most N documents per task (a fraction if < 1; for quick checks)")
     p.add_argument("--batch-size", default="8", help="batch size, or 'auto' (default 8)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="what the model computes in, as lm-eval's dtype= (default auto: the checkpoint's own)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="what the model computes in, as lm-eval's dtype= (default auto: the checkpoint's own)",
+    )
     p.add_argument("--out", required=True, help="JSON file for the results (written atomically)")
     return p
 
@@ -34,9 +49,16 @@ def main(argv=None) -> int:
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     batch_size = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
     try:
-        result = evaluate_checkpoint(args.model, args.tasks, include_path=args.include_path, limit=limit,
-                                     batch_size=batch_size, out_path=args.out, device=args.device,
-                                     dtype=args.dtype)
+        result = evaluate_checkpoint(
+            args.model,
+            args.tasks,
+            include_path=args.include_path,
+            limit=limit,
+            batch_size=batch_size,
+            out_path=args.out,
+            device=args.device,
+            dtype=args.dtype,
+        )
     except EvaluationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 python launch/kv_cache_size.py --layers 96 --heads 96 --head-dim 128 --batch 8 --seq 1024 \
     --kv-layers 24 --kv-groups 8 --dtype fp16
 """
+
 import argparse
 import json
 import sys
@@ -24,8 +25,9 @@ def main(argv=None):
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = p.parse_args(argv)
     try:
-        rows = cache_size_table(args.layers, args.heads, args.head_dim, args.batch, args.seq,
-                                args.kv_layers, args.kv_groups, args.dtype)
+        rows = cache_size_table(
+            args.layers, args.heads, args.head_dim, args.batch, args.seq, args.kv_layers, args.kv_groups, args.dtype
+        )
     except LayoutError as e:
         sys.exit(f"error: {e}")
     print(format_cache_table(rows))

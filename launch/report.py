@@ -6,6 +6,7 @@ python launch/report.py eval/mha.json eval/mlkv-6.json --out results/table3
 A run folder stands for its latest eval/step_N.json. Writes PREFIX.md (printed too), PREFIX.json and
 PREFIX.png. The logic lives in megatron_mlkv/report.py; see the README.
 """
+
 import argparse
 import sys
 
@@ -14,8 +15,12 @@ from megatron_mlkv.report import ReportError, build_report
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sources", nargs="+", metavar="RUN_DIR_OR_EVAL_JSON",
-                   help="run folders (their latest eval/step_N.json) or evaluation JSONs")
+    p.add_argument(
+        "sources",
+        nargs="+",
+        metavar="RUN_DIR_OR_EVAL_JSON",
+        help="run folders (their latest eval/step_N.json) or evaluation JSONs",
+    )
     p.add_argument("--out", default="report", metavar="PREFIX", help="output prefix (default: report)")
     return p
 

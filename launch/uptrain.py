@@ -6,6 +6,7 @@ deepspeed --num_gpus 2 launch/uptrain.py --ds_config ds_configs/zero2.json \
 Rerunning the same command resumes from the latest complete checkpoint. The logic lives in
 megatron_mlkv/train.py.
 """
+
 import argparse
 import sys
 
@@ -24,23 +25,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-ratio", type=float, default=0.2, help="share of steps with linear warm-up (default 0.2)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay, not on biases/LayerNorm")
     p.add_argument("--valid-data", help="packed prefix of held-out rows for validation")
-    p.add_argument("--valid-rows", type=int, default=0,
-                   help="validation rows: the first N of --valid-data, or else the last N of --data held out")
+    p.add_argument(
+        "--valid-rows",
+        type=int,
+        default=0,
+        help="validation rows: the first N of --valid-data, or else the last N of --data held out",
+    )
     p.add_argument("--save-interval", type=int, default=1000, help="checkpoint (and validate, export) every N steps")
     p.add_argument("--keep-last", type=int, default=0, help="keep only the newest K DeepSpeed checkpoints (0: all)")
-    p.add_argument("--export-dtype", choices=("auto", "bfloat16", "float32"), default="auto",
-                   help="dtype of the transformers export of each checkpoint: auto = the training weights' "
-                        "(bfloat16 under the shipped configs); float32 = the optimizer's fp32 master weights")
+    p.add_argument(
+        "--export-dtype",
+        choices=("auto", "bfloat16", "float32"),
+        default="auto",
+        help="dtype of the transformers export of each checkpoint: auto = the training weights' "
+        "(bfloat16 under the shipped configs); float32 = the optimizer's fp32 master weights",
+    )
     p.add_argument("--log-interval", type=int, default=1, help="log metrics every N steps")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute layer activations in backward")
-    p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="do not torch.compile the layers (compiled by default on GPUs without --tp)")
-    p.add_argument("--loss", choices=("auto", "fused", "chunked", "logits"), default="auto",
-                   help="loss implementation: auto = liger's fused linear cross-entropy on GPUs, full logits elsewhere")
+    p.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="do not torch.compile the layers (compiled by default on GPUs without --tp)",
+    )
+    p.add_argument(
+        "--loss",
+        choices=("auto", "fused", "chunked", "logits"),
+        default="auto",
+        help="loss implementation: auto = liger's fused linear cross-entropy on GPUs, full logits elsewhere",
+    )
     p.add_argument("--seed", type=int, default=1234, help="model-side random seed")
-    p.add_argument("--data-seed", type=int, default=None,
-                   help="shuffle rows with this seed (default: the packed order, as the paper)")
-    p.add_argument("--eval-tasks", help="lm-eval tasks to run at each checkpoint, e.g. arc_easy,lambada_openai,piqa,sciq")
+    p.add_argument(
+        "--data-seed",
+        type=int,
+        default=None,
+        help="shuffle rows with this seed (default: the packed order, as the paper)",
+    )
+    p.add_argument(
+        "--eval-tasks", help="lm-eval tasks to run at each checkpoint, e.g. arc_easy,lambada_openai,piqa,sciq"
+    )
     p.add_argument("--eval-include-path", help="folder of extra lm-eval task YAMLs")
     p.add_argument("--eval-limit", type=int, help="evaluate at most N documents per task")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
@@ -53,6 +76,7 @@ def main(argv=None) -> int:
         if getattr(args, flag) < 1:
             build_parser().error(f"--{flag.replace('_', '-')} must be >= 1")
     from megatron_mlkv.train import main as train_main
+
     return train_main(args)
 
 

@@ -22,26 +22,26 @@ its time kept as `warmup_s`. Prefill and decode are timed apart the same way for
 prefill forward alone, then decoding (for transformers: `generate`'s time less a prefill forward).
 Ratios against transformers (`vs_transformers`) take the faster of its two engines at each batch.
 """
+
 from __future__ import annotations
 
 import gc
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from .config import MLKVConfig, preset
 from .configuration_mlkv import MLKVGPTNeoXConfig
-from .convert import DTYPES, paper_variants, target_config
+from .convert import paper_variants, target_config
 from .generate import StaticDecoder, pad_mlp_
 from .hf import output_cache
 from .layout import KVLayout, LayoutError
 from .model import MLKVTransformer
-
 
 
 class BenchError(ValueError):
@@ -62,6 +62,7 @@ class Candidate:
 # ------------------------------------------------------------------------------------------------
 # Models
 # ------------------------------------------------------------------------------------------------
+
 
 def parse_layouts(spec: str, num_layers: int, num_heads: int) -> list[tuple[str, int, int]]:
     """'mha,mlkv-6,4:3' -> [(name, m, g)]: 'mha', the paper's variant names for this shape
@@ -92,11 +93,17 @@ def parse_layouts(spec: str, num_layers: int, num_heads: int) -> list[tuple[str,
 def from_folder(path: str, dtype: torch.dtype, device: torch.device) -> Candidate:
     """An exported MLKV folder (`megatron_mlkv.hf.export_pretrained`), MLP padded (`pad_mlp_`)."""
     from .hf import load_pretrained
+
     if not (Path(path) / "config.json").is_file():
         raise BenchError(f"--model {path}: no config.json; expected a folder written by launch/convert.py")
     cfg = MLKVGPTNeoXConfig.from_pretrained(path).model_config()
-    return Candidate(str(path), cfg.layout, cfg.head_dim, "mlkv-fast",
-                     lambda: pad_mlp_(load_pretrained(path, dtype).to(device).eval()))
+    return Candidate(
+        str(path),
+        cfg.layout,
+        cfg.head_dim,
+        "mlkv-fast",
+        lambda: pad_mlp_(load_pretrained(path, dtype).to(device).eval()),
+    )
 
 
 def random_model(config: MLKVConfig, dtype: torch.dtype, device: torch.device) -> MLKVTransformer:
@@ -111,14 +118,22 @@ def from_shape(shape: str, layouts: str, dtype: torch.dtype, device: torch.devic
     out = []
     for name, m, g in parse_layouts(layouts, base.num_layers, base.num_heads):
         cfg = target_config(base, m, g)
-        out.append(Candidate(f"{shape}:{name.lower()}", cfg.layout, cfg.head_dim, "mlkv-fast",
-                             lambda cfg=cfg: random_model(cfg, dtype, device)))
+        out.append(
+            Candidate(
+                f"{shape}:{name.lower()}",
+                cfg.layout,
+                cfg.head_dim,
+                "mlkv-fast",
+                lambda cfg=cfg: random_model(cfg, dtype, device),
+            )
+        )
     return out
 
 
 def gpt_neox_config(config: MLKVConfig):
     """The transformers `GPTNeoXConfig` of an MHA `MLKVConfig`."""
     from transformers import GPTNeoXConfig
+
     kwargs = config.to_hf_kwargs()
     kwargs.pop("num_kv_heads"), kwargs.pop("kv_owner")
     return GPTNeoXConfig(**kwargs)
@@ -127,6 +142,7 @@ def gpt_neox_config(config: MLKVConfig):
 def to_gpt_neox(model: MLKVTransformer):
     """An MHA `MLKVTransformer` as transformers' `GPTNeoXForCausalLM` (same weights, same logits)."""
     from transformers import GPTNeoXForCausalLM
+
     cfg = model.config
     if cfg.layout.kv_heads_total() != cfg.num_layers * cfg.num_heads:
         raise BenchError(f"only an MHA model maps onto GPTNeoXForCausalLM; this one is {cfg.layout.name}")
@@ -157,11 +173,17 @@ def to_gpt_neox(model: MLKVTransformer):
 TRANSFORMERS = {"transformers": "dynamic", "transformers-static": "static"}  # engine: cache_implementation
 
 
-def transformers_baseline(dtype: torch.dtype, device: torch.device, hf_model: str | None = None,
-                          shape: str | None = None, mha_folder: str | None = None) -> list[Candidate]:
+def transformers_baseline(
+    dtype: torch.dtype,
+    device: torch.device,
+    hf_model: str | None = None,
+    shape: str | None = None,
+    mha_folder: str | None = None,
+) -> list[Candidate]:
     """transformers' GPTNeoXForCausalLM from a GPT-NeoX folder, a Pythia shape (random weights), or
     an MHA folder of ours converted in memory: one candidate per engine of `TRANSFORMERS`."""
     from transformers import GPTNeoXForCausalLM
+
     if hf_model:
         cfg = MLKVConfig.from_hf(_read_hf_config(hf_model))
         load = lambda: GPTNeoXForCausalLM.from_pretrained(hf_model, dtype=dtype).to(device).eval()  # noqa: E731
@@ -172,9 +194,11 @@ def transformers_baseline(dtype: torch.dtype, device: torch.device, hf_model: st
         def load():
             with torch.device(device):
                 return GPTNeoXForCausalLM(gpt_neox_config(cfg)).to(dtype).eval()
+
         name = f"{shape}:mha"
     elif mha_folder:
         from .hf import load_pretrained
+
         cfg = MLKVGPTNeoXConfig.from_pretrained(mha_folder).model_config()
         load = lambda: to_gpt_neox(load_pretrained(mha_folder, dtype).to(device))  # noqa: E731
         name = str(mha_folder)
@@ -185,12 +209,14 @@ def transformers_baseline(dtype: torch.dtype, device: torch.device, hf_model: st
 
 def _read_hf_config(path: str):
     from transformers import AutoConfig
+
     return AutoConfig.from_pretrained(path)
 
 
 # ------------------------------------------------------------------------------------------------
 # Measuring
 # ------------------------------------------------------------------------------------------------
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -234,8 +260,14 @@ def decode_bytes_per_step(model: nn.Module, layout: KVLayout, head_dim: int, bat
     return int(weights + kv)
 
 
-def run_fast(model: MLKVTransformer, batch: int, context: int, new_tokens: int, device: torch.device,
-             prefill_chunk_tokens: int = 32768) -> dict:
+def run_fast(
+    model: MLKVTransformer,
+    batch: int,
+    context: int,
+    new_tokens: int,
+    device: torch.device,
+    prefill_chunk_tokens: int = 32768,
+) -> dict:
     """Prefill `context` random tokens per row, then `new_tokens` greedy steps with `StaticDecoder`."""
     decoder = StaticDecoder(model, batch, context + new_tokens)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
@@ -249,12 +281,17 @@ def run_fast(model: MLKVTransformer, batch: int, context: int, new_tokens: int, 
     start = time.perf_counter()
     decoder.greedy(token, new_tokens)
     synchronize(device)
-    return dict(kv_cache_bytes=decoder.cache.nbytes, prefill_s=prefill_s, decode_s=time.perf_counter() - start,
-                attention=decoder.attention_name)
+    return dict(
+        kv_cache_bytes=decoder.cache.nbytes,
+        prefill_s=prefill_s,
+        decode_s=time.perf_counter() - start,
+        attention=decoder.attention_name,
+    )
 
 
-def run_transformers(model: nn.Module, batch: int, context: int, new_tokens: int, device: torch.device,
-                     cache: str = "dynamic") -> dict:
+def run_transformers(
+    model: nn.Module, batch: int, context: int, new_tokens: int, device: torch.device, cache: str = "dynamic"
+) -> dict:
     """transformers' `generate` (greedy) with its default DynamicCache (`cache="dynamic"`) or its
     static cache and compiled decoding (`"static"`); decode time = generate's time minus a separately
     timed prefill forward."""
@@ -269,23 +306,39 @@ def run_transformers(model: nn.Module, batch: int, context: int, new_tokens: int
     del out
     start = time.perf_counter()
     static = {"cache_implementation": "static"} if cache == "static" else {}
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1,
-                         do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True, **static)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens + 1,
+        min_new_tokens=new_tokens + 1,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        return_dict_in_generate=True,
+        **static,
+    )
     synchronize(device)
     total = time.perf_counter() - start
     cache = output_cache(out)
     kv = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
-    return dict(kv_cache_bytes=kv, prefill_s=prefill_s, decode_s=max(total - prefill_s, 1e-9),
-                attention=getattr(model.config, "_attn_implementation", None), cache=type(cache).__name__)
+    return dict(
+        kv_cache_bytes=kv,
+        prefill_s=prefill_s,
+        decode_s=max(total - prefill_s, 1e-9),
+        attention=getattr(model.config, "_attn_implementation", None),
+        cache=type(cache).__name__,
+    )
 
 
 def _is_oom(e: BaseException | None) -> bool:
     """An out-of-memory error, also when it surfaces as the cause of another (a failed graph capture)."""
     if e is None:
         return False
-    return (isinstance(e, torch.OutOfMemoryError)
-            or (isinstance(e, RuntimeError) and any(s in str(e) for s in ("out of memory", "ALLOC_FAILED")))
-            or _is_oom(e.__cause__ or e.__context__))
+    return (
+        isinstance(e, torch.OutOfMemoryError)
+        or (isinstance(e, RuntimeError) and any(s in str(e) for s in ("out of memory", "ALLOC_FAILED")))
+        or _is_oom(e.__cause__ or e.__context__)
+    )
 
 
 def _free(device: torch.device) -> None:
@@ -311,8 +364,9 @@ def measure(run: Callable[[], dict], device: torch.device) -> dict:
     oom = result is None
     result = result or {}
     result["oom"] = oom
-    result["peak_memory_bytes"] = (torch.cuda.max_memory_allocated(device) - before
-                                   if device.type == "cuda" and not oom else None)
+    result["peak_memory_bytes"] = (
+        torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" and not oom else None
+    )
     _free(device)
     return result
 
@@ -335,16 +389,27 @@ def search_batches(attempt: Callable[[int], dict], max_batch: int, refine: int =
     return records
 
 
-def bench_candidate(cand: Candidate, context: int, new_tokens: int, device: torch.device, dtype: torch.dtype,
-                    bandwidth: float, batch_sizes: list[int] | None = None, max_batch: int | None = None,
-                    on_record: Callable[[dict], None] = lambda r: None, log: Callable[[str], None] = print) -> list[dict]:
+def bench_candidate(
+    cand: Candidate,
+    context: int,
+    new_tokens: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    bandwidth: float,
+    batch_sizes: list[int] | None = None,
+    max_batch: int | None = None,
+    on_record: Callable[[dict], None] = lambda r: None,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """All measurements of one model: the given batch sizes, or the search for its maximum."""
     model = cand.load()
     if cand.engine == "mlkv-fast":
         run = run_fast
     else:
+
         def run(model, batch, context, new_tokens, device):
             return run_transformers(model, batch, context, new_tokens, device, TRANSFORMERS[cand.engine])
+
     weights = weight_bytes(model)
     size = torch.tensor([], dtype=dtype).element_size()
     memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
@@ -355,21 +420,37 @@ def bench_candidate(cand: Candidate, context: int, new_tokens: int, device: torc
         warmup = measure(lambda: run(model, batch, context, new_tokens, device), device)  # same shape, discarded
         warmup_s = time.perf_counter() - start
         result = warmup if warmup["oom"] else measure(lambda: run(model, batch, context, new_tokens, device), device)
-        record = dict(model=cand.name, layout=cand.layout.name, engine=cand.engine,
-                      kv_heads_total=cand.layout.kv_heads_total(), num_layers=cand.layout.num_layers,
-                      kv_layers=cand.layout.kv_layers, num_kv_heads=cand.layout.num_kv_heads,
-                      head_dim=cand.head_dim, dtype=str(dtype).removeprefix("torch."), device=device_name,
-                      batch_size=batch, context=context, new_tokens=new_tokens,
-                      kv_cache_bytes=result.get("kv_cache_bytes",
-                                                cand.layout.cache_elements(batch, context + new_tokens,
-                                                                           cand.head_dim) * size),
-                      peak_memory_bytes=result["peak_memory_bytes"], weights_bytes=weights,
-                      device_memory_bytes=memory, oom=result["oom"], tokens_per_s=None,
-                      prefill_s=result.get("prefill_s"), decode_s=result.get("decode_s"),
-                      copy_bandwidth_bytes_per_s=bandwidth, attention=result.get("attention"),
-                      cache=result.get("cache", "StaticDecoder"), warmed_up=not result["oom"], warmup_s=warmup_s)
-        step_bytes = decode_bytes_per_step(model, cand.layout, cand.head_dim, batch,
-                                           context + (new_tokens + 1) / 2)
+        record = dict(
+            model=cand.name,
+            layout=cand.layout.name,
+            engine=cand.engine,
+            kv_heads_total=cand.layout.kv_heads_total(),
+            num_layers=cand.layout.num_layers,
+            kv_layers=cand.layout.kv_layers,
+            num_kv_heads=cand.layout.num_kv_heads,
+            head_dim=cand.head_dim,
+            dtype=str(dtype).removeprefix("torch."),
+            device=device_name,
+            batch_size=batch,
+            context=context,
+            new_tokens=new_tokens,
+            kv_cache_bytes=result.get(
+                "kv_cache_bytes", cand.layout.cache_elements(batch, context + new_tokens, cand.head_dim) * size
+            ),
+            peak_memory_bytes=result["peak_memory_bytes"],
+            weights_bytes=weights,
+            device_memory_bytes=memory,
+            oom=result["oom"],
+            tokens_per_s=None,
+            prefill_s=result.get("prefill_s"),
+            decode_s=result.get("decode_s"),
+            copy_bandwidth_bytes_per_s=bandwidth,
+            attention=result.get("attention"),
+            cache=result.get("cache", "StaticDecoder"),
+            warmed_up=not result["oom"],
+            warmup_s=warmup_s,
+        )
+        step_bytes = decode_bytes_per_step(model, cand.layout, cand.head_dim, batch, context + (new_tokens + 1) / 2)
         bound = batch * bandwidth / step_bytes
         record.update(bytes_per_step=step_bytes, bandwidth_bound_tokens_per_s=bound, fraction_of_bound=None)
         if not record["oom"]:
@@ -384,7 +465,7 @@ def bench_candidate(cand: Candidate, context: int, new_tokens: int, device: torc
             return [attempt(b) for b in batch_sizes]
         return search_batches(attempt, max_batch)
     finally:
-        del model
+        model = None  # the weights go before the next candidate loads
         _free(device)
 
 
@@ -393,13 +474,16 @@ def _progress(r: dict, seconds: float) -> str:
     if r["oom"]:
         return f"{head} out of memory ({seconds:.1f} s)"
     peak = "" if r["peak_memory_bytes"] is None else f", peak {r['peak_memory_bytes'] / 2**30:.2f} GiB"
-    return (f"{head} {r['tokens_per_s']:,.0f} tokens/s ({r['fraction_of_bound']:.0%} of bound), KV "
-            f"{r['kv_cache_bytes'] / 2**30:.3f} GiB{peak}, prefill {r['prefill_s']:.2f} s ({seconds:.1f} s)")
+    return (
+        f"{head} {r['tokens_per_s']:,.0f} tokens/s ({r['fraction_of_bound']:.0%} of bound), KV "
+        f"{r['kv_cache_bytes'] / 2**30:.3f} GiB{peak}, prefill {r['prefill_s']:.2f} s ({seconds:.1f} s)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Reporting
 # ------------------------------------------------------------------------------------------------
+
 
 def _series(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
     out = {}
@@ -433,34 +517,54 @@ def summarize(records: list[dict]) -> list[dict]:
         ooms = [r["batch_size"] for r in rs if r["oom"]]
         best = max(fits, key=lambda r: r["batch_size"]) if fits else None
         at8 = next((r for r in fits if r["batch_size"] == 8), None)
-        rows.append(dict(model=model, engine=engine, layout=rs[0]["layout"], kv_heads_total=rs[0]["kv_heads_total"],
-                         max_batch=best and best["batch_size"], first_oom=min(ooms) if ooms else None,
-                         tokens_per_s_b8=at8 and at8["tokens_per_s"], fraction_b8=at8 and at8["fraction_of_bound"],
-                         tokens_per_s_max=best and best["tokens_per_s"], fraction_max=best and best["fraction_of_bound"],
-                         peak_gib_max=best and best["peak_memory_bytes"] and best["peak_memory_bytes"] / 2**30,
-                         best_tokens_per_s=max((r["tokens_per_s"] for r in fits), default=None)))
+        rows.append(
+            dict(
+                model=model,
+                engine=engine,
+                layout=rs[0]["layout"],
+                kv_heads_total=rs[0]["kv_heads_total"],
+                max_batch=best and best["batch_size"],
+                first_oom=min(ooms) if ooms else None,
+                tokens_per_s_b8=at8 and at8["tokens_per_s"],
+                fraction_b8=at8 and at8["fraction_of_bound"],
+                tokens_per_s_max=best and best["tokens_per_s"],
+                fraction_max=best and best["fraction_of_bound"],
+                peak_gib_max=best and best["peak_memory_bytes"] and best["peak_memory_bytes"] / 2**30,
+                best_tokens_per_s=max((r["tokens_per_s"] for r in fits), default=None),
+            )
+        )
         row = rows[-1]
         ours = engine not in TRANSFORMERS
         row["vs_transformers_b8"] = (at8["tokens_per_s"] / baseline[8]) if ours and at8 and baseline.get(8) else None
-        row["vs_transformers_best"] = (row["best_tokens_per_s"] / max(baseline.values())
-                                       if ours and baseline and row["best_tokens_per_s"] else None)
+        row["vs_transformers_best"] = (
+            row["best_tokens_per_s"] / max(baseline.values())
+            if ours and baseline and row["best_tokens_per_s"]
+            else None
+        )
     return rows
 
 
 def format_summary(rows: list[dict]) -> str:
     """`summarize` rows as a markdown table."""
+
     def num(x, fmt):
         return "-" if x is None else format(x, fmt)
-    lines = ["| model | engine | KV heads | max batch | first OOM | tokens/s b=8 (of bound) | "
-             "tokens/s at max (of bound) | best tokens/s | peak GiB at max | x transformers b=8 | "
-             "x transformers, best |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    lines = [
+        "| model | engine | KV heads | max batch | first OOM | tokens/s b=8 (of bound) | "
+        "tokens/s at max (of bound) | best tokens/s | peak GiB at max | x transformers b=8 | "
+        "x transformers, best |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {_label(r['model'], r['engine'], r['layout'])} | {r['engine']} | {r['kv_heads_total']} | "
-                     f"{num(r['max_batch'], 'd')} | {num(r['first_oom'], 'd')} | "
-                     f"{num(r['tokens_per_s_b8'], ',.0f')} ({num(r['fraction_b8'], '.0%')}) | "
-                     f"{num(r['tokens_per_s_max'], ',.0f')} ({num(r['fraction_max'], '.0%')}) | "
-                     f"{num(r['best_tokens_per_s'], ',.0f')} | {num(r['peak_gib_max'], '.2f')} | "
-                     f"{num(r['vs_transformers_b8'], '.2f')} | {num(r['vs_transformers_best'], '.2f')} |")
+        lines.append(
+            f"| {_label(r['model'], r['engine'], r['layout'])} | {r['engine']} | {r['kv_heads_total']} | "
+            f"{num(r['max_batch'], 'd')} | {num(r['first_oom'], 'd')} | "
+            f"{num(r['tokens_per_s_b8'], ',.0f')} ({num(r['fraction_b8'], '.0%')}) | "
+            f"{num(r['tokens_per_s_max'], ',.0f')} ({num(r['fraction_max'], '.0%')}) | "
+            f"{num(r['best_tokens_per_s'], ',.0f')} | {num(r['peak_gib_max'], '.2f')} | "
+            f"{num(r['vs_transformers_b8'], '.2f')} | {num(r['vs_transformers_best'], '.2f')} |"
+        )
     return "\n".join(lines)
 
 
@@ -469,8 +573,10 @@ MARKERS = "os^vDP*<>hX"  # series that overlap (equal KV budgets) stay distingui
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -485,11 +591,16 @@ def plot_memory(records: list[dict], path: Path) -> None:
         label = _label(model, engine, rs[0]["layout"])
         style = dict(marker=MARKERS[i % len(MARKERS)], ms=4, ls="-" if engine == "mlkv-fast" else "--")
         if fits and fits[0]["peak_memory_bytes"] is not None:
-            line, = ax.plot([r["batch_size"] for r in fits], [r["peak_memory_bytes"] / 2**30 for r in fits],
-                            label=label, **style)
+            (line,) = ax.plot(
+                [r["batch_size"] for r in fits], [r["peak_memory_bytes"] / 2**30 for r in fits], label=label, **style
+            )
         else:
-            line, = ax.plot([r["batch_size"] for r in fits], [r["kv_cache_bytes"] / 2**30 for r in fits],
-                            label=f"{label} (KV cache)", **style)
+            (line,) = ax.plot(
+                [r["batch_size"] for r in fits],
+                [r["kv_cache_bytes"] / 2**30 for r in fits],
+                label=f"{label} (KV cache)",
+                **style,
+            )
         ooms = [r for r in rs if r["oom"]]
         if ooms:
             first = min(ooms, key=lambda r: r["batch_size"])
@@ -497,11 +608,22 @@ def plot_memory(records: list[dict], path: Path) -> None:
             ax.plot([first["batch_size"]], [y], "x", color=line.get_color(), ms=10, mew=2)
     if capacity:
         ax.axhline(capacity / 2**30, color="gray", lw=0.8, ls="--")
-        ax.text(0.01, capacity / 2**30, "device memory (x: out of memory)", va="bottom", fontsize=8, color="gray",
-                transform=ax.get_yaxis_transform())  # x in axes fractions, y in GiB
+        ax.text(
+            0.01,
+            capacity / 2**30,
+            "device memory (x: out of memory)",
+            va="bottom",
+            fontsize=8,
+            color="gray",
+            transform=ax.get_yaxis_transform(),
+        )  # x in axes fractions, y in GiB
     ctx = records[0]
-    ax.set(xscale="log", xlabel="batch size", ylabel="GiB",
-           title=f"Memory above weights, context {ctx['context']} + {ctx['new_tokens']} tokens ({ctx['dtype']})")
+    ax.set(
+        xscale="log",
+        xlabel="batch size",
+        ylabel="GiB",
+        title=f"Memory above weights, context {ctx['context']} + {ctx['new_tokens']} tokens ({ctx['dtype']})",
+    )
     ax.set_xscale("log", base=2)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -519,14 +641,23 @@ def plot_throughput(records: list[dict], path: Path) -> None:
         if not fits:
             continue
         b = [r["batch_size"] for r in fits]
-        line, = ax.plot(b, [r["tokens_per_s"] for r in fits], "-" if engine == "mlkv-fast" else "--",
-                        marker=MARKERS[i % len(MARKERS)], ms=4, label=_label(model, engine, rs[0]["layout"]))
+        (line,) = ax.plot(
+            b,
+            [r["tokens_per_s"] for r in fits],
+            "-" if engine == "mlkv-fast" else "--",
+            marker=MARKERS[i % len(MARKERS)],
+            ms=4,
+            label=_label(model, engine, rs[0]["layout"]),
+        )
         ax.plot(b, [r["bandwidth_bound_tokens_per_s"] for r in fits], ":", color=line.get_color(), lw=0.8)
     ctx = records[0]
     ax.set_xscale("log", base=2)
-    ax.set(yscale="log", xlabel="batch size", ylabel="tokens/s",
-           title=f"Decode throughput, context {ctx['context']}, {ctx['new_tokens']} new tokens "
-                 f"(dotted: bandwidth bound)")
+    ax.set(
+        yscale="log",
+        xlabel="batch size",
+        ylabel="tokens/s",
+        title=f"Decode throughput, context {ctx['context']}, {ctx['new_tokens']} new tokens (dotted: bandwidth bound)",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -542,8 +673,11 @@ def read_eval(path: str | Path) -> dict:
         raise BenchError(f"--eval-json {path}: needs a 'results' mapping and a 'layout'")
     layout = data["layout"]
     name = layout.get("name") if isinstance(layout, dict) else str(layout)
-    acc = {task: float(m.get("acc,none", m.get("acc"))) for task, m in data["results"].items()
-           if isinstance(m, dict) and m.get("acc,none", m.get("acc")) is not None}
+    acc = {
+        task: float(m.get("acc,none", m.get("acc")))
+        for task, m in data["results"].items()
+        if isinstance(m, dict) and m.get("acc,none", m.get("acc")) is not None
+    }
     if not acc:
         raise BenchError(f"--eval-json {path}: no task in 'results' has an 'acc' metric")
     heads = layout.get("kv_heads_total") if isinstance(layout, dict) else None
@@ -558,24 +692,42 @@ def plot_accuracy(records: list[dict], evals: list[dict], path: Path) -> list[di
     plt = _pyplot()
     per_seq = {r["layout"].upper(): r["kv_cache_bytes"] / r["batch_size"] for r in records}
     ref = records[0]
-    size = ref["kv_cache_bytes"] / ref["batch_size"] / (2 * (ref["context"] + ref["new_tokens"]) *
-                                                         ref["kv_heads_total"] * ref["head_dim"])
+    size = (
+        ref["kv_cache_bytes"]
+        / ref["batch_size"]
+        / (2 * (ref["context"] + ref["new_tokens"]) * ref["kv_heads_total"] * ref["head_dim"])
+    )
     points = []
     for e in evals:
         mem = per_seq.get(str(e["layout"]).upper())
         if mem is None and e["kv_heads_total"]:
             mem = 2 * (ref["context"] + ref["new_tokens"]) * e["kv_heads_total"] * ref["head_dim"] * size
         if mem is not None:
-            points.append(dict(layout=e["layout"], kv_bytes_per_sequence=mem, mean_accuracy=e["mean"],
-                               accuracy=e["accuracy"], path=e["path"]))
+            points.append(
+                dict(
+                    layout=e["layout"],
+                    kv_bytes_per_sequence=mem,
+                    mean_accuracy=e["mean"],
+                    accuracy=e["accuracy"],
+                    path=e["path"],
+                )
+            )
     fig, ax = plt.subplots(figsize=(7, 5))
     for p in points:
         ax.plot(p["kv_bytes_per_sequence"] / 2**20, p["mean_accuracy"], "o")
-        ax.annotate(p["layout"], (p["kv_bytes_per_sequence"] / 2**20, p["mean_accuracy"]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+        ax.annotate(
+            p["layout"],
+            (p["kv_bytes_per_sequence"] / 2**20, p["mean_accuracy"]),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     ax.set_xscale("log", base=2)
-    ax.set(xlabel=f"KV cache per sequence of {ref['context'] + ref['new_tokens']} tokens (MiB)",
-           ylabel="mean accuracy", title="Accuracy vs KV cache memory")
+    ax.set(
+        xlabel=f"KV cache per sequence of {ref['context'] + ref['new_tokens']} tokens (MiB)",
+        ylabel="mean accuracy",
+        title="Accuracy vs KV cache memory",
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -611,9 +763,19 @@ def latest(records: list[dict]) -> list[dict]:
     return list(by_key.values())
 
 
-def run_benchmark(candidates: list[Candidate], out: Path, context: int, new_tokens: int, device: torch.device,
-                  dtype: torch.dtype, batch_sizes: list[int] | None = None, max_batch: int | None = None,
-                  eval_files: list[str] = (), previous: list[dict] = (), log: Callable[[str], None] = print) -> list[dict]:
+def run_benchmark(
+    candidates: list[Candidate],
+    out: Path,
+    context: int,
+    new_tokens: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_sizes: list[int] | None = None,
+    max_batch: int | None = None,
+    eval_files: list[str] = (),
+    previous: list[dict] = (),
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """Benchmark every candidate; results.json is rewritten after each record (a killed run keeps what
     it measured), the summary and plots after each model."""
     if candidates and not batch_sizes and max_batch is None and device.type != "cuda":
@@ -631,10 +793,19 @@ def run_benchmark(candidates: list[Candidate], out: Path, context: int, new_toke
     if bandwidth:
         log(f"device {device}: copy bandwidth {bandwidth / 1e9:,.0f} GB/s (read + write)")
     for cand in candidates:
-        bench_candidate(cand, context, new_tokens, device, dtype, bandwidth, batch_sizes,
-                        max_batch or 2**24, on_record=keep, log=log)
+        bench_candidate(
+            cand,
+            context,
+            new_tokens,
+            device,
+            dtype,
+            bandwidth,
+            batch_sizes,
+            max_batch or 2**24,
+            on_record=keep,
+            log=log,
+        )
         write_report(records, out, eval_files)
     write_report(records, out, eval_files)
     log(format_summary(summarize(records)))
     return records
-

@@ -11,6 +11,7 @@ and reports tokens/s, MFU (6·N + 12·l·d·s FLOPs per token over the bf16 matr
 same run), peak memory and the share of step time spent waiting for data. A short loss curve of the
 optimised path is compared with the eager path (no compile, full logits) from the same weights.
 """
+
 from __future__ import annotations
 
 import gc
@@ -38,8 +39,13 @@ def layout_config(shape: str, layout: str) -> MLKVConfig:
     if LAYOUTS[layout] is None:
         return base
     m, g = LAYOUTS[layout]
-    value = {"l": base.num_layers, "l/2": base.num_layers // 2, "l/6": base.num_layers // 6,
-             "h": base.num_heads, "h/3": base.num_heads // 3}
+    value = {
+        "l": base.num_layers,
+        "l/2": base.num_layers // 2,
+        "l/6": base.num_layers // 6,
+        "h": base.num_heads,
+        "h/3": base.num_heads // 3,
+    }
     return base.with_layout(value.get(m, m), value.get(g, g))
 
 
@@ -66,8 +72,7 @@ DS_CONFIG = ROOT / "ds_configs" / "zero2.json"
 
 def ds_config(micro_batch: int) -> dict:
     cfg = json.loads(Path(DS_CONFIG).read_text())
-    cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
-               train_batch_size=micro_batch)
+    cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1, train_batch_size=micro_batch)
     return cfg
 
 
@@ -85,17 +90,18 @@ class HFLoss(torch.nn.Module):
 def _hf_engine(config: MLKVConfig, cfg: dict):
     import deepspeed
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
     kwargs = {k: v for k, v in config.to_hf_kwargs().items() if k not in ("num_kv_heads", "kv_owner")}
     hf = GPTNeoXForCausalLM(GPTNeoXConfig(**kwargs, attn_implementation="sdpa")).cuda()
     wrapped = HFLoss(hf)
-    opt = torch.optim.AdamW(wrapped.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01,
-                            fused=True)
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, fused=True)
     engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=opt, config=cfg)
     return engine
 
 
 def _mlkv_engine(config: MLKVConfig, cfg: dict, compiled: bool, loss: str, seed: int = 0, pack: bool = True):
     from .model import MLKVTransformer
+
     torch.manual_seed(seed)
     model = MLKVTransformer(config).cuda()
     if compiled:
@@ -110,8 +116,7 @@ def _engine(kind: str, config: MLKVConfig, cfg: dict):
     return _mlkv_engine(config, cfg, compiled=True, loss="auto", pack=kind == "mlkv")
 
 
-def time_steps(engine, ds, micro: int, steps: int, warmup: int, device, summed: bool = True,
-               window: int = 5) -> dict:
+def time_steps(engine, ds, micro: int, steps: int, warmup: int, device, summed: bool = True, window: int = 5) -> dict:
     """Run warmup + steps optimizer steps; time the last `steps`, and the data loading within them.
     `summed`: the engine returns the sum of token losses (ours), made a mean as transformers' is.
 
@@ -146,10 +151,15 @@ def time_steps(engine, ds, micro: int, steps: int, warmup: int, device, summed: 
     elapsed = mark - start
     batches.close()
     step_time = float(np.median(windows))
-    return {"step_time_s": step_time, "tokens_per_s": micro * ds.seq_len / step_time,
-            "tokens_per_s_mean": micro * ds.seq_len * steps / elapsed, "window_step_times_s": windows,
-            "data_wait_share": data_wait / elapsed, "peak_memory_bytes": torch.cuda.max_memory_allocated(device),
-            "losses": [float(x) for x in losses]}
+    return {
+        "step_time_s": step_time,
+        "tokens_per_s": micro * ds.seq_len / step_time,
+        "tokens_per_s_mean": micro * ds.seq_len * steps / elapsed,
+        "window_step_times_s": windows,
+        "data_wait_share": data_wait / elapsed,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device),
+        "losses": [float(x) for x in losses],
+    }
 
 
 def _release(engine) -> None:
@@ -165,18 +175,29 @@ def _release(engine) -> None:
 
 def single_gpu_process(master_port: str = "29511") -> torch.device:
     """This process as the one rank of a DeepSpeed world on GPU 0 (no launcher needed); its device."""
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=master_port).items():
+    for key, value in dict(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=master_port
+    ).items():
         os.environ.setdefault(key, value)
     import deepspeed
+
     deepspeed.init_distributed(dist_backend="nccl")
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     return device
 
 
-def run(shapes, layouts, micro: dict, seq_len: int = 2048, steps: int = 30, warmup: int = 8,
-        engines=("mlkv", "hf"), out: str | None = None, loss_check_steps: int = 30) -> list[dict]:
+def run(
+    shapes,
+    layouts,
+    micro: dict,
+    seq_len: int = 2048,
+    steps: int = 30,
+    warmup: int = 8,
+    engines=("mlkv", "hf"),
+    out: str | None = None,
+    loss_check_steps: int = 30,
+) -> list[dict]:
     """The benchmark table (a list of records), printed and saved to `out` as JSON."""
     device = single_gpu_process()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -190,9 +211,17 @@ def run(shapes, layouts, micro: dict, seq_len: int = 2048, steps: int = 30, warm
             for kind in engines:
                 if kind == "hf" and layout != "mha":
                     continue
-                record = {"shape": shape, "layout": config.layout.name, "engine": kind, "micro_batch": b,
-                          "seq_len": seq_len, "ds_config": str(DS_CONFIG), "precision": "bf16 mixed",
-                          "device": torch.cuda.get_device_name(device), "matmul_flops_per_s": peak}
+                record = {
+                    "shape": shape,
+                    "layout": config.layout.name,
+                    "engine": kind,
+                    "micro_batch": b,
+                    "seq_len": seq_len,
+                    "ds_config": str(DS_CONFIG),
+                    "precision": "bf16 mixed",
+                    "device": torch.cuda.get_device_name(device),
+                    "matmul_flops_per_s": peak,
+                }
                 engine = None
                 try:
                     engine = _engine(kind, config, ds_config(b))
@@ -228,7 +257,9 @@ def loss_check(shape: str, micro: int, seq_len: int, steps: int, device) -> dict
 
 def profile(shape: str, layout: str, micro: int, seq_len: int = 2048, steps: int = 4, kind: str = "mlkv") -> str:
     """torch.profiler table of a few steps (after warm-up): where a step's time goes."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
     device = single_gpu_process()
     config = layout_config(shape, layout)
     ds = RandomRows(micro * (steps + 6), seq_len, config.vocab_size)
@@ -238,8 +269,10 @@ def profile(shape: str, layout: str, micro: int, seq_len: int = 2048, steps: int
         time_steps(engine, ds, micro, steps, 0, device, summed=kind != "hf")
     _release(engine)
     table = prof.key_averages()
-    return "\n".join(table.table(sort_by=key, row_limit=rows, max_name_column_width=60)
-                     for key, rows in (("self_cuda_time_total", 30), ("self_cpu_time_total", 20)))
+    return "\n".join(
+        table.table(sort_by=key, row_limit=rows, max_name_column_width=60)
+        for key, rows in (("self_cuda_time_total", 30), ("self_cpu_time_total", 20))
+    )
 
 
 def _memory_kind(t: torch.Tensor, config: MLKVConfig, seq_len: int) -> str:
@@ -259,14 +292,16 @@ def _memory_kind(t: torch.Tensor, config: MLKVConfig, seq_len: int) -> str:
     return "other (projections, norms' statistics, ids)"
 
 
-def saved_memory(config: MLKVConfig, micro: int, seq_len: int, device: torch.device, dtype: torch.dtype,
-                 loss: str = "auto") -> dict:
+def saved_memory(
+    config: MLKVConfig, micro: int, seq_len: int, device: torch.device, dtype: torch.dtype, loss: str = "auto"
+) -> dict:
     """What one training forward keeps for its backward, by kind (`_memory_kind`), in bytes: every
     tensor autograd saves, each storage counted once, the weights left out. On CUDA also the peak
     allocated above the weights over forward and backward. Weights in `dtype`, as DeepSpeed's bf16
     module holds them; no optimizer."""
     from .loss import lm_loss_sum
     from .model import MLKVTransformer
+
     torch.manual_seed(0)
     model = MLKVTransformer(config).to(device=device, dtype=dtype)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -289,11 +324,17 @@ def saved_memory(config: MLKVConfig, micro: int, seq_len: int, device: torch.dev
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         total = lm_loss_sum(model, ids, ids, loss)
     total.backward()
-    record = {"layout": config.layout.name, "kv_heads": config.layout.kv_heads_total(), "micro_batch": micro,
-              "seq_len": seq_len, "dtype": str(dtype).removeprefix("torch."), "loss": loss,
-              "saved_bytes": kinds, "saved_total_bytes": sum(kinds.values()),
-              "peak_above_weights_bytes": (torch.cuda.max_memory_allocated(device) - base
-                                           if device.type == "cuda" else None)}
+    record = {
+        "layout": config.layout.name,
+        "kv_heads": config.layout.kv_heads_total(),
+        "micro_batch": micro,
+        "seq_len": seq_len,
+        "dtype": str(dtype).removeprefix("torch."),
+        "loss": loss,
+        "saved_bytes": kinds,
+        "saved_total_bytes": sum(kinds.values()),
+        "peak_above_weights_bytes": (torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None),
+    }
     del model, total
     gc.collect()
     return record
@@ -302,14 +343,19 @@ def saved_memory(config: MLKVConfig, micro: int, seq_len: int, device: torch.dev
 def format_memory(records: list[dict]) -> str:
     """Markdown: saved bytes by kind per layout (GiB), and the total against the first row's."""
     kinds = sorted({k for r in records for k in r["saved_bytes"]})
-    lines = ["| shape | layout | micro-batch | " + " | ".join(kinds) + " | saved in all | vs first | peak above weights |",
-             "|---" * (len(kinds) + 6) + "|"]
+    lines = [
+        "| shape | layout | micro-batch | " + " | ".join(kinds) + " | saved in all | vs first | peak above weights |",
+        "|---" * (len(kinds) + 6) + "|",
+    ]
     first = records[0]["saved_total_bytes"] if records else 1
     for r in records:
         cells = [f"{r['saved_bytes'].get(k, 0) / 2**30:.2f}" for k in kinds]
         peak = "" if r["peak_above_weights_bytes"] is None else f"{r['peak_above_weights_bytes'] / 2**30:.1f} GiB"
-        lines.append(f"| {r.get('shape', '')} | {r['layout']} | {r['micro_batch']} | " + " | ".join(cells) +
-                     f" | {r['saved_total_bytes'] / 2**30:.2f} GiB | {r['saved_total_bytes'] / first:.2f}x | {peak} |")
+        lines.append(
+            f"| {r.get('shape', '')} | {r['layout']} | {r['micro_batch']} | "
+            + " | ".join(cells)
+            + f" | {r['saved_total_bytes'] / 2**30:.2f} GiB | {r['saved_total_bytes'] / first:.2f}x | {peak} |"
+        )
     return "\n".join(lines)
 
 
@@ -317,16 +363,21 @@ def _print_row(r: dict) -> None:
     if r.get("oom"):
         print(f"{r['shape']:12s} {r['layout']:8s} {r['engine']:5s} b={r['micro_batch']:3d}  OOM", flush=True)
         return
-    print(f"{r['shape']:12s} {r['layout']:8s} {r['engine']:5s} b={r['micro_batch']:3d} "
-          f"{r['tokens_per_s']:>10,.0f} tok/s  MFU {r['mfu']:6.1%}  peak {r['peak_memory_bytes'] / 2**30:5.1f} GiB  "
-          f"data wait {r['data_wait_share']:.2%}", flush=True)
+    print(
+        f"{r['shape']:12s} {r['layout']:8s} {r['engine']:5s} b={r['micro_batch']:3d} "
+        f"{r['tokens_per_s']:>10,.0f} tok/s  MFU {r['mfu']:6.1%}  peak {r['peak_memory_bytes'] / 2**30:5.1f} GiB  "
+        f"data wait {r['data_wait_share']:.2%}",
+        flush=True,
+    )
 
 
 def format_table(records: list[dict]) -> str:
     """Markdown: one row per measurement, with the speed-up over transformers at the same shape."""
     base = {r["shape"]: r["tokens_per_s"] for r in records if r.get("engine") == "hf" and not r.get("oom")}
-    lines = ["| shape | layout | engine | micro-batch | tokens/s | MFU | peak memory | data wait | vs transformers |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| shape | layout | engine | micro-batch | tokens/s | MFU | peak memory | data wait | vs transformers |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         if r.get("loss_check"):
             continue
@@ -334,6 +385,8 @@ def format_table(records: list[dict]) -> str:
             lines.append(f"| {r['shape']} | {r['layout']} | {r['engine']} | {r['micro_batch']} | OOM | | | | |")
             continue
         ratio = f"{r['tokens_per_s'] / base[r['shape']]:.2f}x" if r["shape"] in base else ""
-        lines.append(f"| {r['shape']} | {r['layout']} | {r['engine']} | {r['micro_batch']} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['mfu']:.1%} | {r['peak_memory_bytes'] / 2**30:.1f} GiB | {r['data_wait_share']:.2%} | {ratio} |")
+        lines.append(
+            f"| {r['shape']} | {r['layout']} | {r['engine']} | {r['micro_batch']} | {r['tokens_per_s']:,.0f} | "
+            f"{r['mfu']:.1%} | {r['peak_memory_bytes'] / 2**30:.1f} GiB | {r['data_wait_share']:.2%} | {ratio} |"
+        )
     return "\n".join(lines)

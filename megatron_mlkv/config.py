@@ -3,6 +3,7 @@
 This file is copied next to exported checkpoints (transformers remote code): standard library and
 relative imports only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,14 @@ class MLKVConfig:
     layout: KVLayout = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                     "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} = {value!r} must be a positive integer")
@@ -54,8 +61,10 @@ class MLKVConfig:
         if not 0.0 < self.rotary_pct <= 1.0:
             raise ConfigError(f"rotary_pct = {self.rotary_pct} must be in (0, 1]")
         if self.rotary_dim % 2:
-            raise ConfigError(f"rotary_pct = {self.rotary_pct} gives {self.rotary_dim} rotary dims of "
-                              f"head_dim {self.head_dim}; it must be even")
+            raise ConfigError(
+                f"rotary_pct = {self.rotary_pct} gives {self.rotary_dim} rotary dims of "
+                f"head_dim {self.head_dim}; it must be even"
+            )
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"hidden_act = '{self.hidden_act}' is not supported; allowed: {', '.join(ACTIVATIONS)}")
         if self.num_kv_heads is None:
@@ -74,8 +83,9 @@ class MLKVConfig:
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.rotary_pct)
 
-    def with_layout(self, kv_layers: int | None = None, kv_groups: int | None = None,
-                    kv_owner: list[int] | None = None, **changes) -> "MLKVConfig":
+    def with_layout(
+        self, kv_layers: int | None = None, kv_groups: int | None = None, kv_owner: list[int] | None = None, **changes
+    ) -> MLKVConfig:
         """A copy with a new KV layout: uniform (m, g) or an explicit owner map, plus other `changes`."""
         g = self.num_kv_heads if kv_groups is None else kv_groups
         if kv_owner is None:
@@ -114,12 +124,14 @@ class MLKVConfig:
     # --- transformers config interchange (attribute names of GPTNeoXConfig) ---
 
     @classmethod
-    def from_hf(cls, hf_config, **overrides) -> "MLKVConfig":
+    def from_hf(cls, hf_config, **overrides) -> MLKVConfig:
         """Read a transformers `GPTNeoXConfig` (or our exported config) into an `MLKVConfig`."""
         rope = getattr(hf_config, "rope_parameters", None) or {}
         values = dict(
-            vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
-            num_layers=hf_config.num_hidden_layers, num_heads=hf_config.num_attention_heads,
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=hf_config.num_attention_heads,
             intermediate_size=hf_config.intermediate_size,
             num_kv_heads=getattr(hf_config, "num_kv_heads", None),
             kv_owner=getattr(hf_config, "kv_owner", None),
@@ -142,14 +154,24 @@ class MLKVConfig:
     def to_hf_kwargs(self) -> dict:
         """Keyword arguments for a transformers GPT-NeoX-style config (plus the KV layout)."""
         return dict(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads, intermediate_size=self.intermediate_size,
-            num_kv_heads=self.num_kv_heads, kv_owner=list(self.kv_owner),
-            rope_parameters={"rope_type": "default", "rope_theta": self.rotary_emb_base,
-                             "partial_rotary_factor": self.rotary_pct},
-            max_position_embeddings=self.max_position_embeddings, layer_norm_eps=self.layer_norm_eps,
-            use_parallel_residual=self.use_parallel_residual, tie_word_embeddings=self.tie_word_embeddings,
-            attention_bias=self.attention_bias, hidden_act=self.hidden_act,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            num_kv_heads=self.num_kv_heads,
+            kv_owner=list(self.kv_owner),
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": self.rotary_emb_base,
+                "partial_rotary_factor": self.rotary_pct,
+            },
+            max_position_embeddings=self.max_position_embeddings,
+            layer_norm_eps=self.layer_norm_eps,
+            use_parallel_residual=self.use_parallel_residual,
+            tie_word_embeddings=self.tie_word_embeddings,
+            attention_bias=self.attention_bias,
+            hidden_act=self.hidden_act,
             initializer_range=self.initializer_range,
         )
 

@@ -2,6 +2,7 @@
 
 Copied next to exported checkpoints (transformers remote code).
 """
+
 from transformers import GPTNeoXConfig
 
 from .config import MLKVConfig

@@ -11,6 +11,7 @@ Two entry points share one conversion core (`convert_tensors`):
   folder(s), reading the base's weight files one tensor at a time (see `BaseCheckpoint`), so the
   peak memory is the converted model plus about one layer of the base.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -20,10 +21,10 @@ import shutil
 import struct
 import sys
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -35,23 +36,40 @@ from .model import MLKVTransformer
 MERGE_MODES = ("mean", "sequential")
 MLP_INITS = ("zero", "copy")
 SUPPORTED = "GPTNeoXForCausalLM (model_type 'gpt_neox': Pythia, GPT-NeoX)"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 REPORT_NAME = "conversion_report.json"
 # Weight files in the order transformers prefers them: safetensors over pickles, index over single.
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-                "pytorch_model.bin")
+WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
 # The paper's eight Pythia-160M variants (its Table 2) as functions of (l, h): name, m(l), g(h). The
 # pairs GQA-48/MLKV-48 and MQA-12/MLKV-12 keep equal KV budgets (l·h/3 and l heads) for any shape.
-PAPER_LAYOUTS = (("GQA-48", lambda l: l, lambda h: h // 3), ("MLKV-48", lambda l: l // 3, lambda h: h),
-                 ("MQA-12", lambda l: l, lambda h: 1), ("MLKV-12", lambda l: l // 3, lambda h: 3),
-                 ("MLKV-6", lambda l: l // 2, lambda h: 1), ("MLKV-4", lambda l: l // 3, lambda h: 1),
-                 ("MLKV-2", lambda l: l // 6, lambda h: 1), ("MLKV-1", lambda l: 1, lambda h: 1))
+PAPER_LAYOUTS = (
+    ("GQA-48", lambda l: l, lambda h: h // 3),
+    ("MLKV-48", lambda l: l // 3, lambda h: h),
+    ("MQA-12", lambda l: l, lambda h: 1),
+    ("MLKV-12", lambda l: l // 3, lambda h: 3),
+    ("MLKV-6", lambda l: l // 2, lambda h: 1),
+    ("MLKV-4", lambda l: l // 3, lambda h: 1),
+    ("MLKV-2", lambda l: l // 6, lambda h: 1),
+    ("MLKV-1", lambda l: 1, lambda h: 1),
+)
 
 
 # --------------------------------------------------------------------------------------------
 # The math: target shape, splitting, merging, widening
 # --------------------------------------------------------------------------------------------
+
 
 def matched_intermediate_size(base: MLKVConfig, layout: KVLayout) -> int:
     """The MLP width that keeps the parameter count of `base` after moving to `layout`.
@@ -66,20 +84,28 @@ def matched_intermediate_size(base: MLKVConfig, layout: KVLayout) -> int:
     return base.intermediate_size + round(per_layer / d) // 2
 
 
-def target_config(base: MLKVConfig, kv_layers: int | None = None, kv_groups: int | None = None,
-                  kv_owner: list[int] | None = None, match_params: bool = True) -> MLKVConfig:
+def target_config(
+    base: MLKVConfig,
+    kv_layers: int | None = None,
+    kv_groups: int | None = None,
+    kv_owner: list[int] | None = None,
+    match_params: bool = True,
+) -> MLKVConfig:
     """The converted model's config: the base's shape, the new layout, and a matched MLP width.
 
     `kv_layers` (m) and `kv_groups` (g) give the paper's uniform layout; `kv_owner` an explicit map
     (layer i attends with the K/V of layer kv_owner[i]). Unset values keep the base's (MHA).
     """
     if base.layout.kv_heads_total() != base.num_layers * base.num_heads:
-        raise ConfigError(f"the base must be multi-head (every layer owns {base.num_heads} KV heads); "
-                          f"it has layout {base.layout.name}")
+        raise ConfigError(
+            f"the base must be multi-head (every layer owns {base.num_heads} KV heads); "
+            f"it has layout {base.layout.name}"
+        )
     cfg = base.with_layout(kv_layers, kv_groups, kv_owner)
     if match_params:
-        cfg = base.with_layout(kv_layers, kv_groups, kv_owner,
-                               intermediate_size=matched_intermediate_size(base, cfg.layout))
+        cfg = base.with_layout(
+            kv_layers, kv_groups, kv_owner, intermediate_size=matched_intermediate_size(base, cfg.layout)
+        )
     return cfg
 
 
@@ -159,6 +185,7 @@ def widen_mlp(w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor, size:
 # The conversion core: one pass over the layers, one base tensor at a time
 # --------------------------------------------------------------------------------------------
 
+
 def _owned(t: torch.Tensor) -> torch.Tensor:
     """`t`, copied if it is a view into a larger tensor (e.g. Q of a fused QKV with h = 1), so the
     output neither keeps the base's fused tensor alive nor shares storage when saved."""
@@ -173,9 +200,16 @@ def _expect_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.T
     return t
 
 
-def _layer_tensors(get: Callable[[str], torch.Tensor], base: MLKVConfig, target: MLKVConfig, prefix: str,
-                   layer: int, mlp_init: str, cast: Callable[[torch.Tensor], torch.Tensor],
-                   fold: Callable[[str, str, torch.Tensor], None]) -> dict:
+def _layer_tensors(
+    get: Callable[[str], torch.Tensor],
+    base: MLKVConfig,
+    target: MLKVConfig,
+    prefix: str,
+    layer: int,
+    mlp_init: str,
+    cast: Callable[[torch.Tensor], torch.Tensor],
+    fold: Callable[[str, str, torch.Tensor], None],
+) -> dict:
     """All of one layer's output tensors except its merged K/V: layer norms, Q, attention output
     and the widened MLP. The layer's K and V heads (h, d_k, ...) go to `fold(kind, part, heads)`."""
     h, d, dk = base.num_heads, base.hidden_size, base.head_dim
@@ -193,19 +227,32 @@ def _layer_tensors(get: Callable[[str], torch.Tensor], base: MLKVConfig, target:
         fold(kind, "value", v)
         del qkv, q, k, v  # the fused tensor is the layer's largest: free it before reading the MLP
         sd[f"{out}attention.dense.{kind}"] = cast(get(f"{p}attention.dense.{kind}"))
-    w_in, b_in, w_out = widen_mlp(get(f"{p}mlp.dense_h_to_4h.weight"), get(f"{p}mlp.dense_h_to_4h.bias"),
-                                  get(f"{p}mlp.dense_4h_to_h.weight"), target.intermediate_size, mlp_init)
+    w_in, b_in, w_out = widen_mlp(
+        get(f"{p}mlp.dense_h_to_4h.weight"),
+        get(f"{p}mlp.dense_h_to_4h.bias"),
+        get(f"{p}mlp.dense_4h_to_h.weight"),
+        target.intermediate_size,
+        mlp_init,
+    )
     sd[f"{out}mlp.dense_h_to_4h.weight"], sd[f"{out}mlp.dense_h_to_4h.bias"] = cast(w_in), cast(b_in)
     sd[f"{out}mlp.dense_4h_to_h.weight"] = cast(w_out)
     sd[f"{out}mlp.dense_4h_to_h.bias"] = cast(get(f"{p}mlp.dense_4h_to_h.bias"))
     return sd
 
 
-def convert_tensors(get: Callable[[str], torch.Tensor], base: MLKVConfig, target: MLKVConfig,
-                    merge: str = "mean", mlp_init: str = "zero", prefix: str = "gpt_neox.",
-                    head_names: tuple[str, ...] = ("embed_out.weight", "lm_head.weight"),
-                    has: Callable[[str], bool] | None = None, dtype: torch.dtype | None = None,
-                    layers: Iterable[int] | None = None, release: Callable[[], None] | None = None) -> dict:
+def convert_tensors(
+    get: Callable[[str], torch.Tensor],
+    base: MLKVConfig,
+    target: MLKVConfig,
+    merge: str = "mean",
+    mlp_init: str = "zero",
+    prefix: str = "gpt_neox.",
+    head_names: tuple[str, ...] = ("embed_out.weight", "lm_head.weight"),
+    has: Callable[[str], bool] | None = None,
+    dtype: torch.dtype | None = None,
+    layers: Iterable[int] | None = None,
+    release: Callable[[], None] | None = None,
+) -> dict:
     """Convert GPT-NeoX tensors fetched by name with `get` into an `MLKVTransformer` state dict.
 
     Each base tensor is fetched once, in layer order: a layer's Q, attention output and MLP are
@@ -234,8 +281,10 @@ def convert_tensors(get: Callable[[str], torch.Tensor], base: MLKVConfig, target
     else:
         head = next((n for n in head_names if has is None or has(n)), None)
         if head is None:
-            raise CheckpointError(f"no output head ({' or '.join(head_names)}) and tie_word_embeddings is "
-                                  f"false: a bare GPTNeoXModel checkpoint cannot be converted")
+            raise CheckpointError(
+                f"no output head ({' or '.join(head_names)}) and tie_word_embeddings is "
+                f"false: a bare GPTNeoXModel checkpoint cannot be converted"
+            )
         sd["embed_out.weight"] = cast(_expect_shape(head, get(head), (base.vocab_size, d)))
     for kind in ("weight", "bias"):
         sd[f"final_layer_norm.{kind}"] = cast(get(f"{prefix}final_layer_norm.{kind}"))
@@ -259,13 +308,22 @@ def convert_tensors(get: Callable[[str], torch.Tensor], base: MLKVConfig, target
     return sd
 
 
-def convert_layer(base_sd: dict, prefix: str, base: MLKVConfig, target: MLKVConfig, layer: int,
-                  served: list[dict] | None, merge: str = "mean", mlp_init: str = "zero") -> dict:
+def convert_layer(
+    base_sd: dict,
+    prefix: str,
+    base: MLKVConfig,
+    target: MLKVConfig,
+    layer: int,
+    served: list[dict] | None,
+    merge: str = "mean",
+    mlp_init: str = "zero",
+) -> dict:
     """One layer's tensors in MLKV names. `served`: the base tensors of the layers this owner serves
     (owner first, keys relative to the layer, e.g. `attention.query_key_value.weight`), or None
     when `layer` does not own K/V."""
-    sd = _layer_tensors(base_sd.__getitem__, base, target, prefix, layer, mlp_init, _owned,
-                        lambda kind, part, heads: None)
+    sd = _layer_tensors(
+        base_sd.__getitem__, base, target, prefix, layer, mlp_init, _owned, lambda kind, part, heads: None
+    )
     for kind in (("weight", "bias") if base.attention_bias else ("weight",)) if served is not None else ():
         ks, vs = zip(*(split_qkv(s[f"attention.query_key_value.{kind}"], base.num_heads)[1:] for s in served))
         sd[f"layers.{layer}.attention.key.{kind}"] = merge_kv(list(ks), target.num_kv_heads, merge)
@@ -273,25 +331,41 @@ def convert_layer(base_sd: dict, prefix: str, base: MLKVConfig, target: MLKVConf
     return sd
 
 
-def convert_state_dict(base_sd: dict, base: MLKVConfig, target: MLKVConfig, merge: str = "mean",
-                       mlp_init: str = "zero", prefix: str = "gpt_neox.") -> dict:
+def convert_state_dict(
+    base_sd: dict,
+    base: MLKVConfig,
+    target: MLKVConfig,
+    merge: str = "mean",
+    mlp_init: str = "zero",
+    prefix: str = "gpt_neox.",
+) -> dict:
     """A transformers `GPTNeoXForCausalLM` state dict -> an `MLKVTransformer` state dict for `target`.
 
     The output head is read from `lm_head.weight` (transformers 5 in memory) or `embed_out.weight`
     (checkpoint files); with tied embeddings it is `embed_in`.
     """
+
     def get(name: str) -> torch.Tensor:
         if name not in base_sd:
             raise CheckpointError(f"the state dict has no tensor '{name}'")
         return base_sd[name]
 
-    return convert_tensors(get, base, target, merge, mlp_init, prefix,
-                           head_names=("lm_head.weight", "embed_out.weight"), has=base_sd.__contains__)
+    return convert_tensors(
+        get,
+        base,
+        target,
+        merge,
+        mlp_init,
+        prefix,
+        head_names=("lm_head.weight", "embed_out.weight"),
+        has=base_sd.__contains__,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Reading a base checkpoint: config, weight files, tokenizer
 # --------------------------------------------------------------------------------------------
+
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
@@ -299,9 +373,18 @@ def _first_line(e: BaseException) -> str:
 
 
 # safetensors dtype codes (the format's header) -> torch dtypes
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class _SafetensorsFile:
@@ -315,6 +398,7 @@ class _SafetensorsFile:
 
     def __init__(self, path: Path):
         from safetensors import safe_open
+
         self.path = path
         try:
             with safe_open(str(path), framework="pt"):
@@ -334,8 +418,10 @@ class _SafetensorsFile:
     def get_tensor(self, name: str) -> torch.Tensor:
         entry = self.entries[name]
         if entry["dtype"] not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{self.path}: tensor '{name}' has dtype {entry['dtype']}, which conversion "
-                                  f"does not read; allowed: {', '.join(SAFETENSORS_DTYPES)}")
+            raise CheckpointError(
+                f"{self.path}: tensor '{name}' has dtype {entry['dtype']}, which conversion "
+                f"does not read; allowed: {', '.join(SAFETENSORS_DTYPES)}"
+            )
         dtype, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["data_offsets"]
         if end == begin:
             return torch.empty(entry["shape"], dtype=dtype)
@@ -377,11 +463,13 @@ class _PickleFile:
             try:
                 state, self.mappable = torch.load(self.path, map_location="cpu", weights_only=True), False
             except Exception:
-                raise CheckpointError(f"{self.path}: corrupt or unreadable weight file "
-                                      f"({_first_line(mmap_error)})") from None
+                raise CheckpointError(
+                    f"{self.path}: corrupt or unreadable weight file ({_first_line(mmap_error)})"
+                ) from None
         if not isinstance(state, dict):
-            raise CheckpointError(f"{self.path}: expected a state dict (tensor name -> tensor), "
-                                  f"found {type(state).__name__}")
+            raise CheckpointError(
+                f"{self.path}: expected a state dict (tensor name -> tensor), found {type(state).__name__}"
+            )
         return state
 
     def keys(self):
@@ -452,8 +540,9 @@ class WeightReader:
         """The tensor `name`; a CheckpointError naming the files if it is absent or unreadable."""
         if name not in self._where:
             where = self.files[0].parent
-            raise CheckpointError(f"{where}: tensor '{name}' is missing from the weight files "
-                                  f"({', '.join(f.name for f in self.files)})")
+            raise CheckpointError(
+                f"{where}: tensor '{name}' is missing from the weight files ({', '.join(f.name for f in self.files)})"
+            )
         index = self._where[name]
         try:
             tensor = self._handles[index].get_tensor(name)
@@ -462,8 +551,10 @@ class WeightReader:
         except Exception as e:
             raise CheckpointError(f"{self.files[index]}: cannot read tensor '{name}' ({_first_line(e)})") from None
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{self.files[index]}: tensor '{name}' holds NaN or infinite values; "
-                                  f"a base with non-finite weights cannot be converted")
+            raise CheckpointError(
+                f"{self.files[index]}: tensor '{name}' holds NaN or infinite values; "
+                f"a base with non-finite weights cannot be converted"
+            )
         return tensor
 
     def dtype(self, name: str) -> torch.dtype | None:
@@ -485,8 +576,13 @@ class WeightReader:
 def _looks_local(base: str) -> bool:
     """True for an existing path or one that cannot be a hub name ('owner/name' or 'name')."""
     text = str(base)
-    return (Path(text).expanduser().exists() or text.startswith(("/", ".", "~", "\\"))
-            or text.count("/") > 1 or os.sep != "/" and os.sep in text)
+    return (
+        Path(text).expanduser().exists()
+        or text.startswith(("/", ".", "~", "\\"))
+        or text.count("/") > 1
+        or os.sep != "/"
+        and os.sep in text
+    )
 
 
 def _resolve(base: str, filename: str, local: bool) -> Path | None:
@@ -495,6 +591,7 @@ def _resolve(base: str, filename: str, local: bool) -> Path | None:
         path = Path(base).expanduser() / filename
         return path if path.is_file() else None
     from transformers.utils import cached_file
+
     try:
         found = cached_file(base, filename, _raise_exceptions_for_missing_entries=False)
     except Exception as e:  # no network, gated or unknown repository
@@ -540,6 +637,7 @@ def _peek_model_type(base: str, local: bool) -> str | None:
 def load_base_config(base: str, local: bool | None = None):
     """`AutoConfig.from_pretrained(base)`, refusing anything but GPT-NeoX with a one-line error."""
     from transformers import AutoConfig
+
     local = _looks_local(base) if local is None else local
     if local and not Path(base).expanduser().is_dir():
         raise CheckpointError(f"{base}: no such folder (and not a hub model name)")
@@ -550,8 +648,7 @@ def load_base_config(base: str, local: bool | None = None):
         _refuse(base, model_type, _peek_architectures(base, local))
     try:
         # trust_remote_code=False: a folder with custom code is refused, never run or prompted for
-        hf_config = AutoConfig.from_pretrained(str(Path(base).expanduser()) if local else base,
-                                               trust_remote_code=False)
+        hf_config = AutoConfig.from_pretrained(str(Path(base).expanduser()) if local else base, trust_remote_code=False)
     except Exception as e:  # no network, unknown repository, damaged config.json
         where = "" if local else "not a local folder, and the hub cannot provide it: "
         raise CheckpointError(f"{base}: {where}cannot read the config ({_first_line(e)})") from None
@@ -615,7 +712,7 @@ class BaseCheckpoint:
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, base: str | os.PathLike) -> "BaseCheckpoint":
+    def open(cls, base: str | os.PathLike) -> BaseCheckpoint:
         name = str(base)
         local = _looks_local(name)
         hf_config = load_base_config(name, local)
@@ -649,7 +746,7 @@ class BaseCheckpoint:
             self._tmp.cleanup()
             self._tmp = None
 
-    def __enter__(self) -> "BaseCheckpoint":
+    def __enter__(self) -> BaseCheckpoint:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -671,13 +768,16 @@ def _weights_prefix(reader: WeightReader) -> str:
     for prefix in ("gpt_neox.", ""):
         if f"{prefix}embed_in.weight" in reader:
             return prefix
-    raise CheckpointError(f"{reader.files[0].parent}: no GPT-NeoX weights (gpt_neox.embed_in.weight) in "
-                          f"{', '.join(f.name for f in reader.files)}")
+    raise CheckpointError(
+        f"{reader.files[0].parent}: no GPT-NeoX weights (gpt_neox.embed_in.weight) in "
+        f"{', '.join(f.name for f in reader.files)}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Converting checkpoints: one layout, the paper's eight, the report
 # --------------------------------------------------------------------------------------------
+
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """'float32'/'fp32', 'float16'/'fp16', 'bfloat16'/'bf16' or a torch dtype; None keeps the base's."""
@@ -713,41 +813,70 @@ def _count_parameters(sd: dict) -> int:
     return total
 
 
-def conversion_report(base: MLKVConfig, target: MLKVConfig, *, base_name: str = "", out: str = "",
-                      merge: str = "mean", mlp_init: str = "zero", match_params: bool = True,
-                      base_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.float32) -> dict:
+def conversion_report(
+    base: MLKVConfig,
+    target: MLKVConfig,
+    *,
+    base_name: str = "",
+    out: str = "",
+    merge: str = "mean",
+    mlp_init: str = "zero",
+    match_params: bool = True,
+    base_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype = torch.float32,
+) -> dict:
     """What a conversion changes: layout, owner map, parameters, MLP width, KV heads and KV cache
     bytes per token (fp16 and the checkpoints' dtypes), before and after."""
     dtypes = list(dict.fromkeys(["float16", _dtype_name(base_dtype), _dtype_name(out_dtype)]))
     before, after = base.layout, target.layout
     return {
-        "base": base_name, "out": out,
-        "layout": after.name, "base_layout": before.name,
-        "num_layers": target.num_layers, "num_heads": target.num_heads,
-        "kv_layers": after.kv_layers, "kv_groups": after.num_kv_heads, "kv_owner": list(after.kv_owner),
-        "owners": list(after.owners), "uniform": after.is_uniform,
-        "merge": merge, "mlp_init": mlp_init, "match_params": match_params,
+        "base": base_name,
+        "out": out,
+        "layout": after.name,
+        "base_layout": before.name,
+        "num_layers": target.num_layers,
+        "num_heads": target.num_heads,
+        "kv_layers": after.kv_layers,
+        "kv_groups": after.num_kv_heads,
+        "kv_owner": list(after.kv_owner),
+        "owners": list(after.owners),
+        "uniform": after.is_uniform,
+        "merge": merge,
+        "mlp_init": mlp_init,
+        "match_params": match_params,
         "dtype": {"before": _dtype_name(base_dtype), "after": _dtype_name(out_dtype)},
         "parameters": {"before": base.num_parameters(), "after": target.num_parameters()},
         "intermediate_size": {"before": base.intermediate_size, "after": target.intermediate_size},
         "kv_heads": {"before": before.kv_heads_total(), "after": after.kv_heads_total()},
-        "kv_bytes_per_token": {dt: {"before": before.kv_bytes_per_token(base.head_dim, dt),
-                                    "after": after.kv_bytes_per_token(target.head_dim, dt)} for dt in dtypes},
+        "kv_bytes_per_token": {
+            dt: {
+                "before": before.kv_bytes_per_token(base.head_dim, dt),
+                "after": after.kv_bytes_per_token(target.head_dim, dt),
+            }
+            for dt in dtypes
+        },
     }
 
 
 def format_report(report: dict) -> str:
     """A conversion report as a short header and a markdown table (before / after / ratio)."""
     owners = report["kv_owner"]
-    lines = [f"{report['base']} -> {report['out']}",
-             f"layout {report['base_layout']} -> {report['layout']} (m = {report['kv_layers']}, "
-             f"g = {report['kv_groups']}), owner map {','.join(map(str, owners))}",
-             f"merge {report['merge']}, mlp init {report['mlp_init']}, match params {report['match_params']}"
-             if report.get("init", "converted") == "converted" else
-             f"weights {report['init']} (the base's are not used), match params {report['match_params']}",
-             "", "| | before | after | after / before |", "|---|---|---|---|"]
-    rows = [("parameters", report["parameters"]), ("MLP intermediate size", report["intermediate_size"]),
-            ("KV heads per token", report["kv_heads"])]
+    lines = [
+        f"{report['base']} -> {report['out']}",
+        f"layout {report['base_layout']} -> {report['layout']} (m = {report['kv_layers']}, "
+        f"g = {report['kv_groups']}), owner map {','.join(map(str, owners))}",
+        f"merge {report['merge']}, mlp init {report['mlp_init']}, match params {report['match_params']}"
+        if report.get("init", "converted") == "converted"
+        else f"weights {report['init']} (the base's are not used), match params {report['match_params']}",
+        "",
+        "| | before | after | after / before |",
+        "|---|---|---|---|",
+    ]
+    rows = [
+        ("parameters", report["parameters"]),
+        ("MLP intermediate size", report["intermediate_size"]),
+        ("KV heads per token", report["kv_heads"]),
+    ]
     rows += [(f"KV bytes per token ({dt})", v) for dt, v in report["kv_bytes_per_token"].items()]
     for label, v in rows:
         lines.append(f"| {label} | {v['before']:,} | {v['after']:,} | {v['after'] / v['before']:.6g} |")
@@ -755,15 +884,30 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_folder(sd: dict, target: MLKVConfig, out: Path, ckpt: BaseCheckpoint, dtype: torch.dtype,
-                  max_shard_size: str, report: dict, overwrite: bool) -> None:
+def _write_folder(
+    sd: dict,
+    target: MLKVConfig,
+    out: Path,
+    ckpt: BaseCheckpoint,
+    dtype: torch.dtype,
+    max_shard_size: str,
+    report: dict,
+    overwrite: bool,
+) -> None:
     """Export `sd` and the report into a hidden sibling of `out`, then rename it to `out`: the
     folder is either complete (report included) or absent."""
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
     try:
-        folder = export_pretrained(sd, target, stage / out.name, tokenizer_from=ckpt.tokenizer_dir,
-                                   max_shard_size=max_shard_size, dtype=dtype, hf_kwargs=ckpt.hf_kwargs())
+        folder = export_pretrained(
+            sd,
+            target,
+            stage / out.name,
+            tokenizer_from=ckpt.tokenizer_dir,
+            max_shard_size=max_shard_size,
+            dtype=dtype,
+            hf_kwargs=ckpt.hf_kwargs(),
+        )
         sd.clear()  # export is written: drop the converted tensors before the next step
         report["tokenizer_files"] = sorted(n for n in TOKENIZER_FILES if (folder / n).is_file())
         (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
@@ -787,13 +931,23 @@ def _check_out(out: Path, ckpt: BaseCheckpoint, overwrite: bool) -> None:
         raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
 
 
-def convert_checkpoint(base: str | os.PathLike | BaseCheckpoint, out: str | os.PathLike,
-                       kv_layers: int | None = None, kv_groups: int | None = None,
-                       kv_owner: list[int] | str | None = None, merge: str = "mean", mlp_init: str = "zero",
-                       match_params: bool = True, overwrite: bool = False,
-                       dtype: str | torch.dtype | None = None, max_shard_size: str = "2GB",
-                       report_path: str | os.PathLike | None = None, progress: bool = True,
-                       random_init: bool = False, seed: int = 0) -> dict:
+def convert_checkpoint(
+    base: str | os.PathLike | BaseCheckpoint,
+    out: str | os.PathLike,
+    kv_layers: int | None = None,
+    kv_groups: int | None = None,
+    kv_owner: list[int] | str | None = None,
+    merge: str = "mean",
+    mlp_init: str = "zero",
+    match_params: bool = True,
+    overwrite: bool = False,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: str = "2GB",
+    report_path: str | os.PathLike | None = None,
+    progress: bool = True,
+    random_init: bool = False,
+    seed: int = 0,
+) -> dict:
     """Convert a GPT-NeoX checkpoint (hub name or local folder) into a transformers folder `out`.
 
     Layout: `kv_layers` (m) owner layers with `kv_groups` (g) KV heads each, at the paper's uniform
@@ -819,22 +973,46 @@ def convert_checkpoint(base: str | os.PathLike | BaseCheckpoint, out: str | os.P
             prefix = _weights_prefix(reader)
             base_dtype = reader.dtype(f"{prefix}embed_in.weight")
             from tqdm.auto import tqdm
-            layers = tqdm(range(target.num_layers), desc=f"convert to {target.layout.name}", unit="layer",
-                          leave=False, disable=not progress)
+
+            layers = tqdm(
+                range(target.num_layers),
+                desc=f"convert to {target.layout.name}",
+                unit="layer",
+                leave=False,
+                disable=not progress,
+            )
             if random_init:
                 torch.manual_seed(seed)
                 sd = MLKVTransformer(target).state_dict()
                 sd = {k: v.to(out_dtype or base_dtype) for k, v in sd.items()}
             else:
-                sd = convert_tensors(reader.get, ckpt.config, target, merge, mlp_init, prefix,
-                                     has=reader.__contains__, dtype=out_dtype, layers=layers, release=reader.release)
+                sd = convert_tensors(
+                    reader.get,
+                    ckpt.config,
+                    target,
+                    merge,
+                    mlp_init,
+                    prefix,
+                    has=reader.__contains__,
+                    dtype=out_dtype,
+                    layers=layers,
+                    release=reader.release,
+                )
         counted = _count_parameters(sd)
         if counted != target.num_parameters():  # the converted tensors must build exactly `target`
             raise RuntimeError(f"converted {counted} parameters, config expects {target.num_parameters()}")
         out_dtype = out_dtype or base_dtype
-        report = conversion_report(ckpt.config, target, base_name=ckpt.name, out=str(out), merge=merge,
-                                   mlp_init=mlp_init, match_params=match_params, base_dtype=base_dtype,
-                                   out_dtype=out_dtype)
+        report = conversion_report(
+            ckpt.config,
+            target,
+            base_name=ckpt.name,
+            out=str(out),
+            merge=merge,
+            mlp_init=mlp_init,
+            match_params=match_params,
+            base_dtype=base_dtype,
+            out_dtype=out_dtype,
+        )
         report["weight_files"] = [f.name for f in ckpt.files]
         report["init"] = f"random (seed {seed})" if random_init else "converted"
         _write_folder(sd, target, out, ckpt, out_dtype, max_shard_size, report, overwrite)
@@ -853,9 +1031,11 @@ def paper_variants(num_layers: int, num_heads: int) -> list[tuple[str, int, int]
     eight exist and differ. Anything else is a ConfigError rather than a guessed approximation.
     """
     if num_layers % 6 or num_layers < 12 or num_heads % 3 or num_heads < 6:
-        raise ConfigError(f"the paper variants need num_layers a multiple of 6 (at least 12) and num_heads a "
-                          f"multiple of 3 (at least 6), as Pythia-160M (12, 12); this base has l = {num_layers}, "
-                          f"h = {num_heads}: convert the layouts you want one at a time with --kv-layers/--kv-groups")
+        raise ConfigError(
+            f"the paper variants need num_layers a multiple of 6 (at least 12) and num_heads a "
+            f"multiple of 3 (at least 6), as Pythia-160M (12, 12); this base has l = {num_layers}, "
+            f"h = {num_heads}: convert the layouts you want one at a time with --kv-layers/--kv-groups"
+        )
     variants = []
     for _, m_of, g_of in PAPER_LAYOUTS:
         m, g = m_of(num_layers), g_of(num_heads)
@@ -863,11 +1043,18 @@ def paper_variants(num_layers: int, num_heads: int) -> list[tuple[str, int, int]
     return variants
 
 
-def convert_paper_variants(base: str | os.PathLike | BaseCheckpoint, out_root: str | os.PathLike,
-                           merge: str = "mean", mlp_init: str = "zero", match_params: bool = True,
-                           overwrite: bool = False, dtype: str | torch.dtype | None = None,
-                           max_shard_size: str = "2GB", report_path: str | os.PathLike | None = None,
-                           progress: bool = True) -> list[dict]:
+def convert_paper_variants(
+    base: str | os.PathLike | BaseCheckpoint,
+    out_root: str | os.PathLike,
+    merge: str = "mean",
+    mlp_init: str = "zero",
+    match_params: bool = True,
+    overwrite: bool = False,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: str = "2GB",
+    report_path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> list[dict]:
     """Convert `base` into each of `paper_variants(l, h)`, as `out_root/<name>` (e.g. `mlkv-6`).
 
     The base is resolved once and streamed once per variant. Checks every output folder before
@@ -879,13 +1066,26 @@ def convert_paper_variants(base: str | os.PathLike | BaseCheckpoint, out_root: s
         for name, _, _ in variants:
             _check_out(out_root / name, ckpt, overwrite)
         from tqdm.auto import tqdm
+
         reports = []
         bar = tqdm(variants, desc="paper variants", unit="model", disable=not progress)
         for name, m, g in bar:
             bar.set_postfix_str(name)
-            reports.append(convert_checkpoint(ckpt, out_root / name, m, g, merge=merge, mlp_init=mlp_init,
-                                              match_params=match_params, overwrite=overwrite, dtype=dtype,
-                                              max_shard_size=max_shard_size, progress=False))
+            reports.append(
+                convert_checkpoint(
+                    ckpt,
+                    out_root / name,
+                    m,
+                    g,
+                    merge=merge,
+                    mlp_init=mlp_init,
+                    match_params=match_params,
+                    overwrite=overwrite,
+                    dtype=dtype,
+                    max_shard_size=max_shard_size,
+                    progress=False,
+                )
+            )
     text = json.dumps(reports, indent=2) + "\n"
     (out_root / "paper_variants.json").write_text(text)
     if report_path is not None:
@@ -895,15 +1095,21 @@ def convert_paper_variants(base: str | os.PathLike | BaseCheckpoint, out_root: s
 
 def format_variants_table(reports: list[dict]) -> str:
     """One row per converted variant: the paper's Table 2 columns plus the KV cache per token."""
-    lines = ["| variant | m | g | KV heads | parameters | MLP size | KV bytes/token (fp16) | folder |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | m | g | KV heads | parameters | MLP size | KV bytes/token (fp16) | folder |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     if reports:  # the base, for comparison
         r = reports[0]
-        lines.append(f"| {r['base_layout']} (base) | {r['num_layers']} | {r['num_heads']} | {r['kv_heads']['before']} | "
-                     f"{r['parameters']['before']:,} | {r['intermediate_size']['before']} | "
-                     f"{r['kv_bytes_per_token']['float16']['before']:,} | {r['base']} |")
+        lines.append(
+            f"| {r['base_layout']} (base) | {r['num_layers']} | {r['num_heads']} | {r['kv_heads']['before']} | "
+            f"{r['parameters']['before']:,} | {r['intermediate_size']['before']} | "
+            f"{r['kv_bytes_per_token']['float16']['before']:,} | {r['base']} |"
+        )
     for r in reports:
-        lines.append(f"| {r['layout']} | {r['kv_layers']} | {r['kv_groups']} | {r['kv_heads']['after']} | "
-                     f"{r['parameters']['after']:,} | {r['intermediate_size']['after']} | "
-                     f"{r['kv_bytes_per_token']['float16']['after']:,} | {r['out']} |")
+        lines.append(
+            f"| {r['layout']} | {r['kv_layers']} | {r['kv_groups']} | {r['kv_heads']['after']} | "
+            f"{r['parameters']['after']:,} | {r['intermediate_size']['after']} | "
+            f"{r['kv_bytes_per_token']['float16']['after']:,} | {r['out']} |"
+        )
     return "\n".join(lines)

@@ -26,6 +26,7 @@ of each window of `WINDOW_PIECES` are placed best-fit-decreasing: longest first,
 row with the least room that still holds it. Windows keep memory flat on millions of documents.
 Packing `reference`: the public reference implementation of the MLKV paper, see `pack_reference`.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -66,6 +67,7 @@ class DataError(ValueError):
 # Reading: PackedDataset, the training order, batches
 # --------------------------------------------------------------------------------------------------
 
+
 class PackedDataset:
     """The rows of a packed prefix, memory-mapped: `ds[i]` is a (seq_len,) integer array, a read-only
     view of PREFIX.bin (no copy).
@@ -95,20 +97,28 @@ class PackedDataset:
             raise DataError(f"{paths['idx']}: not a packed index (bad or truncated header)")
         _, version, width, self.seq_len, self.num_rows, self.num_pieces, self.max_token_id = HEADER.unpack_from(raw)
         if version != VERSION or width not in (2, 4):
-            raise DataError(f"{paths['idx']}: index version {version} with {width}-byte tokens; "
-                            f"this code reads version {VERSION} with 2 or 4; re-run pack_pile.py")
+            raise DataError(
+                f"{paths['idx']}: index version {version} with {width}-byte tokens; "
+                f"this code reads version {VERSION} with 2 or 4; re-run pack_pile.py"
+            )
         n = self.num_rows
         idx_size = HEADER_SIZE + 8 * (n + 1) * 2 + 4 * n + 4 * self.num_pieces
         if paths["idx"].stat().st_size != idx_size:
-            raise DataError(f"{paths['idx']}: {paths['idx'].stat().st_size} bytes, expected {idx_size}; "
-                            f"the file is truncated or corrupt, re-run pack_pile.py")
+            raise DataError(
+                f"{paths['idx']}: {paths['idx'].stat().st_size} bytes, expected {idx_size}; "
+                f"the file is truncated or corrupt, re-run pack_pile.py"
+            )
         bin_size = n * self.seq_len * width
         if paths["bin"].stat().st_size != bin_size:
-            raise DataError(f"{paths['bin']}: {paths['bin'].stat().st_size} bytes, expected {bin_size} "
-                            f"({n} rows of {self.seq_len} tokens); the file is truncated or from another pack")
+            raise DataError(
+                f"{paths['bin']}: {paths['bin'].stat().st_size} bytes, expected {bin_size} "
+                f"({n} rows of {self.seq_len} tokens); the file is truncated or from another pack"
+            )
         if (self.meta["seq_len"], self.meta["rows"]) != (self.seq_len, n):
-            raise DataError(f"{paths['json']}: says {self.meta['rows']} rows of {self.meta['seq_len']} tokens but "
-                            f"{paths['idx']} has {n} of {self.seq_len}; the files are from different packs")
+            raise DataError(
+                f"{paths['json']}: says {self.meta['rows']} rows of {self.meta['seq_len']} tokens but "
+                f"{paths['idx']} has {n} of {self.seq_len}; the files are from different packs"
+            )
         self.dtype = np.dtype(np.uint16 if width == 2 else np.uint32)
         self.pad_id = int(self.meta["pad_id"])
         self.eod_id = int(self.meta["eod_id"])
@@ -130,19 +140,25 @@ class PackedDataset:
             if ids.size:
                 largest = max(largest, int(ids.max()))
 
-        got = {"algorithm": ALGORITHM,
-               "bin": file_digest(f"{self.prefix}.bin", on_block=None if expected else scan),
-               "idx": file_digest(f"{self.prefix}.idx")}
+        got = {
+            "algorithm": ALGORITHM,
+            "bin": file_digest(f"{self.prefix}.bin", on_block=None if expected else scan),
+            "idx": file_digest(f"{self.prefix}.idx"),
+        }
         if expected is None:
             if largest > self.max_token_id:
-                raise DataError(f"{self.prefix}.bin: holds token id {largest}, its index says the largest is "
-                                f"{self.max_token_id}; the file is damaged: re-run pack_pile.py")
+                raise DataError(
+                    f"{self.prefix}.bin: holds token id {largest}, its index says the largest is "
+                    f"{self.max_token_id}; the file is damaged: re-run pack_pile.py"
+                )
             return got
         for ext in ("bin", "idx"):
             if expected.get("algorithm") != ALGORITHM or got[ext] != expected.get(ext):
-                raise DataError(f"{self.prefix}.{ext}: its content does not match the fingerprint in "
-                                f"{self.prefix}.json; the file changed after packing (damaged or replaced): "
-                                f"re-run pack_pile.py")
+                raise DataError(
+                    f"{self.prefix}.{ext}: its content does not match the fingerprint in "
+                    f"{self.prefix}.json; the file changed after packing (damaged or replaced): "
+                    f"re-run pack_pile.py"
+                )
         return got
 
     def check_ids(self, rows, limit: int) -> None:
@@ -154,9 +170,11 @@ class PackedDataset:
         largest = self._arrays()["tokens"][rows].max(axis=1)
         bad = np.flatnonzero(largest >= limit)
         if bad.size:
-            raise DataError(f"{self.prefix}.bin: row {int(rows[bad[0]])} holds token id {int(largest[bad[0]])}, "
-                            f"beyond the model's vocabulary of {limit}; the file changed after it was "
-                            f"verified: re-run pack_pile.py")
+            raise DataError(
+                f"{self.prefix}.bin: row {int(rows[bad[0]])} holds token id {int(largest[bad[0]])}, "
+                f"beyond the model's vocabulary of {limit}; the file changed after it was "
+                f"verified: re-run pack_pile.py"
+            )
 
     def _arrays(self) -> dict:
         """The memory maps of this process (made on first use)."""
@@ -167,8 +185,11 @@ class PackedDataset:
             at += 8 * (n + 1)
             row_tokens = np.memmap(idx, np.uint32, "r", offset=at, shape=(n,))
             at += 4 * n
-            doc_starts = (np.memmap(idx, np.uint32, "r", offset=at, shape=(self.num_pieces,))
-                          if self.num_pieces else np.zeros(0, np.uint32))
+            doc_starts = (
+                np.memmap(idx, np.uint32, "r", offset=at, shape=(self.num_pieces,))
+                if self.num_pieces
+                else np.zeros(0, np.uint32)
+            )
             tokens = np.memmap(f"{self.prefix}.bin", self.dtype, "r", shape=(n, self.seq_len))
             self._maps = {"tokens": tokens, "doc_ptr": doc_ptr, "row_tokens": row_tokens, "doc_starts": doc_starts}
         return self._maps
@@ -196,7 +217,7 @@ class PackedDataset:
     def doc_boundaries(self, i) -> np.ndarray:
         """int64 start offsets of the documents (or document pieces) in row i; the first is 0."""
         a, i = self._arrays(), self._row(i)
-        return a["doc_starts"][int(a["doc_ptr"][i]):int(a["doc_ptr"][i + 1])].astype(np.int64)
+        return a["doc_starts"][int(a["doc_ptr"][i]) : int(a["doc_ptr"][i + 1])].astype(np.int64)
 
 
 class RowSampler:
@@ -212,11 +233,20 @@ class RowSampler:
     the end of a pass continue into the next.
     """
 
-    def __init__(self, num_rows: int, global_batch: int, seed: int | None = None, start_step: int = 0,
-                 drop_last: bool = True, epochs: int = 1):
+    def __init__(
+        self,
+        num_rows: int,
+        global_batch: int,
+        seed: int | None = None,
+        start_step: int = 0,
+        drop_last: bool = True,
+        epochs: int = 1,
+    ):
         if num_rows < 1 or global_batch < 1 or epochs < 1 or start_step < 0:
-            raise ValueError(f"RowSampler: need num_rows >= 1, global_batch >= 1, epochs >= 1, start_step >= 0; "
-                             f"got {num_rows}, {global_batch}, {epochs}, {start_step}")
+            raise ValueError(
+                f"RowSampler: need num_rows >= 1, global_batch >= 1, epochs >= 1, start_step >= 0; "
+                f"got {num_rows}, {global_batch}, {epochs}, {start_step}"
+            )
         self.num_rows, self.global_batch, self.seed = num_rows, global_batch, seed
         self.start_step, self.drop_last, self.epochs = start_step, drop_last, epochs
         full, rest = divmod(num_rows, global_batch)
@@ -230,8 +260,11 @@ class RowSampler:
 
     def _order(self, p: int) -> np.ndarray:
         if self._cached[0] != p:
-            order = (np.arange(self.num_rows) if self.seed is None
-                     else np.random.default_rng([self.seed, p]).permutation(self.num_rows))
+            order = (
+                np.arange(self.num_rows)
+                if self.seed is None
+                else np.random.default_rng([self.seed, p]).permutation(self.num_rows)
+            )
             self._cached = (p, order)
         return self._cached[1]
 
@@ -251,10 +284,12 @@ class RowSampler:
 def rank_slice(global_rows: np.ndarray, dp_rank: int, dp_size: int) -> np.ndarray:
     """The contiguous share of a global batch that data-parallel rank `dp_rank` of `dp_size` trains on."""
     if not 0 <= dp_rank < dp_size or len(global_rows) % dp_size:
-        raise ValueError(f"rank_slice: a batch of {len(global_rows)} rows cannot be split evenly for "
-                         f"dp_rank {dp_rank} of dp_size {dp_size}")
+        raise ValueError(
+            f"rank_slice: a batch of {len(global_rows)} rows cannot be split evenly for "
+            f"dp_rank {dp_rank} of dp_size {dp_size}"
+        )
     per = len(global_rows) // dp_size
-    return global_rows[dp_rank * per:(dp_rank + 1) * per]
+    return global_rows[dp_rank * per : (dp_rank + 1) * per]
 
 
 def collate(ds: PackedDataset, rows, device=None) -> dict:
@@ -284,6 +319,7 @@ class Prefetcher:
 
     def __init__(self, load, limit: int | None = None):
         from concurrent.futures import ThreadPoolExecutor
+
         self.load, self.limit = load, limit
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self.pending = None  # (index, future)
@@ -305,6 +341,7 @@ class Prefetcher:
 # Sources: local files or a streamed hub dataset, read through `datasets`
 # --------------------------------------------------------------------------------------------------
 
+
 def resolve_sources(inputs: list[str]) -> list[Path] | str:
     """The local files named by `inputs` (globs and folders expanded, in the order given), or the
     name of a hub dataset when `inputs` is one name that is not a local path."""
@@ -318,8 +355,12 @@ def resolve_sources(inputs: list[str]) -> list[Path] | str:
             matches = sorted(str(p) for p in Path(src).expanduser().iterdir() if p.name.endswith(LOCAL_SUFFIXES))
             if not matches:
                 raise DataError(f"--input {src}: the folder holds no {'/'.join(LOCAL_SUFFIXES)} file")
-        elif Path(src).expanduser().exists() or src.endswith(LOCAL_SUFFIXES) or src.startswith(("/", ".", "~")) \
-                or src.count("/") > 1:
+        elif (
+            Path(src).expanduser().exists()
+            or src.endswith(LOCAL_SUFFIXES)
+            or src.startswith(("/", ".", "~"))
+            or src.count("/") > 1
+        ):
             matches = [os.path.expanduser(src)]
         else:  # 'owner/name' or 'name' that is not a local path: a hub dataset
             if len(inputs) > 1:
@@ -339,6 +380,7 @@ def resolve_sources(inputs: list[str]) -> list[Path] | str:
 def _quiet_datasets():
     """Silence `datasets`' own error logging while reading: our DataError is the one message."""
     from datasets.utils import logging as ds_logging
+
     level = ds_logging.get_verbosity()
     ds_logging.set_verbosity(ds_logging.CRITICAL + 10)
     try:
@@ -355,6 +397,7 @@ def _first_line(e: Exception) -> str:
 def _open_text(path: Path):
     if path.name.endswith(".zst"):
         import zstandard
+
         return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
     return open(path, encoding="utf-8")
 
@@ -363,6 +406,7 @@ def _check_zst(path: Path) -> None:
     """Raise DataError when a .zst file is corrupt or truncated: a zstd stream cut at a frame's middle
     reads as a shorter file without complaint, so every frame is checked to its end (output discarded)."""
     import zstandard
+
     with open(path, "rb") as f:
         frame = zstandard.ZstdDecompressor().decompressobj()
         try:
@@ -426,6 +470,7 @@ def _file_documents(path: Path, text_key: str):
     options = {}
     if builder == "parquet":  # read only the text column, and say so when it is not there
         import pyarrow.parquet as pq
+
         try:
             columns = pq.read_schema(path).names
         except Exception as e:
@@ -442,8 +487,9 @@ def _file_documents(path: Path, text_key: str):
                     if lines:
                         raise DataError(_jsonl_problem(path, key))
                     what = "no field" if text is None else "a non-string field"
-                    raise DataError(f"{path}: record {n} has {what} '{key}' "
-                                    f"(keys: {', '.join(record)}; set --text-key)")
+                    raise DataError(
+                        f"{path}: record {n} has {what} '{key}' (keys: {', '.join(record)}; set --text-key)"
+                    )
                 if builder == "text" and not text.strip():
                     continue
                 yield text
@@ -465,14 +511,17 @@ def _hub_documents(name: str, text_key: str):
             for n, record in enumerate(load_dataset(name, split="train", streaming=True), 1):
                 text = record.get(text_key)
                 if not isinstance(text, str):
-                    raise DataError(f"--input {name}: document {n} has no string field '{text_key}' "
-                                    f"(keys: {', '.join(record)}; set --text-key)")
+                    raise DataError(
+                        f"--input {name}: document {n} has no string field '{text_key}' "
+                        f"(keys: {', '.join(record)}; set --text-key)"
+                    )
                 yield text
     except DataError:
         raise
     except Exception as e:  # offline, no such dataset, a broken stream
-        raise DataError(f"--input {name}: cannot read this hub dataset after {n} documents "
-                        f"({_first_line(e)})") from None
+        raise DataError(
+            f"--input {name}: cannot read this hub dataset after {n} documents ({_first_line(e)})"
+        ) from None
 
 
 def iter_documents(inputs: list[str], text_key: str = "text"):
@@ -505,6 +554,7 @@ def select_documents(texts, num_docs: int | None = None, fraction: float | None 
 # Tokenizers
 # --------------------------------------------------------------------------------------------------
 
+
 class Tokenizer:
     """A fast tokenizer (hub name, folder or tokenizer.json) or a sentencepiece .model, with its EOD id.
 
@@ -521,11 +571,13 @@ class Tokenizer:
         else:
             self._load_pretrained()
         if self.eod_id is None:
-            raise DataError(f"--tokenizer {self.name}: no end-of-document token (eos_token or one of "
-                            f"{', '.join(EOD_CANDIDATES)})")
+            raise DataError(
+                f"--tokenizer {self.name}: no end-of-document token (eos_token or one of {', '.join(EOD_CANDIDATES)})"
+            )
 
     def _load_sentencepiece(self) -> None:
         import sentencepiece as spm
+
         if not Path(self.name).is_file():
             raise DataError(f"--tokenizer {self.name}: no such file")
         try:
@@ -537,6 +589,7 @@ class Tokenizer:
 
     def _load_tokenizer_json(self) -> None:
         from tokenizers import Tokenizer as RustTokenizer
+
         if not Path(self.name).is_file():
             raise DataError(f"--tokenizer {self.name}: no such file")
         try:
@@ -544,11 +597,13 @@ class Tokenizer:
         except Exception as e:
             raise DataError(f"--tokenizer {self.name}: not a tokenizers file ({_first_line(e)})") from None
         self.vocab_size = self._backend.get_vocab_size(with_added_tokens=True)
-        self.eod_id = next((self._backend.token_to_id(t) for t in EOD_CANDIDATES
-                            if self._backend.token_to_id(t) is not None), None)
+        self.eod_id = next(
+            (self._backend.token_to_id(t) for t in EOD_CANDIDATES if self._backend.token_to_id(t) is not None), None
+        )
 
     def _load_pretrained(self) -> None:
         from transformers import AutoTokenizer
+
         folder = Path(self.name).expanduser()
         if self.name.startswith(("/", ".", "~")) and not folder.exists():
             raise DataError(f"--tokenizer {self.name}: no such folder")
@@ -614,6 +669,7 @@ def encode_documents(texts, tokenizer: Tokenizer, workers: int = 1):
             yield from tokenizer.encode(batch)
         return
     import multiprocessing as mp
+
     with mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer.name,)) as pool:
         pending = collections.deque()
         for batch in batches:
@@ -628,12 +684,13 @@ def encode_documents(texts, tokenizer: Tokenizer, workers: int = 1):
 # Packing
 # --------------------------------------------------------------------------------------------------
 
+
 def truncate(doc: np.ndarray, limit: int | None, stats: dict) -> np.ndarray:
     """`doc` cut to `limit` tokens, its EOD kept as the last one; cut tokens are counted in stats."""
     if limit is None or len(doc) <= limit:
         return doc
     stats["truncated_tokens"] += len(doc) - limit
-    return np.concatenate([doc[:limit - 1], doc[-1:]])
+    return np.concatenate([doc[: limit - 1], doc[-1:]])
 
 
 def _best_fit_decreasing(pieces: list[np.ndarray], seq_len: int, write) -> None:
@@ -665,7 +722,7 @@ def pack_best_fit(docs, seq_len: int, write, stats: dict, window: int | None = N
     for doc in docs:
         if len(doc) > seq_len:
             stats["split_documents"] += 1
-        pending.extend(doc[i:i + seq_len] for i in range(0, len(doc), seq_len))
+        pending.extend(doc[i : i + seq_len] for i in range(0, len(doc), seq_len))
         if len(pending) >= window:
             _best_fit_decreasing(pending, seq_len, write)
             pending = []
@@ -701,7 +758,7 @@ class _RowWriter:
         row = np.full(self.seq_len, self.pad_id, dtype=self.dtype)
         at = 0
         for piece in pieces:
-            row[at:at + len(piece)] = piece
+            row[at : at + len(piece)] = piece
             self.doc_starts.append(at)
             at += len(piece)
         self.max_id = max(self.max_id, max(int(p.max()) for p in pieces))
@@ -722,6 +779,7 @@ class _RowWriter:
 
 def _versions() -> dict:
     from importlib import metadata
+
     out = {"format": VERSION}
     for name in ("megatron-mlkv", "datasets", "tokenizers", "transformers", "sentencepiece", "numpy"):
         try:
@@ -734,7 +792,7 @@ def _versions() -> dict:
 def _check_options(seq_len, num_docs, fraction, packing, max_doc_tokens, workers) -> None:
     if packing not in PACKINGS:
         raise DataError(f"--packing {packing}: allowed {', '.join(PACKINGS)}")
-    if not 2 <= seq_len < 2 ** 32:
+    if not 2 <= seq_len < 2**32:
         raise DataError(f"--seq-len {seq_len}: must be at least 2")
     if num_docs is not None and num_docs < 1:
         raise DataError(f"--num-docs {num_docs}: must be at least 1")
@@ -746,9 +804,21 @@ def _check_options(seq_len, num_docs, fraction, packing, max_doc_tokens, workers
         raise DataError(f"--workers {workers}: must be at least 1")
 
 
-def pack(inputs, tokenizer: str, seq_len: int, out_prefix: str, num_docs: int | None = None,
-         fraction: float | None = None, seed: int = 0, text_key: str = "text", packing: str = "best-fit",
-         max_doc_tokens: int | None = None, workers: int = 1, progress: bool = True, overwrite: bool = False) -> dict:
+def pack(
+    inputs,
+    tokenizer: str,
+    seq_len: int,
+    out_prefix: str,
+    num_docs: int | None = None,
+    fraction: float | None = None,
+    seed: int = 0,
+    text_key: str = "text",
+    packing: str = "best-fit",
+    max_doc_tokens: int | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Tokenize the documents of `inputs`, pack them into rows of `seq_len` tokens, write `out_prefix`.*.
 
     inputs: local .jsonl/.jsonl.zst/.json/.parquet/.txt files, globs or folders, or one hub dataset
@@ -768,7 +838,7 @@ def pack(inputs, tokenizer: str, seq_len: int, out_prefix: str, num_docs: int | 
         raise DataError("--input: give at least one source")
     sources = resolve_sources(inputs)  # fails on missing files before any work
     tok = Tokenizer(tokenizer)
-    dtype = np.dtype(np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32)
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
     limit = max_doc_tokens if packing == "best-fit" else min(seq_len, max_doc_tokens or seq_len)
 
     final = {ext: Path(f"{out_prefix}.{ext}") for ext in ("bin", "idx", "json")}
@@ -780,8 +850,7 @@ def pack(inputs, tokenizer: str, seq_len: int, out_prefix: str, num_docs: int | 
         final["bin"].parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"--out {out_prefix}: cannot create {final['bin'].parent} ({e.strerror})") from None
-    stats = {"documents": 0, "empty_documents": 0, "document_tokens": 0, "truncated_tokens": 0,
-             "split_documents": 0}
+    stats = {"documents": 0, "empty_documents": 0, "document_tokens": 0, "truncated_tokens": 0, "split_documents": 0}
     bar = None  # made at the first document, so an error before it is the only thing on stderr
 
     def non_empty(texts):  # an empty or blank document would be an end-of-document token alone
@@ -814,22 +883,40 @@ def pack(inputs, tokenizer: str, seq_len: int, out_prefix: str, num_docs: int | 
         if rows == 0:
             raise DataError(f"--input {' '.join(inputs)}: no documents")
         if writer.max_id >= 2 ** (8 * dtype.itemsize):
-            raise DataError(f"--tokenizer {tok.name}: produced token id {writer.max_id}, beyond its vocabulary "
-                            f"of {tok.vocab_size}")
+            raise DataError(
+                f"--tokenizer {tok.name}: produced token id {writer.max_id}, beyond its vocabulary of {tok.vocab_size}"
+            )
         writer.write_index(tmp["idx"])
         fingerprint = {"algorithm": ALGORITHM, "bin": file_digest(tmp["bin"]), "idx": file_digest(tmp["idx"])}
         kept = int(np.sum(np.asarray(writer.row_tokens, dtype=np.int64)))
         meta = {
-            "seq_len": seq_len, "rows": rows, "documents": stats["documents"],
-            "empty_documents": stats["empty_documents"], "pieces": len(writer.doc_starts),
-            "document_tokens": stats["document_tokens"], "kept_tokens": kept,
-            "truncated_tokens": stats["truncated_tokens"], "split_documents": stats["split_documents"],
-            "padding_tokens": rows * seq_len - kept, "fill_ratio": kept / (rows * seq_len),
-            "packing": packing, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id,
-            "pad_id": tok.eod_id, "max_token_id": writer.max_id, "dtype": dtype.name,
-            "sources": inputs, "files": None if isinstance(sources, str) else [str(p) for p in sources],
-            "text_key": text_key, "num_docs": num_docs, "fraction": fraction, "seed": seed,
-            "max_doc_tokens": max_doc_tokens, "fingerprint": fingerprint, "versions": _versions(),
+            "seq_len": seq_len,
+            "rows": rows,
+            "documents": stats["documents"],
+            "empty_documents": stats["empty_documents"],
+            "pieces": len(writer.doc_starts),
+            "document_tokens": stats["document_tokens"],
+            "kept_tokens": kept,
+            "truncated_tokens": stats["truncated_tokens"],
+            "split_documents": stats["split_documents"],
+            "padding_tokens": rows * seq_len - kept,
+            "fill_ratio": kept / (rows * seq_len),
+            "packing": packing,
+            "tokenizer": tok.name,
+            "vocab_size": tok.vocab_size,
+            "eod_id": tok.eod_id,
+            "pad_id": tok.eod_id,
+            "max_token_id": writer.max_id,
+            "dtype": dtype.name,
+            "sources": inputs,
+            "files": None if isinstance(sources, str) else [str(p) for p in sources],
+            "text_key": text_key,
+            "num_docs": num_docs,
+            "fraction": fraction,
+            "seed": seed,
+            "max_doc_tokens": max_doc_tokens,
+            "fingerprint": fingerprint,
+            "versions": _versions(),
         }
         tmp["json"].write_text(json.dumps(meta, indent=2) + "\n")
         final["json"].unlink(missing_ok=True)  # from here until the last rename the prefix reads as incomplete
@@ -846,9 +933,12 @@ def pack(inputs, tokenizer: str, seq_len: int, out_prefix: str, num_docs: int | 
 
 def format_summary(meta: dict, prefix: str) -> str:
     """The pack report: a small markdown table."""
-    rows = [("rows", f"{meta['rows']:,} x {meta['seq_len']:,} tokens ({meta['dtype']})"),
-            ("documents", f"{meta['documents']:,} ({meta['split_documents']:,} split across rows)"),
-            ("document tokens", f"{meta['document_tokens']:,}"),
-            ("truncated tokens", f"{meta['truncated_tokens']:,}"),
-            ("fill ratio", f"{meta['fill_ratio']:.4%}"), ("packing", meta["packing"])]
+    rows = [
+        ("rows", f"{meta['rows']:,} x {meta['seq_len']:,} tokens ({meta['dtype']})"),
+        ("documents", f"{meta['documents']:,} ({meta['split_documents']:,} split across rows)"),
+        ("document tokens", f"{meta['document_tokens']:,}"),
+        ("truncated tokens", f"{meta['truncated_tokens']:,}"),
+        ("fill ratio", f"{meta['fill_ratio']:.4%}"),
+        ("packing", meta["packing"]),
+    ]
     return "\n".join([f"{prefix}.bin / .idx / .json", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])

@@ -4,6 +4,7 @@ corpus -> tokenizer -> packed rows -> a briefly pre-trained tiny GPT-NeoX (the "
 to an MLKV layout -> uptrained with `deepspeed --num_gpus 2` and ZeRO-2 -> a table of layout, KV
 size and validation loss. Every stage is the same library code users run on Pythia and The Pile.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,10 @@ def train_tokenizer(corpus: Path, out_dir: Path, vocab_size: int = 512, max_char
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eod],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[eod], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+
     def texts(f):
         seen = 0
         for line in f:
@@ -86,8 +89,18 @@ def train_tokenizer(corpus: Path, out_dir: Path, vocab_size: int = 512, max_char
     return out_dir
 
 
-def pretrain_base(data_prefix: str, tokenizer_dir: Path, out_dir: Path, steps: int, hidden: int = 64,
-                  layers: int = 6, heads: int = 8, batch: int = 8, lr: float = 3e-3, seed: int = 0) -> Path:
+def pretrain_base(
+    data_prefix: str,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    steps: int,
+    hidden: int = 64,
+    layers: int = 6,
+    heads: int = 8,
+    batch: int = 8,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> Path:
     """Briefly pre-train a tiny transformers `GPTNeoXForCausalLM` so there is something to uptrain.
 
     Plain PyTorch on purpose: the base plays the part of a Pythia checkpoint, which comes from
@@ -100,13 +113,22 @@ def pretrain_base(data_prefix: str, tokenizer_dir: Path, out_dir: Path, steps: i
     torch.manual_seed(seed)
     ds = PackedDataset(data_prefix)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = GPTNeoXConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
-                           num_attention_heads=heads, intermediate_size=4 * hidden,
-                           max_position_embeddings=ds.seq_len, rotary_pct=0.25,
-                           bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    config = GPTNeoXConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=ds.seq_len,
+        rotary_pct=0.25,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     model = GPTNeoXForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     rows = np.random.default_rng(seed).permutation(len(ds))
     for step in tqdm(range(steps), desc="pre-train base", unit="step"):
         idx = rows[(step * batch + np.arange(batch)) % len(ds)]
@@ -133,8 +155,9 @@ def validation_loss(logits_fn, ds, batch: int = 16) -> float:
         b = collate(ds, np.arange(start, min(len(ds), start + batch)))
         logits = logits_fn(b["input_ids"])[:, :-1].float()
         labels = b["labels"][:, 1:]
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                                   reduction="sum").item()
+        total += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+        ).item()
         count += int((labels != -100).sum())
     return total / count
 
@@ -181,15 +204,36 @@ def main(argv=None) -> int:
     base = pretrain_base(str(out / "data" / "train"), tok, out / "base", steps=args.pretrain_steps)
     print("4/6 convert")
     report = convert_checkpoint(str(base), out / "converted", args.kv_layers, args.kv_groups, progress=False)
-    print(f"    {report['base_layout']} -> {report['layout']}: parameters {report['parameters']['before']:,} -> "
-          f"{report['parameters']['after']:,}")
+    print(
+        f"    {report['base_layout']} -> {report['layout']}: parameters {report['parameters']['before']:,} -> "
+        f"{report['parameters']['after']:,}"
+    )
     print("5/6 uptrain: deepspeed --num_gpus 2, ZeRO-2")
     run = out / "run"
-    cmd = ["deepspeed", "--num_gpus", "2", str(ROOT / "launch" / "uptrain.py"),
-           "--ds_config", str(_ds_config(out, micro_batch=8)), "--init", str(out / "converted"),
-           "--data", str(out / "data" / "train"), "--valid-data", str(out / "data" / "valid"),
-           "--out", str(run), "--train-iters", str(args.uptrain_steps), "--lr", "2e-3",
-           "--save-interval", str(max(1, args.uptrain_steps // 2)), "--log-interval", "10"]
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        str(ROOT / "launch" / "uptrain.py"),
+        "--ds_config",
+        str(_ds_config(out, micro_batch=8)),
+        "--init",
+        str(out / "converted"),
+        "--data",
+        str(out / "data" / "train"),
+        "--valid-data",
+        str(out / "data" / "valid"),
+        "--out",
+        str(run),
+        "--train-iters",
+        str(args.uptrain_steps),
+        "--lr",
+        "2e-3",
+        "--save-interval",
+        str(max(1, args.uptrain_steps // 2)),
+        "--log-interval",
+        "10",
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(cmd, env=env)
     if result.returncode != 0:

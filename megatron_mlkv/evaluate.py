@@ -6,6 +6,7 @@ pretrained=DIR,trust_remote_code=True` prints. The uptraining loop calls `try_ev
 rank 0 after each export and logs `eval_scalars(result)` to TensorBoard; `launch/evaluate.py` is the
 command line. lm-eval is imported lazily: it is the `eval` extra, and slow to import.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ import logging
 import os
 import random
 import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -52,8 +53,10 @@ def read_model_config(model: str | os.PathLike) -> MLKVConfig:
 
     path = Path(model)
     if not path.is_dir() and not HUB_NAME.match(str(model)):
-        raise EvaluationError(f"model folder {model} does not exist; expected a folder written by "
-                              f"launch/convert.py or the uptraining export (RUN_DIR/hf/step_N)")
+        raise EvaluationError(
+            f"model folder {model} does not exist; expected a folder written by "
+            f"launch/convert.py or the uptraining export (RUN_DIR/hf/step_N)"
+        )
     if path.is_dir() and not (path / "config.json").is_file():
         raise EvaluationError(f"{model} has no config.json; expected a transformers folder")
     try:
@@ -65,9 +68,13 @@ def read_model_config(model: str | os.PathLike) -> MLKVConfig:
 
 def layout_summary(config: MLKVConfig) -> dict:
     """The layout facts a result carries: name, m, g, owner map, KV heads and bytes per token."""
-    return {"layout": config.layout.to_dict(), "head_dim": config.head_dim,
-            "num_parameters": config.num_parameters(), "kv_dtype": KV_DTYPE,
-            "kv_bytes_per_token": config.layout.kv_bytes_per_token(config.head_dim, KV_DTYPE)}
+    return {
+        "layout": config.layout.to_dict(),
+        "head_dim": config.head_dim,
+        "num_parameters": config.num_parameters(),
+        "kv_dtype": KV_DTYPE,
+        "kv_bytes_per_token": config.layout.kv_bytes_per_token(config.head_dim, KV_DTYPE),
+    }
 
 
 def make_task_manager(tasks: Sequence[str], include_path: str | os.PathLike | None = None):
@@ -80,16 +87,23 @@ def make_task_manager(tasks: Sequence[str], include_path: str | os.PathLike | No
     known = set(manager.all_tasks)
     for name in tasks:
         if name not in known and not Path(name).is_file():
-            where = f"lm-eval's tasks or {include_path}" if include_path else \
-                "lm-eval's tasks (no --include-path given)"
+            where = (
+                f"lm-eval's tasks or {include_path}" if include_path else "lm-eval's tasks (no --include-path given)"
+            )
             raise EvaluationError(f"unknown task '{name}': not in {where}; list them with `lm-eval ls tasks`")
     return manager
 
 
-def evaluate_checkpoint(model_dir: str | os.PathLike, tasks: str | Sequence[str] = DEFAULT_TASKS,
-                        include_path: str | os.PathLike | None = None, limit: int | float | None = None,
-                        batch_size: int | str = 8, out_path: str | os.PathLike | None = None,
-                        device: str | None = None, dtype: str = "auto") -> dict:
+def evaluate_checkpoint(
+    model_dir: str | os.PathLike,
+    tasks: str | Sequence[str] = DEFAULT_TASKS,
+    include_path: str | os.PathLike | None = None,
+    limit: int | float | None = None,
+    batch_size: int | str = 8,
+    out_path: str | os.PathLike | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+) -> dict:
     """Evaluate one checkpoint with lm-eval and return (and write to `out_path`) the result dict.
 
     The dict holds lm-eval's `results` (task -> {'acc,none': ..., ...}), `higher_is_better`,
@@ -118,28 +132,51 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, tasks: str | Sequence[str]
             loaded_dtype = str(model.dtype).removeprefix("torch.")
             with _quiet("lm_eval.models.huggingface"):  # its warnings about being passed a loaded model
                 lm = HFLM(pretrained=model, batch_size=batch_size, trust_remote_code=True)
-            output = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
-                                             device=device, log_samples=False)
+            output = lm_eval.simple_evaluate(
+                model=lm, tasks=names, task_manager=manager, limit=limit, device=device, log_samples=False
+            )
         finally:
             del lm, model  # free the accelerator memory for training, also after a failure
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
     if output is None:
         raise EvaluationError("lm-eval returned no results: call it on local rank 0 only")
-    result = {"model": str(model_dir), "step": _step_of(model_dir), "tasks": names,
-              **layout_summary(config),
-              **{k: output[k] for k in ("results", "higher_is_better", "n-samples", "versions", "n-shot",
-                                        "config", "lm_eval_version", "date") if k in output}}
-    result["config"] = {**result.get("config", {}), "model": str(model_dir), "device": device, "dtype": loaded_dtype,
-                        "include_path": str(include_path) if include_path is not None else None}
+    result = {
+        "model": str(model_dir),
+        "step": _step_of(model_dir),
+        "tasks": names,
+        **layout_summary(config),
+        **{
+            k: output[k]
+            for k in (
+                "results",
+                "higher_is_better",
+                "n-samples",
+                "versions",
+                "n-shot",
+                "config",
+                "lm_eval_version",
+                "date",
+            )
+            if k in output
+        },
+    }
+    result["config"] = {
+        **result.get("config", {}),
+        "model": str(model_dir),
+        "device": device,
+        "dtype": loaded_dtype,
+        "include_path": str(include_path) if include_path is not None else None,
+    }
     result = json.loads(json.dumps(result, default=handle_non_serializable))
     if out_path is not None:
         write_json_atomic(out_path, result)
     return result
 
 
-def try_evaluate_checkpoint(model_dir: str | os.PathLike, tasks: str | Sequence[str] = DEFAULT_TASKS,
-                            **kwargs) -> tuple[dict | None, str | None]:
+def try_evaluate_checkpoint(
+    model_dir: str | os.PathLike, tasks: str | Sequence[str] = DEFAULT_TASKS, **kwargs
+) -> tuple[dict | None, str | None]:
     """`evaluate_checkpoint` that never raises (for the training hook): (result, None) on success,
     (None, one-line reason) on any failure. Nothing is written to `out_path` on failure."""
     try:
@@ -163,8 +200,7 @@ def eval_scalars(result: dict) -> dict[str, float]:
     for task, metrics in result["results"].items():
         for key, value in metrics.items():
             metric, sep, filt = key.partition(",")
-            if not sep or metric.endswith("_stderr") or isinstance(value, bool) \
-                    or not isinstance(value, (int, float)):
+            if not sep or metric.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             name = metric if filt == "none" else f"{metric}_{filt}"
             scalars[f"eval/{task}/{name}"] = float(value)
@@ -184,9 +220,11 @@ def format_results(result: dict) -> str:
             name = metric if filt == "none" else f"{metric} ({filt})"
             lines.append(f"| {task} | {name} | {value:.4f} | {stderr} |")
     layout = result["layout"]
-    lines.append(f"\nlayout {layout['name']} (m={layout['kv_layers']}, g={layout['num_kv_heads']}, "
-                 f"owners {layout['kv_owner']}): {layout['kv_heads_total']} KV heads, "
-                 f"{result['kv_bytes_per_token']:,} KV bytes/token ({result['kv_dtype']})")
+    lines.append(
+        f"\nlayout {layout['name']} (m={layout['kv_layers']}, g={layout['num_kv_heads']}, "
+        f"owners {layout['kv_owner']}): {layout['kv_heads_total']} KV heads, "
+        f"{result['kv_bytes_per_token']:,} KV bytes/token ({result['kv_dtype']})"
+    )
     return "\n".join(lines)
 
 
@@ -215,8 +253,9 @@ def _load_model(model: str | os.PathLike, device: str, dtype: str = "auto") -> t
 
     if dtype not in DTYPES:
         raise EvaluationError(f"--dtype {dtype}: allowed {', '.join(DTYPES)}")
-    loaded = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-                                                  trust_remote_code=True)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(model), dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=True
+    )
     return loaded.to(device).eval()
 
 

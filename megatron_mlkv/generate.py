@@ -38,6 +38,7 @@ minimum when the buffer is full); the triton kernel reads only the filled positi
 pads finished rows with it but does not stop early (that needs a host sync per step). The logits
 `StaticDecoder.step` returns are overwritten by the next step on CUDA.
 """
+
 from __future__ import annotations
 
 import functools
@@ -64,8 +65,14 @@ class StaticKVCache:
         self.lengths = list(lengths) if lengths is not None else [0] * keys.shape[0]
 
     @classmethod
-    def allocate(cls, config: MLKVConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None) -> "StaticKVCache":
+    def allocate(
+        cls,
+        config: MLKVConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> StaticKVCache:
         """An empty cache for `batch_size` rows of up to `max_len` tokens."""
         shape = (config.layout.kv_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
         # zeros, not empty: decode attends over the whole buffer with masked positions, and a masked
@@ -88,8 +95,10 @@ class StaticKVCache:
         """Write k, v (b, g, s, d_k) after slot's current length; returns its K/V (b, g, length, d_k)."""
         start, end = self.lengths[slot], self.lengths[slot] + k.shape[2]
         if end > self.max_len:
-            raise ValueError(f"the cache holds {self.max_len} tokens; writing {k.shape[2]} after {start} "
-                             f"overflows it: allocate a larger max_len")
+            raise ValueError(
+                f"the cache holds {self.max_len} tokens; writing {k.shape[2]} after {start} "
+                f"overflows it: allocate a larger max_len"
+            )
         self.keys[slot, :, :, start:end] = k
         self.values[slot, :, :, start:end] = v
         self.lengths[slot] = end
@@ -132,8 +141,14 @@ class StaticDecoder:
     "sdpa" and "matmul" are plain PyTorch (the CPU path).
     """
 
-    def __init__(self, model: MLKVTransformer, batch_size: int, max_len: int, cuda_graph: bool | None = None,
-                 attention: str | None = None):
+    def __init__(
+        self,
+        model: MLKVTransformer,
+        batch_size: int,
+        max_len: int,
+        cuda_graph: bool | None = None,
+        attention: str | None = None,
+    ):
         param = next(model.parameters())
         attention = attention or default_attention(model.config, param.device, param.dtype)
         if attention not in DECODE_ATTENTION:
@@ -147,8 +162,9 @@ class StaticDecoder:
         # additive mask over the cache (0 visible, -inf not), rows 16-element aligned as the fused
         # attention kernels want them
         width = -(-max_len // 16) * 16
-        self.bias = torch.full((batch_size, 1, 1, width), float("-inf"), dtype=param.dtype,
-                               device=device)[..., :max_len]
+        self.bias = torch.full((batch_size, 1, 1, width), float("-inf"), dtype=param.dtype, device=device)[
+            ..., :max_len
+        ]
         self.attention_name, self.attention = attention, DECODE_ATTENTION[attention]
         self.fused = attention == "triton"
         self.splits = None  # decode_attention's sequence splits (None: chosen for the GPU)
@@ -156,16 +172,18 @@ class StaticDecoder:
         # cos and sin of every cache position, sin's first half negated: rotate_half(x) * sin equals
         # cat(x2, x1) * that (one gather a step instead of recomputing the frequencies)
         cfg, half = model.config, model.config.rotary_dim // 2
-        cos, sin = rotary_cos_sin(torch.arange(max_len, device=device)[None], cfg.rotary_dim, cfg.rotary_emb_base,
-                                  param.dtype)
+        cos, sin = rotary_cos_sin(
+            torch.arange(max_len, device=device)[None], cfg.rotary_dim, cfg.rotary_emb_base, param.dtype
+        )
         sin[..., :half] = -sin[..., :half]
         self.rotary = torch.stack([cos[0, 0], sin[0, 0]])  # (2, max_len, rotary_dim)
         # the fused path's parallel-residual layers take two matrix products (`FoldedLayer`); the
         # other layers one for q (k, v) whose weights are the owners' three concatenated. Both are
         # copies of the layer weights, small next to the cache
         self.folded = [FoldedLayer.of(block) if self.fused else None for block in model.layers]
-        self.projections = [None if f else fused_projection(block.attention)
-                            for block, f in zip(model.layers, self.folded)]
+        self.projections = [
+            None if f else fused_projection(block.attention) for block, f in zip(model.layers, self.folded)
+        ]
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         self.graphs, self.outputs = {}, {}  # captured steps and their logits, by `greedy`
         # tokens by cache index, written by greedy steps; allocated with the cache, as a block taken
@@ -179,21 +197,24 @@ class StaticDecoder:
         return self.token.shape[0]
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                chunk_tokens: int = 32768) -> torch.Tensor:
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, chunk_tokens: int = 32768
+    ) -> torch.Tensor:
         """Run the prompt (b, s), left-padded where attention_mask (b, s) is 0; -> logits (b, vocab)."""
         b, s = input_ids.shape
         if b != self.batch_size or s >= self.cache.max_len:
-            raise ValueError(f"prompt of shape {tuple(input_ids.shape)} does not fit this decoder: batch "
-                             f"{self.batch_size}, at most {self.cache.max_len - 1} prompt tokens")
+            raise ValueError(
+                f"prompt of shape {tuple(input_ids.shape)} does not fit this decoder: batch "
+                f"{self.batch_size}, at most {self.cache.max_len - 1} prompt tokens"
+            )
         rows = max(1, chunk_tokens // s)
         logits = self.bias.new_empty(b, self.model.embed_out.out_features)
         for start in range(0, b, rows):
-            mask = None if attention_mask is None else attention_mask[start:start + rows]
+            mask = None if attention_mask is None else attention_mask[start : start + rows]
             positions = None if mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)
-            cache = StaticKVCache(self.cache.keys[:, start:start + rows], self.cache.values[:, start:start + rows])
-            hidden = self.model.hidden_states(input_ids[start:start + rows], positions, mask, cache=cache)
-            logits[start:start + rows] = self.model.embed_out(hidden[:, -1])
+            cache = StaticKVCache(self.cache.keys[:, start : start + rows], self.cache.values[:, start : start + rows])
+            hidden = self.model.hidden_states(input_ids[start : start + rows], positions, mask, cache=cache)
+            logits[start : start + rows] = self.model.embed_out(hidden[:, -1])
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         self.bias.fill_(float("-inf"))
         self.bias[:, 0, 0, :s].masked_fill_(real, 0.0)
@@ -215,14 +236,15 @@ class StaticDecoder:
         then `steps` times append the most likely next token. -> (b, steps + 1): token and the
         tokens chosen, the last of which is not yet in the cache."""
         if steps > self.cache.max_len - self.length:
-            raise ValueError(f"{steps} steps after {self.length} tokens overflow the cache of "
-                             f"{self.cache.max_len} tokens")
+            raise ValueError(
+                f"{steps} steps after {self.length} tokens overflow the cache of {self.cache.max_len} tokens"
+            )
         start = self.length
         self.history[:, start] = token
         self.token.copy_(token)
         for _ in range(steps):
             self._advance(greedy=True)
-        return self.history[:, start:start + steps + 1].clone()
+        return self.history[:, start : start + steps + 1].clone()
 
     def _advance(self, greedy: bool) -> torch.Tensor:
         if self.length >= self.cache.max_len:
@@ -297,13 +319,13 @@ class StaticDecoder:
         cfg = self.config
         b, h, g, dk, rot = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim
         proj = F.linear(x, weight, bias).view(b, -1, dk)  # (b, h [+ 2g], d_k): q heads [, k heads, v heads]
-        rotated = proj[:, :h + g if attn.owns_kv else h, :rot]  # q and k, rotated in place
-        halves_swapped = torch.cat((rotated[..., rot // 2:], rotated[..., :rot // 2]), -1)
+        rotated = proj[:, : h + g if attn.owns_kv else h, :rot]  # q and k, rotated in place
+        halves_swapped = torch.cat((rotated[..., rot // 2 :], rotated[..., : rot // 2]), -1)
         rotated.mul_(cos).addcmul_(halves_swapped, sin)
         keys, values = self.cache.keys[attn.cache_slot], self.cache.values[attn.cache_slot]  # (b, g, L, d_k)
         if attn.owns_kv:
-            keys.index_copy_(2, self.position, proj[:, h:h + g, None])
-            values.index_copy_(2, self.position, proj[:, h + g:, None])
+            keys.index_copy_(2, self.position, proj[:, h : h + g, None])
+            values.index_copy_(2, self.position, proj[:, h + g :, None])
         q = proj[:, :h].view(b, g, h // g, dk)  # query head i -> group i // (h/g), row i % (h/g)
         return attn.dense(self.attention(q, keys, values, self.bias).reshape(b, h * dk))
 
@@ -354,19 +376,32 @@ class StaticDecoder:
         q0 = folded.proj_width - hd
         gelu = folded.gelu and kernels.runs_linear(normed) and (folded.gelu, folded.proj_width)
         hidden = kernels.linear(normed, folded.w_in, folded.b_in, gelu=gelu or None)
-        act = hidden[:, folded.proj_width:]
+        act = hidden[:, folded.proj_width :]
         if folded.gelu is None:
             act.copy_(block.mlp.act(act))
         activation = (folded.gelu, act, act) if folded.gelu and not gelu else None
-        self._attend(block.attention, hidden, hidden[:, q0:q0 + hd], activation, kv_first=True)
+        self._attend(block.attention, hidden, hidden[:, q0 : q0 + hd], activation, kv_first=True)
         return (kernels.linear(hidden[:, q0:], folded.w_out, folded.b_out, deep=True),)
 
-    def _attend(self, attn, proj: torch.Tensor, out: torch.Tensor | None = None, activation=None,
-                kv_first: bool = False) -> torch.Tensor:
+    def _attend(
+        self, attn, proj: torch.Tensor, out: torch.Tensor | None = None, activation=None, kv_first: bool = False
+    ) -> torch.Tensor:
         """decode_attention of one layer over its cache slot; proj (b, >= (h [+ 2g])·d_k)."""
-        return kernels.decode_attention(proj, self.cache.keys[attn.cache_slot], self.cache.values[attn.cache_slot],
-                                        self.rotary, self.position, self.pad, self.config.num_heads, attn.owns_kv,
-                                        self.splits, out, activation, self.counters, kv_first)
+        return kernels.decode_attention(
+            proj,
+            self.cache.keys[attn.cache_slot],
+            self.cache.values[attn.cache_slot],
+            self.rotary,
+            self.position,
+            self.pad,
+            self.config.num_heads,
+            attn.owns_kv,
+            self.splits,
+            out,
+            activation,
+            self.counters,
+            kv_first,
+        )
 
 
 class FoldedLayer(NamedTuple):
@@ -374,6 +409,7 @@ class FoldedLayer(NamedTuple):
     n @ w_in.T + b_in gives [k, v,] q (proj_width columns) and the MLP's hidden layer, the two layer
     norms' scales and shifts folded in; [attention output, activation] @ w_out.T + b_out is the
     layer's whole residual update. gelu: the MLP activation's `gelu_mode` (None: not a GELU)."""
+
     w_in: torch.Tensor
     b_in: torch.Tensor
     w_out: torch.Tensor
@@ -394,13 +430,20 @@ class FoldedLayer(NamedTuple):
             w32 = weight.float()
             return (w32 * norm.weight.float()).to(weight.dtype), (w32 @ norm.bias.float() + bias.float()).to(bias.dtype)
 
-        (w_attn, b_attn), (w_mlp, b_mlp) = (fold(*fused_projection(attn), ln_attn),
-                                            fold(mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias, ln_mlp))
+        (w_attn, b_attn), (w_mlp, b_mlp) = (
+            fold(*fused_projection(attn), ln_attn),
+            fold(mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias, ln_mlp),
+        )
         hd = attn.dense.weight.shape[1]  # q's rows; k, v (owners) move before them
         w_attn, b_attn = torch.cat([w_attn[hd:], w_attn[:hd]]), torch.cat([b_attn[hd:], b_attn[:hd]])
-        return cls(torch.cat([w_attn, w_mlp]), torch.cat([b_attn, b_mlp]),
-                   torch.cat([attn.dense.weight, mlp.dense_4h_to_h.weight], 1),
-                   attn.dense.bias + mlp.dense_4h_to_h.bias, w_attn.shape[0], gelu_mode(mlp.act))
+        return cls(
+            torch.cat([w_attn, w_mlp]),
+            torch.cat([b_attn, b_mlp]),
+            torch.cat([attn.dense.weight, mlp.dense_4h_to_h.weight], 1),
+            attn.dense.bias + mlp.dense_4h_to_h.bias,
+            w_attn.shape[0],
+            gelu_mode(mlp.act),
+        )
 
 
 def gelu_mode(act) -> str | None:
@@ -438,8 +481,13 @@ def fused_projection(attn) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, torch.cat([p.bias for p in parts]) if attn.owns_kv else attn.query.bias
 
 
-def next_token(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
-               top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def next_token(
+    logits: torch.Tensor,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """logits (b, vocab) -> token ids (b,): argmax, or a sample at `temperature` from the `top_k` best."""
     if not do_sample:
         return logits.argmax(-1)
@@ -451,11 +499,21 @@ def next_token(logits: torch.Tensor, do_sample: bool = False, temperature: float
 
 
 @torch.no_grad()
-def generate(model: MLKVTransformer, input_ids: torch.Tensor, max_new_tokens: int,
-             attention_mask: torch.Tensor | None = None, *, do_sample: bool = False, temperature: float = 1.0,
-             top_k: int | None = None, eos_token_id: int | None = None, generator: torch.Generator | None = None,
-             cuda_graph: bool | None = None, prefill_chunk_tokens: int = 32768,
-             attention: str | None = None) -> torch.Tensor:
+def generate(
+    model: MLKVTransformer,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    cuda_graph: bool | None = None,
+    prefill_chunk_tokens: int = 32768,
+    attention: str | None = None,
+) -> torch.Tensor:
     """Greedy (or sampled) continuation: input_ids (b, s) -> (b, s + max_new_tokens).
 
     attention_mask (b, s) marks real tokens with 1; padding must be on the left. Rows that produced
@@ -467,8 +525,9 @@ def generate(model: MLKVTransformer, input_ids: torch.Tensor, max_new_tokens: in
         raise ValueError(f"max_new_tokens = {max_new_tokens} must be at least 1")
     b, s = input_ids.shape
     decoder = StaticDecoder(model, b, s + max_new_tokens - 1, cuda_graph, attention)
-    choose = functools.partial(next_token, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                               generator=generator)
+    choose = functools.partial(
+        next_token, do_sample=do_sample, temperature=temperature, top_k=top_k, generator=generator
+    )
     logits = decoder.prefill(input_ids, attention_mask, prefill_chunk_tokens)
     if not do_sample and eos_token_id is None:  # the choice inside the step's graph
         return torch.cat([input_ids, decoder.greedy(choose(logits), max_new_tokens - 1)], dim=1)

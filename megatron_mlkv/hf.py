@@ -1,4 +1,5 @@
 """Reading and writing transformers-format folders: the one export path for conversion and training."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,16 @@ from .configuration_mlkv import MLKVGPTNeoXConfig
 from .model import MLKVTransformer
 from .modeling_mlkv import CACHE_FIELD, MLKVForCausalLM
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -47,10 +56,17 @@ def copy_tokenizer_files(src: str | os.PathLike | None, dst: str | os.PathLike) 
     return copied
 
 
-def export_pretrained(state_dict: dict, config: MLKVConfig, out_dir: str | os.PathLike, *,
-                      tokenizer_from: str | os.PathLike | None = None, overwrite: bool = False,
-                      max_shard_size: str = "2GB", dtype: torch.dtype | None = None,
-                      hf_kwargs: dict | None = None) -> Path:
+def export_pretrained(
+    state_dict: dict,
+    config: MLKVConfig,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer_from: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    max_shard_size: str = "2GB",
+    dtype: torch.dtype | None = None,
+    hf_kwargs: dict | None = None,
+) -> Path:
     """Write an `MLKVTransformer` state dict as a transformers folder that loads with
     `AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)` without this package.
 
@@ -64,8 +80,9 @@ def export_pretrained(state_dict: dict, config: MLKVConfig, out_dir: str | os.Pa
     hf_config = MLKVGPTNeoXConfig.from_model_config(config, **(hf_kwargs or {}))
     with torch.device("meta"):
         model = MLKVForCausalLM(hf_config)
-    state = {f"model.{k}": (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
-             for k, v in state_dict.items()}
+    state = {
+        f"model.{k}": (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state_dict.items()
+    }
     model.load_state_dict(state, strict=True, assign=True)
     if dtype is not None:
         model.config.dtype = dtype

@@ -4,6 +4,7 @@ xxHash's XXH3-128 reads ~30 GB/s per core from memory (`python benchmarks/verify
 check is as fast as the disk: a 12 GB pack verifies in seconds, where SHA-256 would take a minute.
 It finds damage (truncation, flipped bytes, a file from another pack or run), not tampering.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,11 @@ def file_digest(path: str | os.PathLike, on_block=None) -> str:
 
 
 def _files(folder: Path, exclude: tuple[str, ...]) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                  if p.is_file() and str(p.relative_to(folder)) not in exclude)
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and str(p.relative_to(folder)) not in exclude
+    )
 
 
 def manifest(folder: str | os.PathLike, exclude: tuple[str, ...] = (), threads: int = 8) -> dict:

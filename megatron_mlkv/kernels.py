@@ -28,6 +28,7 @@ one before it drains, and waits for it only before reading what it wrote.
 All run under TRITON_INTERPRET=1 on CPU tensors, which is how the tests check them without a GPU
 (without PDL, which the interpreter does not run).
 """
+
 from __future__ import annotations
 
 import functools
@@ -102,10 +103,30 @@ if triton is not None:
         return z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))  # tanh(u) = 2 sigmoid(2u) - 1
 
     @triton.jit
-    def _linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_ys, K_SPLIT,
-                       act_from, amax_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, ARGMAX: tl.constexpr,
-                       PDL: tl.constexpr):
+    def _linear_kernel(
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_ym,
+        stride_ys,
+        K_SPLIT,
+        act_from,
+        amax_ptr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ACT: tl.constexpr,
+        PRECISION: tl.constexpr,
+        ARGMAX: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(1)
         m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -114,10 +135,16 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(split * K_SPLIT, k_end, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :],
-                        mask=(n < N)[:, None] & (k < k_end)[None, :], other=0.0)
-            x = tl.load(x_ptr + m[:, None].to(tl.int64) * stride_xm + k[None, :],
-                        mask=(m < M)[:, None] & (k < k_end)[None, :], other=0.0)
+            w = tl.load(
+                w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :],
+                mask=(n < N)[:, None] & (k < k_end)[None, :],
+                other=0.0,
+            )
+            x = tl.load(
+                x_ptr + m[:, None].to(tl.int64) * stride_xm + k[None, :],
+                mask=(m < M)[:, None] & (k < k_end)[None, :],
+                other=0.0,
+            )
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         if HAS_BIAS:
             if split == 0:
@@ -138,8 +165,7 @@ if triton is not None:
             tl.store(tile + tiles, first.to(tl.float32), mask=m < M)  # exact below 2**24 columns
 
     @triton.jit
-    def _pick_kernel(amax_ptr, T, token_ptr, history_ptr, pos_ptr, stride_h, BLOCK_T: tl.constexpr,
-                     PDL: tl.constexpr):
+    def _pick_kernel(amax_ptr, T, token_ptr, history_ptr, pos_ptr, stride_h, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
         """Each row's first largest logit from `linear`'s per-tile maxima: the row's next token, also
         written to history[row, pos]."""
         _after_previous(PDL)
@@ -160,10 +186,32 @@ if triton is not None:
         tl.store(history_ptr + row * stride_h + tl.load(pos_ptr), token)
 
     @triton.jit
-    def _add_norm_kernel(x_ptr, a_ptr, b_ptr, x_out_ptr, w1_ptr, c1_ptr, y1_ptr, w2_ptr, c2_ptr, y2_ptr,
-                         D, stride_parts, eps1, eps2, rows_ptr, pos_ptr, A_PARTS: tl.constexpr,
-                         B_PARTS: tl.constexpr, NORMS: tl.constexpr, AFFINE: tl.constexpr, GATHER: tl.constexpr,
-                         ADVANCE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _add_norm_kernel(
+        x_ptr,
+        a_ptr,
+        b_ptr,
+        x_out_ptr,
+        w1_ptr,
+        c1_ptr,
+        y1_ptr,
+        w2_ptr,
+        c2_ptr,
+        y2_ptr,
+        D,
+        stride_parts,
+        eps1,
+        eps2,
+        rows_ptr,
+        pos_ptr,
+        A_PARTS: tl.constexpr,
+        B_PARTS: tl.constexpr,
+        NORMS: tl.constexpr,
+        AFFINE: tl.constexpr,
+        GATHER: tl.constexpr,
+        ADVANCE: tl.constexpr,
+        BLOCK: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < D
@@ -201,12 +249,43 @@ if triton is not None:
             tl.store(y2_ptr + row * D + cols, y.to(y2_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _decode_attention_kernel(proj_ptr, k_ptr, v_ptr, rot_ptr, pos_ptr, pad_ptr, out_ptr, part_ptr, lse_ptr,
-                                 count_ptr, stride_pb, stride_ob, stride_kb, stride_kg, stride_kl, max_len, H, G, R,
-                                 Q0, K0, scale, act_in_ptr, act_out_ptr, act_width,
-                                 DK: tl.constexpr, ROT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 NSPLIT: tl.constexpr, OWNS_KV: tl.constexpr, PRECISION: tl.constexpr,
-                                 ACT: tl.constexpr, ACT_BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _decode_attention_kernel(
+        proj_ptr,
+        k_ptr,
+        v_ptr,
+        rot_ptr,
+        pos_ptr,
+        pad_ptr,
+        out_ptr,
+        part_ptr,
+        lse_ptr,
+        count_ptr,
+        stride_pb,
+        stride_ob,
+        stride_kb,
+        stride_kg,
+        stride_kl,
+        max_len,
+        H,
+        G,
+        R,
+        Q0,
+        K0,
+        scale,
+        act_in_ptr,
+        act_out_ptr,
+        act_width,
+        DK: tl.constexpr,
+        ROT: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        NSPLIT: tl.constexpr,
+        OWNS_KV: tl.constexpr,
+        PRECISION: tl.constexpr,
+        ACT: tl.constexpr,
+        ACT_BLOCK: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
         b = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1)
         split = tl.program_id(2)
@@ -287,10 +366,16 @@ if triton is not None:
         else:  # each split leaves its normalised output and log-sum-exp; the last to finish merges
             empty = l_i == 0.0
             row = (b * H + head) * NSPLIT
-            tl.store(part_ptr + (row + split)[:, None] * DK + d[None, :], acc / tl.where(empty, 1.0, l_i)[:, None],
-                     mask=(r < R)[:, None])
-            tl.store(lse_ptr + row + split, tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i))),
-                     mask=r < R)
+            tl.store(
+                part_ptr + (row + split)[:, None] * DK + d[None, :],
+                acc / tl.where(empty, 1.0, l_i)[:, None],
+                mask=(r < R)[:, None],
+            )
+            tl.store(
+                lse_ptr + row + split,
+                tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i))),
+                mask=r < R,
+            )
             tl.debug_barrier()  # every thread's stores before the release below
             if tl.atomic_add(count_ptr + b * G + g, 1, sem="acq_rel") == NSPLIT - 1:
                 tl.store(count_ptr + b * G + g, 0)  # ready for the next launch
@@ -301,15 +386,24 @@ if triton is not None:
                 merged = tl.zeros([BLOCK_R, DK], tl.float32)
                 for i in tl.static_range(NSPLIT):
                     w = tl.exp2(tl.load(lse_ptr + row + i, mask=r < R, other=0.0, cache_modifier=".cg") - m)
-                    part = tl.load(part_ptr + (row + i)[:, None] * DK + d[None, :], mask=(r < R)[:, None], other=0.0,
-                                   cache_modifier=".cg")
+                    part = tl.load(
+                        part_ptr + (row + i)[:, None] * DK + d[None, :],
+                        mask=(r < R)[:, None],
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
                     total += w
                     merged += part * w[:, None]
                 tl.store(out_ptrs, (merged / total[:, None]).to(dtype), mask=(r < R)[:, None])
 
 
-def add_norm(x: torch.Tensor, addends: tuple[torch.Tensor, ...], norms: list[torch.nn.LayerNorm] | float,
-             rows: torch.Tensor | None = None, advance: torch.Tensor | None = None):
+def add_norm(
+    x: torch.Tensor,
+    addends: tuple[torch.Tensor, ...],
+    norms: list[torch.nn.LayerNorm] | float,
+    rows: torch.Tensor | None = None,
+    advance: torch.Tensor | None = None,
+):
     """x (b, d) plus up to two addends, then one or two layer norms of the sum in one kernel.
 
     An addend is (b, d), or (s, b, d) contiguous: the partial sums of `linear` split over K, added
@@ -330,11 +424,33 @@ def add_norm(x: torch.Tensor, addends: tuple[torch.Tensor, ...], norms: list[tor
     n1, n2 = (norms[0], norms[-1]) if affine else (None, None)
     w1, c1, eps1 = (n1.weight, n1.bias, n1.eps) if affine else (x, x, norms)
     w2, c2, eps2 = (n2.weight, n2.bias, n2.eps) if affine else (x, x, norms)
-    _add_norm_kernel[(b,)](x, a, c, x_out, w1, c1, ys[0], w2, c2, ys[-1], dim, b * dim, eps1, eps2,
-                           x if rows is None else rows, x if advance is None else advance,
-                           A_PARTS=parts[0], B_PARTS=parts[1], NORMS=len(ys), AFFINE=affine,
-                           GATHER=rows is not None, ADVANCE=advance is not None,
-                           BLOCK=triton.next_power_of_2(dim), **_pdl_args(x.device, "add_norm"), num_warps=4)
+    _add_norm_kernel[(b,)](
+        x,
+        a,
+        c,
+        x_out,
+        w1,
+        c1,
+        ys[0],
+        w2,
+        c2,
+        ys[-1],
+        dim,
+        b * dim,
+        eps1,
+        eps2,
+        x if rows is None else rows,
+        x if advance is None else advance,
+        A_PARTS=parts[0],
+        B_PARTS=parts[1],
+        NORMS=len(ys),
+        AFFINE=affine,
+        GATHER=rows is not None,
+        ADVANCE=advance is not None,
+        BLOCK=triton.next_power_of_2(dim),
+        **_pdl_args(x.device, "add_norm"),
+        num_warps=4,
+    )
     return x_out, ys
 
 
@@ -350,8 +466,15 @@ def runs_linear(x: torch.Tensor) -> bool:
     return x.shape[0] <= LINEAR_MAX_ROWS and available(x.device)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, deep: bool = False,
-           gelu: tuple[str, int] | None = None, argmax: bool = False, tiles: tuple | None = None):
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    deep: bool = False,
+    gelu: tuple[str, int] | None = None,
+    argmax: bool = False,
+    tiles: tuple | None = None,
+):
     """x @ weight.T + bias for x (b, k) with few rows (a decode step); weight (n, k), rows
     contiguous, is streamed once. Wide shapes (deep=False) give (b, n) in x's dtype; gelu
     (approximate, c) applies F.gelu to the columns from c on; argmax: also return each row's largest
@@ -375,10 +498,31 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     maxima = torch.empty(b, 2, grid[0], dtype=torch.float32, device=x.device) if argmax else y
     act, act_from = gelu or (None, n)
     _linear_kernel[grid](
-        x, weight, x if bias is None else bias, y, b, n, k, x.stride(0), weight.stride(0), n, b * n, k_split,
-        act_from, maxima, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
-        ACT=GELU_MODES[act], PRECISION="ieee" if x.dtype == torch.float32 else "tf32", ARGMAX=argmax,
-        **_pdl_args(x.device, "linear"), num_warps=warps, num_stages=stages)
+        x,
+        weight,
+        x if bias is None else bias,
+        y,
+        b,
+        n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        n,
+        b * n,
+        k_split,
+        act_from,
+        maxima,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        HAS_BIAS=bias is not None,
+        ACT=GELU_MODES[act],
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        ARGMAX=argmax,
+        **_pdl_args(x.device, "linear"),
+        num_warps=warps,
+        num_stages=stages,
+    )
     return (y, maxima) if argmax else y
 
 
@@ -387,8 +531,17 @@ def pick(maxima: torch.Tensor, token: torch.Tensor, history: torch.Tensor, posit
     largest logit into token (b,) and history[:, position] (history (b, L), int64)."""
     b, _, t = maxima.shape
     assert token.dtype == history.dtype == torch.int64 and history.stride(1) == 1
-    _pick_kernel[(b,)](maxima, t, token, history, position, history.stride(0), BLOCK_T=256,
-                       **_pdl_args(token.device, "pick"), num_warps=4)
+    _pick_kernel[(b,)](
+        maxima,
+        t,
+        token,
+        history,
+        position,
+        history.stride(0),
+        BLOCK_T=256,
+        **_pdl_args(token.device, "pick"),
+        num_warps=4,
+    )
 
 
 def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device) -> int:
@@ -398,11 +551,21 @@ def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device) ->
     return max(1, min(want, math.ceil(max_len / MIN_SPLIT_LEN)))
 
 
-def decode_attention(proj: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rotary: torch.Tensor,
-                     position: torch.Tensor, pad: torch.Tensor, num_heads: int, owns_kv: bool,
-                     splits: int | None = None, out: torch.Tensor | None = None,
-                     activation: tuple[str, torch.Tensor, torch.Tensor] | None = None,
-                     counters: torch.Tensor | None = None, kv_first: bool = False) -> torch.Tensor:
+def decode_attention(
+    proj: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    rotary: torch.Tensor,
+    position: torch.Tensor,
+    pad: torch.Tensor,
+    num_heads: int,
+    owns_kv: bool,
+    splits: int | None = None,
+    out: torch.Tensor | None = None,
+    activation: tuple[str, torch.Tensor, torch.Tensor] | None = None,
+    counters: torch.Tensor | None = None,
+    kv_first: bool = False,
+) -> torch.Tensor:
     """Attention of one new token per row over a static cache; -> (b, h·d_k), written into `out` if given.
 
     proj (b, >= (h [+ 2g])·d_k), rows contiguous: the un-rotated q heads, then (owner layers) the new k
@@ -438,12 +601,42 @@ def decode_attention(proj: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
         assert act_in.stride() == (proj.stride(0), 1) and act_out.stride() == (out.stride(0), 1)
     precision = "ieee" if keys.dtype == torch.float32 else "tf32"
     _decode_attention_kernel[(b, g, splits)](
-        proj, keys, values, rotary, position, pad, out, part, lse, out if counters is None else counters,
-        proj.stride(0), out.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), max_len, h, g, r,
-        2 * g if kv_first and owns_kv else 0, 0 if kv_first else h,
-        dk ** -0.5 * math.log2(math.e), act_in, act_out, act_in.shape[1],
-        DK=dk, ROT=rot, BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=block_n, NSPLIT=splits,
-        OWNS_KV=owns_kv, PRECISION=precision, ACT=GELU_MODES[act],
+        proj,
+        keys,
+        values,
+        rotary,
+        position,
+        pad,
+        out,
+        part,
+        lse,
+        out if counters is None else counters,
+        proj.stride(0),
+        out.stride(0),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        max_len,
+        h,
+        g,
+        r,
+        2 * g if kv_first and owns_kv else 0,
+        0 if kv_first else h,
+        dk**-0.5 * math.log2(math.e),
+        act_in,
+        act_out,
+        act_in.shape[1],
+        DK=dk,
+        ROT=rot,
+        BLOCK_R=max(16, triton.next_power_of_2(r)),
+        BLOCK_N=block_n,
+        NSPLIT=splits,
+        OWNS_KV=owns_kv,
+        PRECISION=precision,
+        ACT=GELU_MODES[act],
         ACT_BLOCK=triton.next_power_of_2(triton.cdiv(act_in.shape[1], g * splits)),
-        **_pdl_args(proj.device, "attention"), num_warps=warps, num_stages=stages)
+        **_pdl_args(proj.device, "attention"),
+        num_warps=warps,
+        num_stages=stages,
+    )
     return out

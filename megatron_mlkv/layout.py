@@ -7,12 +7,12 @@ rules are noted where they are implemented.
 This file is copied next to exported checkpoints (transformers remote code), so it imports only the
 standard library.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
-               "fp8": 1, "int8": 1}
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1}
 
 
 class LayoutError(ValueError):
@@ -47,8 +47,10 @@ class KVLayout:
         if l < 1 or h < 1:
             raise LayoutError(f"num_layers = {l} and num_heads = {h} must be positive")
         if g < 1 or h % g:
-            raise LayoutError(f"kv_groups (g) = {g} must divide num_heads (h) = {h}; "
-                              f"allowed: {[d for d in range(1, h + 1) if h % d == 0]}")
+            raise LayoutError(
+                f"kv_groups (g) = {g} must divide num_heads (h) = {h}; "
+                f"allowed: {[d for d in range(1, h + 1) if h % d == 0]}"
+            )
         owner = tuple(int(o) for o in self.kv_owner)
         object.__setattr__(self, "kv_owner", owner)
         if len(owner) != l:
@@ -57,18 +59,20 @@ class KVLayout:
             if not 0 <= o <= i:
                 raise LayoutError(f"kv_owner[{i}] = {o}: a layer takes K/V from itself or a lower layer (0..{i})")
             if owner[o] != o:
-                raise LayoutError(f"kv_owner[{i}] = {o}, but layer {o} does not own K/V "
-                                  f"(kv_owner[{o}] = {owner[o]}); owners must map to themselves")
+                raise LayoutError(
+                    f"kv_owner[{i}] = {o}, but layer {o} does not own K/V "
+                    f"(kv_owner[{o}] = {owner[o]}); owners must map to themselves"
+                )
 
     @classmethod
-    def uniform(cls, num_layers: int, num_heads: int, kv_layers: int, kv_groups: int) -> "KVLayout":
+    def uniform(cls, num_layers: int, num_heads: int, kv_layers: int, kv_groups: int) -> KVLayout:
         """m owner layers at the paper's positions, each serving the layers up to the next owner."""
         owners = uniform_owners(num_layers, kv_layers)
         owner_of = [max(o for o in owners if o <= i) for i in range(num_layers)]
         return cls(num_layers, num_heads, kv_groups, tuple(owner_of))
 
     @classmethod
-    def mha(cls, num_layers: int, num_heads: int) -> "KVLayout":
+    def mha(cls, num_layers: int, num_heads: int) -> KVLayout:
         return cls.uniform(num_layers, num_heads, num_layers, num_heads)
 
     @property
@@ -121,9 +125,15 @@ class KVLayout:
         return self.cache_elements(1, 1, head_dim) * dtype_bytes(dtype)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "num_layers": self.num_layers, "num_heads": self.num_heads,
-                "kv_layers": self.kv_layers, "num_kv_heads": self.num_kv_heads,
-                "kv_owner": list(self.kv_owner), "kv_heads_total": self.kv_heads_total()}
+        return {
+            "name": self.name,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "kv_layers": self.kv_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "kv_owner": list(self.kv_owner),
+            "kv_heads_total": self.kv_heads_total(),
+        }
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -132,24 +142,35 @@ def dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES[dtype]
 
 
-def cache_size_table(layers: int, heads: int, head_dim: int, batch: int, seq: int,
-                     kv_layers: int, kv_groups: int, dtype: str = "fp16") -> list[dict]:
+def cache_size_table(
+    layers: int, heads: int, head_dim: int, batch: int, seq: int, kv_layers: int, kv_groups: int, dtype: str = "fp16"
+) -> list[dict]:
     """The paper's Table 1 for one shape: elements, bytes, GiB and ratio to MHA of each scheme.
 
     MHA 2·b·s·l·h·d_k, GQA 2·b·s·l·g·d_k, MQA 2·b·s·l·d_k, MLKV 2·b·s·m·g·d_k.
     """
-    schemes = [("MHA", "2*b*s*l*h*d_k", KVLayout.uniform(layers, heads, layers, heads)),
-               ("GQA", "2*b*s*l*g*d_k", KVLayout.uniform(layers, heads, layers, kv_groups)),
-               ("MQA", "2*b*s*l*d_k", KVLayout.uniform(layers, heads, layers, 1)),
-               ("MLKV", "2*b*s*m*g*d_k", KVLayout.uniform(layers, heads, kv_layers, kv_groups))]
+    schemes = [
+        ("MHA", "2*b*s*l*h*d_k", KVLayout.uniform(layers, heads, layers, heads)),
+        ("GQA", "2*b*s*l*g*d_k", KVLayout.uniform(layers, heads, layers, kv_groups)),
+        ("MQA", "2*b*s*l*d_k", KVLayout.uniform(layers, heads, layers, 1)),
+        ("MLKV", "2*b*s*m*g*d_k", KVLayout.uniform(layers, heads, kv_layers, kv_groups)),
+    ]
     size = dtype_bytes(dtype)
     mha = schemes[0][2].cache_elements(batch, seq, head_dim)
     rows = []
     for scheme, formula, layout in schemes:
         elements = layout.cache_elements(batch, seq, head_dim)
-        rows.append({"scheme": scheme, "formula": formula, "kv_heads_total": layout.kv_heads_total(),
-                     "elements": elements, "bytes": elements * size, "gib": elements * size / 2**30,
-                     "ratio_to_mha": elements / mha})
+        rows.append(
+            {
+                "scheme": scheme,
+                "formula": formula,
+                "kv_heads_total": layout.kv_heads_total(),
+                "elements": elements,
+                "bytes": elements * size,
+                "gib": elements * size / 2**30,
+                "ratio_to_mha": elements / mha,
+            }
+        )
     return rows
 
 
@@ -157,6 +178,8 @@ def format_cache_table(rows: list[dict]) -> str:
     """`cache_size_table` rows as a markdown table."""
     lines = ["| scheme | formula | KV heads | elements | bytes | GiB | vs MHA |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['scheme']} | {r['formula']} | {r['kv_heads_total']} | {r['elements']:,} | "
-                     f"{r['bytes']:,} | {r['gib']:.3f} | {r['ratio_to_mha']:.4f} |")
+        lines.append(
+            f"| {r['scheme']} | {r['formula']} | {r['kv_heads_total']} | {r['elements']:,} | "
+            f"{r['bytes']:,} | {r['gib']:.3f} | {r['ratio_to_mha']:.4f} |"
+        )
     return "\n".join(lines)

@@ -13,6 +13,7 @@ of the same sum of token losses:
              the head's weight only inside the head's own forward, and for tensor parallelism,
              whose vocabulary-parallel cross-entropy works on each rank's logit columns)
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,9 +50,17 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets):
         from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
+
         loss, *_, grad_hidden, grad_weight, _ = fused_linear_cross_entropy_forward(
-            hidden, weight, targets, ignore_index=-100, reduction="sum", compute_gradients=ctx.needs_input_grad[0],
-            weight_requires_grad=ctx.needs_input_grad[1], chunk_mem_const=FUSED_CHUNK_MEM)
+            hidden,
+            weight,
+            targets,
+            ignore_index=-100,
+            reduction="sum",
+            compute_gradients=ctx.needs_input_grad[0],
+            weight_requires_grad=ctx.needs_input_grad[1],
+            chunk_mem_const=FUSED_CHUNK_MEM,
+        )
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss.float()
 
@@ -66,13 +75,14 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=-100, reduction="sum")
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_tokens: int = 4096) -> torch.Tensor:
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 4096
+) -> torch.Tensor:
     """sum over tokens of CE(hidden @ weightᵀ, targets): hidden (n, d), weight (V, d), targets (n,)
     with -100 ignored. Logits exist for one chunk at a time, in forward and in backward."""
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
-        h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
         total = total + checkpoint(_chunk_loss, h, weight, t, use_reentrant=False)
     return total
 

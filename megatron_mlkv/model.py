@@ -10,6 +10,7 @@ that shards the projections simply gives each rank fewer local heads.
 This file is copied next to exported checkpoints (transformers remote code): torch, the standard
 library and relative imports only.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,8 +38,9 @@ def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, base: float, dty
     Recomputed per call rather than kept as a buffer, so casting the model to bf16 cannot round the
     frequencies.
     """
-    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32,
-                                            device=position_ids.device) / rotary_dim))
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=position_ids.device) / rotary_dim)
+    )
     freqs = position_ids[..., None].float() * inv_freq  # (b, s, rotary_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -48,7 +50,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate the first cos.size(-1) dims of x (b, heads, s, d_k); the rest pass through."""
     rot = cos.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
+    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2 :]
     rotated = torch.cat((-x2, x1), dim=-1)
     return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
 
@@ -102,8 +104,9 @@ class Attention(nn.Module):
                 k, v = cache.update(k, v, self.cache_slot)
         else:
             k, v = shared_kv
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                             enable_gqa=q.shape[1] != k.shape[1])
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1]
+        )
         b, _, s, _ = out.shape
         return self.dense(out.transpose(1, 2).reshape(b, s, -1)), (k, v)
 
@@ -166,8 +169,13 @@ class MLKVTransformer(nn.Module):
         self.gradient_checkpointing = False
         self.apply(functools.partial(init_weights, std=config.initializer_range))
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                      attention_mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+    ) -> torch.Tensor:
         """input_ids (b, s) -> final hidden states (b, s, d).
 
         `cache` is any object with `update(k, v, slot) -> (k_all, v_all)` and `get_seq_length()`

@@ -3,6 +3,7 @@
 `save_pretrained` copies this file and its relative imports into the folder and writes `auto_map`,
 so `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` works without this package.
 """
+
 import torch
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -44,8 +45,18 @@ class MLKVForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.model.embed_out = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                labels=None, use_cache=None, logits_to_keep=0, inputs_embeds=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        inputs_embeds=None,
+        **kwargs,
+    ):
         """input_ids (b, s) -> logits (b, s, vocab), the loss when `labels` is given, and the cache.
 
         The cache comes in as `past_key_values` or, from transformers 5.24's `generate`, as `cache`;
@@ -67,16 +78,20 @@ class MLKVForCausalLM(PreTrainedModel, GenerationMixin):
         if inputs_embeds is not None:
             raise ValueError("MLKVForCausalLM.forward takes input_ids, not inputs_embeds")
         if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(f"MLKVForCausalLM.forward: attention_mask must be (batch, seq) with 1 for real tokens, "
-                             f"got shape {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"MLKVForCausalLM.forward: attention_mask must be (batch, seq) with 1 for real tokens, "
+                f"got shape {tuple(attention_mask.shape)}"
+            )
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache()
         if cache_position is not None:
             past = cache.get_seq_length() if use_cache else 0
             if cache_position.numel() != input_ids.shape[1] or int(cache_position[0]) != past:
-                raise ValueError(f"MLKVForCausalLM.forward: cache_position must continue the cache "
-                                 f"({past}, {past + 1}, ...), got {cache_position.tolist()}")
+                raise ValueError(
+                    f"MLKVForCausalLM.forward: cache_position must continue the cache "
+                    f"({past}, {past + 1}, ...), got {cache_position.tolist()}"
+                )
         hidden = self.model.hidden_states(input_ids, position_ids, attention_mask, cache=cache if use_cache else None)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]

@@ -13,6 +13,7 @@ overlaps the next layer's backward. The state dict keeps the original names, so 
 packed and unpacked models alike, and so do the names DeepSpeed records for its flat fp32 weights
 (`unpacked_checkpoint`), so its `zero_to_fp32.py` writes the model's own parameters.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -116,25 +117,29 @@ def unpacked_checkpoint(engine):
     if not where or not hasattr(optimizer, "round_robin_bit16_groups"):  # ZeRO-3 and TP do not pack
         yield
         return
-    counts = [[len(where.get(engine.param_names[p], [None])) for p in group]
-              for group in optimizer.round_robin_bit16_groups]
+    counts = [
+        [len(where.get(engine.param_names[p], [None])) for p in group] for group in optimizer.round_robin_bit16_groups
+    ]
     shapes, state_dict, load_state_dict = engine._get_zero_param_shapes, optimizer.state_dict, optimizer.load_state_dict
 
     def unpacked_shapes():
-        return [OrderedDict(piece for name, shape in group.items() for piece in where.get(name, [(name, shape)]))
-                for group in shapes()]
+        return [
+            OrderedDict(piece for name, shape in group.items() for piece in where.get(name, [(name, shape)]))
+            for group in shapes()
+        ]
 
     def unpacked_state_dict():
         sd = state_dict()
         if PADDINGS in sd:
-            sd[PADDINGS] = [[q for n, pad in zip(ns, pads) for q in [0] * (n - 1) + [pad]]
-                            for ns, pads in zip(counts, sd[PADDINGS])]
+            sd[PADDINGS] = [
+                [q for n, pad in zip(ns, pads) for q in [0] * (n - 1) + [pad]] for ns, pads in zip(counts, sd[PADDINGS])
+            ]
         return sd
 
     def packed_load_state_dict(state_dict_list, *args, **kwargs):
         for sd in state_dict_list:
             if sd is not None and PADDINGS in sd and [len(g) for g in sd[PADDINGS]] == [sum(ns) for ns in counts]:
-                ends = [[sum(ns[:i + 1]) - 1 for i in range(len(ns))] for ns in counts]
+                ends = [[sum(ns[: i + 1]) - 1 for i in range(len(ns))] for ns in counts]
                 sd[PADDINGS] = [[pads[e] for e in es] for es, pads in zip(ends, sd[PADDINGS])]
         return load_state_dict(state_dict_list, *args, **kwargs)
 

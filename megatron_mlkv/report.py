@@ -5,14 +5,15 @@ Each source is an evaluation JSON (`launch/evaluate.py --out`) or a run folder, 
 their average. A row is on the Pareto front when no other row has at most its KV bytes and at least
 its average accuracy (one of the two strictly).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .evaluate import atomic_output, write_json_atomic
 
@@ -31,8 +32,10 @@ def latest_eval(run_dir: str | os.PathLike) -> Path:
         if match:
             steps[int(match.group(1))] = f
     if not steps:
-        raise ReportError(f"{run_dir} has no eval/step_N.json; run uptraining with --eval-tasks, "
-                          f"or pass an evaluation JSON from launch/evaluate.py")
+        raise ReportError(
+            f"{run_dir} has no eval/step_N.json; run uptraining with --eval-tasks, "
+            f"or pass an evaluation JSON from launch/evaluate.py"
+        )
     return steps[max(steps)]
 
 
@@ -65,12 +68,22 @@ def report_rows(sources: Sequence[str | os.PathLike], metric: str = METRIC) -> t
     for (label, r), source in zip(loaded, sources):
         scores = {t: _metric(r["results"].get(t, {}), metric) for t in tasks}
         known = [v for v in scores.values() if v is not None]
-        rows.append({"label": label, "source": str(source), "model": r.get("model"), "step": r.get("step"),
-                     "layout": r["layout"]["name"], "kv_layers": r["layout"]["kv_layers"],
-                     "num_kv_heads": r["layout"]["num_kv_heads"], "kv_heads": r["layout"]["kv_heads_total"],
-                     "kv_bytes_per_token": r["kv_bytes_per_token"], "kv_dtype": r.get("kv_dtype", "fp16"),
-                     "scores": scores,
-                     "average": sum(known) / len(known) if known and len(known) == len(tasks) else None})
+        rows.append(
+            {
+                "label": label,
+                "source": str(source),
+                "model": r.get("model"),
+                "step": r.get("step"),
+                "layout": r["layout"]["name"],
+                "kv_layers": r["layout"]["kv_layers"],
+                "num_kv_heads": r["layout"]["num_kv_heads"],
+                "kv_heads": r["layout"]["kv_heads_total"],
+                "kv_bytes_per_token": r["kv_bytes_per_token"],
+                "kv_dtype": r.get("kv_dtype", "fp16"),
+                "scores": scores,
+                "average": sum(known) / len(known) if known and len(known) == len(tasks) else None,
+            }
+        )
     rows.sort(key=lambda row: (-row["kv_heads"], -row["kv_layers"]))  # the paper's order
     for row, on_front in zip(rows, pareto_front([(r["kv_bytes_per_token"], r["average"]) for r in rows])):
         row["pareto"] = on_front
@@ -80,6 +93,7 @@ def report_rows(sources: Sequence[str | os.PathLike], metric: str = METRIC) -> t
 def pareto_front(points: Sequence[tuple[float, float | None]]) -> list[bool]:
     """For (memory, accuracy) points: True where no other point has memory <= and accuracy >=, one
     of them strictly (less memory, higher accuracy is better). Points without accuracy are never on it."""
+
     def dominates(q, p):
         return q[0] <= p[0] and q[1] >= p[1] and (q[0] < p[0] or q[1] > p[1])
 
@@ -93,11 +107,20 @@ def format_table(tasks: Sequence[str], rows: Sequence[dict], metric: str = METRI
     head = ["model", "layout", "KV heads", f"KV bytes/token ({dtype})", *tasks, "avg", "Pareto"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["label"], r["layout"], str(r["kv_heads"]), f"{r['kv_bytes_per_token']:,}",
-                 *(_fmt(r["scores"][t]) for t in tasks), _fmt(r["average"]), "*" if r["pareto"] else ""]
+        cells = [
+            r["label"],
+            r["layout"],
+            str(r["kv_heads"]),
+            f"{r['kv_bytes_per_token']:,}",
+            *(_fmt(r["scores"][t]) for t in tasks),
+            _fmt(r["average"]),
+            "*" if r["pareto"] else "",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\n{metric} per task; avg over the {len(tasks)} tasks; * on the Pareto front " \
-                              f"(no other row has as little KV memory and as high an avg, one of them strictly better)."
+    return (
+        "\n".join(lines) + f"\n\n{metric} per task; avg over the {len(tasks)} tasks; * on the Pareto front "
+        f"(no other row has as little KV memory and as high an avg, one of them strictly better)."
+    )
 
 
 def point_labels(rows: Sequence[dict]) -> list[str]:
@@ -112,6 +135,7 @@ def point_labels(rows: Sequence[dict]) -> list[str]:
 def plot_accuracy_vs_kv(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     """PNG of average accuracy against KV bytes per token (log scale), the Pareto front marked."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
@@ -119,15 +143,30 @@ def plot_accuracy_vs_kv(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     pts = [r for r in rows if r["average"] is not None]
     front = sorted((r for r in pts if r["pareto"]), key=lambda r: r["kv_bytes_per_token"])
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    ax.scatter([r["kv_bytes_per_token"] for r in pts], [r["average"] for r in pts], color="tab:gray",
-               label="layouts", zorder=2)
-    ax.step([r["kv_bytes_per_token"] for r in front], [r["average"] for r in front], where="post",
-            color="tab:red", linestyle="--", zorder=1)
-    ax.scatter([r["kv_bytes_per_token"] for r in front], [r["average"] for r in front], color="tab:red",
-               marker="*", s=140, label="Pareto front", zorder=3)
+    ax.scatter(
+        [r["kv_bytes_per_token"] for r in pts], [r["average"] for r in pts], color="tab:gray", label="layouts", zorder=2
+    )
+    ax.step(
+        [r["kv_bytes_per_token"] for r in front],
+        [r["average"] for r in front],
+        where="post",
+        color="tab:red",
+        linestyle="--",
+        zorder=1,
+    )
+    ax.scatter(
+        [r["kv_bytes_per_token"] for r in front],
+        [r["average"] for r in front],
+        color="tab:red",
+        marker="*",
+        s=140,
+        label="Pareto front",
+        zorder=3,
+    )
     for r, name in zip(pts, point_labels(pts)):
-        ax.annotate(name, (r["kv_bytes_per_token"], r["average"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
+        ax.annotate(
+            name, (r["kv_bytes_per_token"], r["average"]), textcoords="offset points", xytext=(4, 4), fontsize=8
+        )
     if pts and max(r["kv_bytes_per_token"] for r in pts) > 4 * min(r["kv_bytes_per_token"] for r in pts):
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))

@@ -5,6 +5,7 @@ task for lm-eval built from its held-out packages, the pre-training of the multi
 the part of a Pythia checkpoint, which comes from elsewhere), and the study's table and loss plot.
 Conversion, uptraining, evaluation and the Pareto report are the user commands themselves.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,6 +44,7 @@ metric_list:
 # Corpus
 # --------------------------------------------------------------------------------------------------
 
+
 def source_roots() -> list[Path]:
     """The folders of installed Python code: the standard library and every site-packages on the path."""
     paths = sysconfig.get_paths()
@@ -61,8 +63,15 @@ def _package(root: Path, path: Path) -> str:
     return f"{root.name}/{path.relative_to(root).parts[0].removesuffix('.py')}"
 
 
-def build_corpus(out_dir: str | Path, roots: list[Path] | None = None, valid_share: float = 0.05,
-                 max_mb: float | None = None, min_bytes: int = 200, max_bytes: int = 1 << 20, seed: int = 0) -> dict:
+def build_corpus(
+    out_dir: str | Path,
+    roots: list[Path] | None = None,
+    valid_share: float = 0.05,
+    max_mb: float | None = None,
+    min_bytes: int = 200,
+    max_bytes: int = 1 << 20,
+    seed: int = 0,
+) -> dict:
     """Write `train.jsonl` and `valid.jsonl` ({"text", "package", "path"} per source file) and `corpus.json`.
 
     Files are deduplicated by content (XXH3); files under `min_bytes` or over `max_bytes` (generated
@@ -116,10 +125,14 @@ def build_corpus(out_dir: str | Path, roots: list[Path] | None = None, valid_sha
             for doc in docs:
                 f.write(json.dumps(doc) + "\n")
         tmp.replace(out / f"{name}.jsonl")
-    stats = {"roots": [str(r) for r in roots], "distinct_files": len(seen),
-             "packages": {k: len({d["package"] for d in v}) for k, v in splits.items()},
-             "characters": {k: sum(len(d["text"]) for d in v) for k, v in splits.items()},
-             "documents": {k: len(v) for k, v in splits.items()}, "valid_packages": sorted(valid)}
+    stats = {
+        "roots": [str(r) for r in roots],
+        "distinct_files": len(seen),
+        "packages": {k: len({d["package"] for d in v}) for k, v in splits.items()},
+        "characters": {k: sum(len(d["text"]) for d in v) for k, v in splits.items()},
+        "documents": {k: len(v) for k, v in splits.items()},
+        "valid_packages": sorted(valid),
+    }
     (out / "corpus.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 
@@ -127,6 +140,7 @@ def build_corpus(out_dir: str | Path, roots: list[Path] | None = None, valid_sha
 # --------------------------------------------------------------------------------------------------
 # The next-line task
 # --------------------------------------------------------------------------------------------------
+
 
 def _candidate(line: str) -> bool:
     s = line.strip()
@@ -140,8 +154,12 @@ def next_line_docs(valid_jsonl: str | Path, n: int = 1000, context_lines: int = 
     files = [json.loads(line) for line in open(valid_jsonl)]
     lines = [f["text"].splitlines() for f in files]
     pool = [(i, ln) for i, ls in enumerate(lines) for ln in ls if _candidate(ln)]
-    places = [(i, at) for i, ls in enumerate(lines) for at in range(context_lines, len(ls))
-              if _candidate(ls[at]) and ls[at] not in ls[at - context_lines:at]]
+    places = [
+        (i, at)
+        for i, ls in enumerate(lines)
+        for at in range(context_lines, len(ls))
+        if _candidate(ls[at]) and ls[at] not in ls[at - context_lines : at]
+    ]
     if len({j for j, _ in pool}) < 2:
         raise ValueError(f"{valid_jsonl}: the wrong choices come from other files; it has lines of one file only")
     if len(places) < n:
@@ -157,8 +175,13 @@ def next_line_docs(valid_jsonl: str | Path, n: int = 1000, context_lines: int = 
                 others.add(line)
         choices = [target, *sorted(others)]
         rng.shuffle(choices)
-        docs.append({"context": "\n".join(lines[i][at - context_lines:at]) + "\n", "choices": choices,
-                     "label": choices.index(target)})
+        docs.append(
+            {
+                "context": "\n".join(lines[i][at - context_lines : at]) + "\n",
+                "choices": choices,
+                "label": choices.index(target),
+            }
+        )
     return docs
 
 
@@ -176,9 +199,22 @@ def write_next_line_task(valid_jsonl: str | Path, out_dir: str | Path, n: int = 
 # Pre-training the base
 # --------------------------------------------------------------------------------------------------
 
-def pretrain_base(data_prefix: str, tokenizer_dir: str | Path, out_dir: str | Path, tokens: int,
-                  hidden: int, layers: int, heads: int, batch_rows: int, lr: float = 1e-3, warmup_steps: int = 200,
-                  minutes: float | None = None, seed: int = 0, log_every: int = 20) -> dict:
+
+def pretrain_base(
+    data_prefix: str,
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    tokens: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    batch_rows: int,
+    lr: float = 1e-3,
+    warmup_steps: int = 200,
+    minutes: float | None = None,
+    seed: int = 0,
+    log_every: int = 20,
+) -> dict:
     """Pre-train a transformers `GPTNeoXForCausalLM` (Pythia's architecture) from scratch on `tokens`
     tokens of the packed data (fewer if `minutes` runs out first: the step count is fixed after
     timing steps 10-30, inside the warm-up): AdamW (0.9, 0.95), weight decay 0.01, clipping
@@ -193,24 +229,40 @@ def pretrain_base(data_prefix: str, tokenizer_dir: str | Path, out_dir: str | Pa
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ds, tok = PackedDataset(data_prefix), AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = GPTNeoXConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
-                           num_attention_heads=heads, intermediate_size=4 * hidden,
-                           max_position_embeddings=ds.seq_len, rotary_pct=0.25, use_parallel_residual=True,
-                           bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
-                           attn_implementation="sdpa")
+    config = GPTNeoXConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=ds.seq_len,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
     model = GPTNeoXForCausalLM(config).to(device)
     tokens_per_step = batch_rows * ds.seq_len
     warmup_steps = min(warmup_steps, max(40, tokens // tokens_per_step // 10))
     plan = {"steps": max(warmup_steps + 1, tokens // tokens_per_step)}
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        fused=device.type == "cuda",
+    )
 
     def factor(s):
         if s < warmup_steps:
             return (s + 1) / warmup_steps
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup_steps) / max(1, plan["steps"] - warmup_steps))))
+        return 0.1 + 0.9 * 0.5 * (
+            1 + math.cos(math.pi * min(1.0, (s - warmup_steps) / max(1, plan["steps"] - warmup_steps)))
+        )
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     order = np.random.default_rng(seed).permutation(len(ds))
@@ -249,11 +301,22 @@ def pretrain_base(data_prefix: str, tokenizer_dir: str | Path, out_dir: str | Pa
     log.close()
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    summary = {"steps": step, "tokens": step * tokens_per_step, "seconds": seconds,
-               "tokens_per_s": step * tokens_per_step / seconds, "last_loss": loss_value,
-               "parameters": sum(p.numel() for p in model.parameters()), "hidden": hidden, "layers": layers,
-               "heads": heads, "seq_len": ds.seq_len, "batch_rows": batch_rows, "lr": lr,
-               "train_rows": len(ds), "epochs": step * batch_rows / len(ds)}
+    summary = {
+        "steps": step,
+        "tokens": step * tokens_per_step,
+        "seconds": seconds,
+        "tokens_per_s": step * tokens_per_step / seconds,
+        "last_loss": loss_value,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "hidden": hidden,
+        "layers": layers,
+        "heads": heads,
+        "seq_len": ds.seq_len,
+        "batch_rows": batch_rows,
+        "lr": lr,
+        "train_rows": len(ds),
+        "epochs": step * batch_rows / len(ds),
+    }
     (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -283,8 +346,9 @@ def validation_loss(model_dir: str | Path, data_prefix: str, rows: int = VALID_R
         for start in range(0, n, batch_rows):
             b = collate(ds, np.arange(start, min(n, start + batch_rows)), device)
             logits, labels = logits_of(b["input_ids"])[:, :-1], b["labels"][:, 1:]
-            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                                       ignore_index=-100, reduction="sum").item()
+            total += torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
+            ).item()
             count += int((labels != -100).sum())
     return total / count
 
@@ -292,6 +356,7 @@ def validation_loss(model_dir: str | Path, data_prefix: str, rows: int = VALID_R
 # --------------------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------------------
+
 
 def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
@@ -313,16 +378,26 @@ def summarize(out_dir: str | Path, task: str = "next_line") -> dict:
         export = run / "hf" / f"step_{steps}"
         evaluation = json.loads((run / "eval" / f"step_{steps}.json").read_text())["results"].get(task, {})
         train = [r for r in _records(run / "metrics.jsonl") if "loss" in r]
-        rows.append({
-            "run": run.name, "layout": report["layout"], "kv_heads": report["kv_heads"]["after"],
-            "parameters": report["parameters"]["after"],
-            "kv_bytes_per_token_fp16": report["kv_bytes_per_token"]["float16"]["after"],
-            "init": report.get("init", "converted"), "merge": report["merge"], "mlp_init": report["mlp_init"],
-            "loss_converted": validation_loss(init, valid), "loss_uptrained": validation_loss(export, valid),
-            "acc": evaluation.get("acc,none"), "acc_norm": evaluation.get("acc_norm,none"),
-            "uptrain_steps": steps, "uptrain_tokens": steps * config["global_batch"] * config["seq_len"],
-            "tokens_per_s": float(np.median([r["tokens_per_s"] for r in train[1:]] or [float("nan")])),
-            "train_loss": [(r["step"], r["loss"]) for r in train]})
+        rows.append(
+            {
+                "run": run.name,
+                "layout": report["layout"],
+                "kv_heads": report["kv_heads"]["after"],
+                "parameters": report["parameters"]["after"],
+                "kv_bytes_per_token_fp16": report["kv_bytes_per_token"]["float16"]["after"],
+                "init": report.get("init", "converted"),
+                "merge": report["merge"],
+                "mlp_init": report["mlp_init"],
+                "loss_converted": validation_loss(init, valid),
+                "loss_uptrained": validation_loss(export, valid),
+                "acc": evaluation.get("acc,none"),
+                "acc_norm": evaluation.get("acc_norm,none"),
+                "uptrain_steps": steps,
+                "uptrain_tokens": steps * config["global_batch"] * config["seq_len"],
+                "tokens_per_s": float(np.median([r["tokens_per_s"] for r in train[1:]] or [float("nan")])),
+                "train_loss": [(r["step"], r["loss"]) for r in train],
+            }
+        )
     times = json.loads((out / "times.json").read_text()) if (out / "times.json").is_file() else {}
     results = {"base": base, "runs": rows, "stage_seconds": times}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -333,17 +408,23 @@ def summarize(out_dir: str | Path, task: str = "next_line") -> dict:
 
 def format_results(results: dict) -> str:
     base = results["base"]
-    lines = [f"Base: GPT-NeoX MHA, {base['layers']} layers, {base['heads']} heads, width {base['hidden']}, "
-             f"{base['parameters']:,} parameters, pre-trained on {base['tokens']:,} tokens "
-             f"({base['tokens_per_s']:,.0f} tokens/s); validation loss {base['valid_loss']:.4f}.", "",
-             "| run | layout | KV heads | parameters | KV bytes/token (fp16) | loss after conversion | "
-             "loss after uptraining | next-line acc | acc_norm |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Base: GPT-NeoX MHA, {base['layers']} layers, {base['heads']} heads, width {base['hidden']}, "
+        f"{base['parameters']:,} parameters, pre-trained on {base['tokens']:,} tokens "
+        f"({base['tokens_per_s']:,.0f} tokens/s); validation loss {base['valid_loss']:.4f}.",
+        "",
+        "| run | layout | KV heads | parameters | KV bytes/token (fp16) | loss after conversion | "
+        "loss after uptraining | next-line acc | acc_norm |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["runs"]:
         acc = "" if r["acc"] is None else f"{r['acc']:.3f}"
         acc_norm = "" if r["acc_norm"] is None else f"{r['acc_norm']:.3f}"
-        lines.append(f"| {r['run']} | {r['layout']} | {r['kv_heads']} | {r['parameters']:,} | "
-                     f"{r['kv_bytes_per_token_fp16']:,} | {r['loss_converted']:.4f} | {r['loss_uptrained']:.4f} | "
-                     f"{acc} | {acc_norm} |")
+        lines.append(
+            f"| {r['run']} | {r['layout']} | {r['kv_heads']} | {r['parameters']:,} | "
+            f"{r['kv_bytes_per_token_fp16']:,} | {r['loss_converted']:.4f} | {r['loss_uptrained']:.4f} | "
+            f"{acc} | {acc_norm} |"
+        )
     if results["stage_seconds"]:
         lines += ["", "| stage | wall time (s) |", "|---|---|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in results["stage_seconds"].items()]
@@ -353,6 +434,7 @@ def format_results(results: dict) -> str:
 def plot_curves(out: Path, results: dict) -> Path:
     """Training loss against step for every uptraining run (one panel), and the base's pre-training."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -365,8 +447,13 @@ def plot_curves(out: Path, results: dict) -> Path:
     for r, color in zip(runs, colors):
         steps, losses = zip(*r["train_loss"]) if r["train_loss"] else ((), ())
         ablation = r["init"] != "converted" or r["merge"] != "mean" or r["mlp_init"] != "zero"
-        ax_up.plot(steps, losses, color=color, label=f"{r['run']} ({r['kv_heads']} KV heads)",
-                   linestyle="--" if ablation else "-")
+        ax_up.plot(
+            steps,
+            losses,
+            color=color,
+            label=f"{r['run']} ({r['kv_heads']} KV heads)",
+            linestyle="--" if ablation else "-",
+        )
     ax_up.set(xlabel="step", ylabel="training loss", title="uptraining (5% of the base's tokens)")
     ax_up.legend(fontsize=8)
     path = out / "loss_curves.png"

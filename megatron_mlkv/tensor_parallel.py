@@ -51,6 +51,7 @@ rule for plain PyTorch loops and logging.
 Collectives take their process group explicitly; group None means "no parallelism" (size 1, no
 communication), so the same code runs on one process without `torch.distributed`.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -77,6 +78,7 @@ class TensorParallelError(ValueError):
 # Process-group helpers
 # --------------------------------------------------------------------------------------------------
 
+
 def group_size(group) -> int:
     """World size of `group`; 1 for None (no parallelism)."""
     return 1 if group is None else dist.get_world_size(group)
@@ -90,6 +92,7 @@ def group_rank(group) -> int:
 # --------------------------------------------------------------------------------------------------
 # The four region functions (megatron-core mappings), each with its group passed explicitly
 # --------------------------------------------------------------------------------------------------
+
 
 class _CopyToRegion(torch.autograd.Function):
     """Forward identity, backward all-reduce (sum) of the gradient over `group`."""
@@ -183,6 +186,7 @@ def gather_from_region(x: torch.Tensor, group) -> torch.Tensor:
 # Validation and sizes
 # --------------------------------------------------------------------------------------------------
 
+
 def validate_tp(num_heads: int, num_kv_heads: int, tp: int) -> str:
     """How T ranks split h query heads and g KV heads: 'shard' (g % T == 0) or 'replicate' (T % g == 0).
 
@@ -199,10 +203,13 @@ def validate_tp(num_heads: int, num_kv_heads: int, tp: int) -> str:
     if h % t:
         why = f"h = {h} query heads are not divisible by T = {t}"
     else:
-        why = (f"g = {g} KV heads is neither a multiple of T = {t} (shard KV heads) nor a divisor of it "
-               f"(replicate each KV head on T/g ranks)")
-    raise TensorParallelError(f"tensor parallelism T = {t} is invalid for h = {h}, g = {g}: {why}; "
-                              f"valid T for (h = {h}, g = {g}): {valid}")
+        why = (
+            f"g = {g} KV heads is neither a multiple of T = {t} (shard KV heads) nor a divisor of it "
+            f"(replicate each KV head on T/g ranks)"
+        )
+    raise TensorParallelError(
+        f"tensor parallelism T = {t} is invalid for h = {h}, g = {g}: {why}; valid T for (h = {h}, g = {g}): {valid}"
+    )
 
 
 def valid_tp_sizes(num_heads: int, num_kv_heads: int, max_tp: int | None = None) -> list[int]:
@@ -246,6 +253,7 @@ def kv_heads_of_rank(num_heads: int, num_kv_heads: int, tp: int, rank: int) -> l
 # Parameter tags read by DeepSpeed's gradient norm
 # --------------------------------------------------------------------------------------------------
 
+
 def _tag(param: nn.Parameter, counted: bool, partition_dim: int) -> None:
     """Megatron/DeepSpeed attributes: `tensor_model_parallel`/`model_parallel` make every TP rank
     count this tensor in the global gradient norm (summed over the TP group)."""
@@ -268,6 +276,7 @@ def counts_in_grad_norm(param: torch.Tensor, tp_rank: int) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Sharding of one tensor (shared by the modules, `shard_state_dict` and the export merge)
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ShardSpec:
@@ -317,6 +326,7 @@ def _spec(full_size: int, dim: int, num_shards: int, padded: bool = False) -> Sh
 # Parallel modules, each built FROM an existing full module by slicing its weights
 # --------------------------------------------------------------------------------------------------
 
+
 class ColumnParallelLinear(nn.Module):
     """y_local = x W_localᵀ + b_local: the output features of a full `nn.Linear(in, out)` cut into
     `num_shards` row blocks (after zero-padding `out` to `padded_out` if `pad`).
@@ -333,9 +343,21 @@ class ColumnParallelLinear(nn.Module):
     turns it off when a `TPRegionLayerNorm` already did it for all the linears reading that input.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, group=None, *,
-                 num_shards: int | None = None, replica_group=None, pad: bool = False,
-                 copy_input: bool = True, gather_output: bool = False, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group=None,
+        *,
+        num_shards: int | None = None,
+        replica_group=None,
+        pad: bool = False,
+        copy_input: bool = True,
+        gather_output: bool = False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         tp, rank = group_size(group), group_rank(group)
         num_shards = tp if num_shards is None else num_shards
@@ -343,12 +365,15 @@ class ColumnParallelLinear(nn.Module):
             raise TensorParallelError(f"num_shards = {num_shards} must divide the TP size T = {tp}")
         if num_shards < tp and replica_group is None:
             if num_shards != 1:
-                raise TensorParallelError(f"num_shards = {num_shards} < T = {tp} needs the replica_group of "
-                                          f"the {tp // num_shards} ranks sharing a piece")
+                raise TensorParallelError(
+                    f"num_shards = {num_shards} < T = {tp} needs the replica_group of "
+                    f"the {tp // num_shards} ranks sharing a piece"
+                )
             replica_group = group
         if num_shards < tp and group_size(replica_group) != tp // num_shards:
-            raise TensorParallelError(f"replica_group has {group_size(replica_group)} ranks, expected "
-                                      f"T / num_shards = {tp // num_shards}")
+            raise TensorParallelError(
+                f"replica_group has {group_size(replica_group)} ranks, expected T / num_shards = {tp // num_shards}"
+            )
         if gather_output and num_shards != tp:
             raise TensorParallelError("gather_output needs num_shards == T")
         self.spec = _spec(out_features, 0, num_shards, padded=pad)
@@ -369,11 +394,18 @@ class ColumnParallelLinear(nn.Module):
                 _tag(p, counted, 0)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group=None, **kwargs) -> "ColumnParallelLinear":
+    def from_linear(cls, linear: nn.Linear, group=None, **kwargs) -> ColumnParallelLinear:
         """This rank's block of `linear` (weights copied, same dtype/device and requires_grad)."""
         w = linear.weight
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, group,
-                     device=w.device, dtype=w.dtype, **kwargs)
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            group,
+            device=w.device,
+            dtype=w.dtype,
+            **kwargs,
+        )
         tp, rank = group_size(group), group_rank(group)
         with torch.no_grad():
             module.weight.copy_(module.spec.local(w, rank, tp))
@@ -400,10 +432,12 @@ class ColumnParallelLinear(nn.Module):
 
     def extra_repr(self) -> str:
         rep = "" if self.replica_group is None else f", replicated on {group_size(self.replica_group)} ranks"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"local=[{self.out_start}:{self.out_start + self.local_out_features}] of "
-                f"{self.padded_out_features}, shard {self.shard_index}/{self.num_shards}{rep}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"local=[{self.out_start}:{self.out_start + self.local_out_features}] of "
+            f"{self.padded_out_features}, shard {self.shard_index}/{self.num_shards}{rep}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 class RowParallelLinear(nn.Module):
@@ -414,8 +448,18 @@ class RowParallelLinear(nn.Module):
     The bias is replicated and added once, after the all-reduce.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, group=None, *,
-                 input_is_parallel: bool = True, pad: bool = False, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group=None,
+        *,
+        input_is_parallel: bool = True,
+        pad: bool = False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         tp = group_size(group)
         self.spec = _spec(in_features, 1, tp, padded=pad)
@@ -428,10 +472,17 @@ class RowParallelLinear(nn.Module):
         _tag(self.weight, True, 1)  # the bias stays untagged: replicated, counted on TP rank 0
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group=None, **kwargs) -> "RowParallelLinear":
+    def from_linear(cls, linear: nn.Linear, group=None, **kwargs) -> RowParallelLinear:
         w = linear.weight
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, group,
-                     device=w.device, dtype=w.dtype, **kwargs)
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            group,
+            device=w.device,
+            dtype=w.dtype,
+            **kwargs,
+        )
         with torch.no_grad():
             module.weight.copy_(module.spec.local(w, group_rank(group), group_size(group)))
             if linear.bias is not None:
@@ -448,9 +499,10 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        tp = group_size(self.group)
-        return (f"in_features={self.in_features} (local {self.local_in_features}), "
-                f"out_features={self.out_features}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features} (local {self.local_in_features}), "
+            f"out_features={self.out_features}, bias={self.bias is not None}"
+        )
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -474,7 +526,7 @@ class VocabParallelEmbedding(nn.Module):
         _tag(self.weight, True, 0)
 
     @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, group=None) -> "VocabParallelEmbedding":
+    def from_embedding(cls, embedding: nn.Embedding, group=None) -> VocabParallelEmbedding:
         w = embedding.weight
         module = cls(embedding.num_embeddings, embedding.embedding_dim, group, device=w.device, dtype=w.dtype)
         with torch.no_grad():
@@ -491,8 +543,10 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_region(out, self.group)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_embeddings} (padded {self.padded_num_embeddings}), {self.embedding_dim}, "
-                f"local=[{self.vocab_start}:{self.vocab_end}]")
+        return (
+            f"{self.num_embeddings} (padded {self.padded_num_embeddings}), {self.embedding_dim}, "
+            f"local=[{self.vocab_start}:{self.vocab_end}]"
+        )
 
 
 class TPRegionLayerNorm(nn.LayerNorm):
@@ -506,9 +560,14 @@ class TPRegionLayerNorm(nn.LayerNorm):
     group = None
 
     @classmethod
-    def from_layer_norm(cls, ln: nn.LayerNorm, group) -> "TPRegionLayerNorm":
-        module = cls(ln.normalized_shape, eps=ln.eps, elementwise_affine=ln.elementwise_affine,
-                     bias=ln.bias is not None, device="meta")
+    def from_layer_norm(cls, ln: nn.LayerNorm, group) -> TPRegionLayerNorm:
+        module = cls(
+            ln.normalized_shape,
+            eps=ln.eps,
+            elementwise_affine=ln.elementwise_affine,
+            bias=ln.bias is not None,
+            device="meta",
+        )
         module.weight, module.bias = ln.weight, ln.bias
         module.group = group
         return module
@@ -520,6 +579,7 @@ class TPRegionLayerNorm(nn.LayerNorm):
 # --------------------------------------------------------------------------------------------------
 # Vocabulary-parallel cross-entropy
 # --------------------------------------------------------------------------------------------------
+
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-token CE from vocabulary-sharded logits; only (N,)-sized tensors are all-reduced."""
@@ -560,9 +620,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None, None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits_local: torch.Tensor, targets: torch.Tensor, group=None,
-                                 vocab_start: int = 0, vocab_size: int | None = None,
-                                 ignore_index: int = -100) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits_local: torch.Tensor,
+    targets: torch.Tensor,
+    group=None,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
     """Per-token cross-entropy without ever forming full-vocabulary logits.
 
     logits_local (..., V_local): this rank's vocabulary columns [vocab_start, vocab_start + V_local)
@@ -582,7 +647,7 @@ def vocab_parallel_cross_entropy(logits_local: torch.Tensor, targets: torch.Tens
 # module-name pattern -> style (first match wins); anything unmatched stays replicated
 MLKV_TP_PLAN: dict[str, str] = {
     "embed_in": "vocab_embedding",
-    "layers.*.input_layernorm": "enter_region",        # feeds query/key/value
+    "layers.*.input_layernorm": "enter_region",  # feeds query/key/value
     "layers.*.post_attention_layernorm": "enter_region",  # feeds mlp.dense_h_to_4h
     "layers.*.attention.query": "colwise",
     "layers.*.attention.key": "colwise_kv",
@@ -614,8 +679,9 @@ def shard_specs(config: MLKVConfig, tp: int) -> dict[str, ShardSpec]:
         module_name, _, param = key.rpartition(".")
         style = _style(module_name)
         if style in ("colwise", "colwise_kv", "colwise_padded"):
-            specs[key] = _spec(tensor.shape[0], 0, s_kv if style == "colwise_kv" else tp,
-                               padded=style == "colwise_padded")
+            specs[key] = _spec(
+                tensor.shape[0], 0, s_kv if style == "colwise_kv" else tp, padded=style == "colwise_padded"
+            )
         elif style in ("rowwise", "rowwise_padded") and param == "weight":
             specs[key] = _spec(tensor.shape[1], 1, tp, padded=style == "rowwise_padded")
         elif style in ("vocab_embedding", "vocab_head"):
@@ -688,10 +754,15 @@ class TensorParallelPlan:
 
     def describe(self) -> str:
         c, t = self.config, self.tp_size
-        kv = (f"{c.num_kv_heads // t} KV heads/rank (sharded)" if self.kv_mode == "shard" else
-              f"1 KV head/rank, each replicated on {t // c.num_kv_heads} ranks")
-        return (f"TP={t}: {c.num_heads // t} query heads/rank, {kv}, MLP {-(-c.intermediate_size // t)}/rank, "
-                f"vocabulary {self.local_vocab_size}/rank (padded {c.vocab_size} -> {self.padded_vocab_size})")
+        kv = (
+            f"{c.num_kv_heads // t} KV heads/rank (sharded)"
+            if self.kv_mode == "shard"
+            else f"1 KV head/rank, each replicated on {t // c.num_kv_heads} ranks"
+        )
+        return (
+            f"TP={t}: {c.num_heads // t} query heads/rank, {kv}, MLP {-(-c.intermediate_size // t)}/rank, "
+            f"vocabulary {self.local_vocab_size}/rank (padded {c.vocab_size} -> {self.padded_vocab_size})"
+        )
 
     def kv_heads(self, tp_rank: int | None = None) -> list[int]:
         """The KV heads a TP rank holds (default: this rank)."""
@@ -709,8 +780,9 @@ class TensorParallelPlan:
         if style in ("colwise", "colwise_padded"):  # input entered the region in the preceding LayerNorm
             return ColumnParallelLinear.from_linear(module, g, copy_input=False, pad=style == "colwise_padded")
         if style == "colwise_kv":
-            return ColumnParallelLinear.from_linear(module, g, num_shards=self.kv_shards,
-                                                    replica_group=self.replica_group, copy_input=False)
+            return ColumnParallelLinear.from_linear(
+                module, g, num_shards=self.kv_shards, replica_group=self.replica_group, copy_input=False
+            )
         if style in ("rowwise", "rowwise_padded"):
             return RowParallelLinear.from_linear(module, g, pad=style == "rowwise_padded")
         raise TensorParallelError(f"unknown tensor-parallel style '{style}'")
@@ -732,8 +804,9 @@ class TensorParallelPlan:
                 continue
             expected = {"vocab_embedding": nn.Embedding, "enter_region": nn.LayerNorm}.get(style, nn.Linear)
             if type(module) is not expected:
-                raise TensorParallelError(f"{name}: expected a plain {expected.__name__} for style '{style}', "
-                                          f"got {type(module).__name__}")
+                raise TensorParallelError(
+                    f"{name}: expected a plain {expected.__name__} for style '{style}', got {type(module).__name__}"
+                )
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, self._build(style, module))
@@ -741,8 +814,9 @@ class TensorParallelPlan:
             model.embed_out.weight = model.embed_in.weight  # same vocabulary rows, same padding
         for name, module in model.named_modules():  # a layer the plan forgot would silently be wrong
             if type(module) in (nn.Linear, nn.Embedding):
-                raise TensorParallelError(f"{name} ({type(module).__name__}) is not covered by the "
-                                          f"tensor-parallel plan MLKV_TP_PLAN")
+                raise TensorParallelError(
+                    f"{name} ({type(module).__name__}) is not covered by the tensor-parallel plan MLKV_TP_PLAN"
+                )
         model.tp_plan = self
         return model
 
@@ -750,8 +824,9 @@ class TensorParallelPlan:
 
     def token_losses(self, logits_local: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Per-token CE (float32, targets' shape) from the logits `model(...)` returned on this rank."""
-        return vocab_parallel_cross_entropy(logits_local, targets, self.group, self.vocab_start,
-                                            self.config.vocab_size, ignore_index)
+        return vocab_parallel_cross_entropy(
+            logits_local, targets, self.group, self.vocab_start, self.config.vocab_size, ignore_index
+        )
 
     def full_logits(self, logits_local: torch.Tensor) -> torch.Tensor:
         """(..., V_pad/T) -> (..., V) on every rank, for evaluation/generation (differentiable)."""
@@ -763,8 +838,9 @@ class TensorParallelPlan:
         return global_grad_norm(model, self.group, norm_type)
 
 
-def token_losses(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor,
-                 ignore_index: int = -100) -> torch.Tensor:
+def token_losses(
+    model: nn.Module, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
     """Per-token CE (float32, targets' shape) for the logits `model(...)` returned, parallel or not.
 
     `model` may be the `MLKVTransformer` or a DeepSpeed engine wrapping it. Vocabulary-parallel when
@@ -774,8 +850,9 @@ def token_losses(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor,
     plan = getattr(getattr(model, "module", model), "tp_plan", None)
     if plan is not None:
         return plan.token_losses(logits, targets, ignore_index)
-    losses = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index,
-                             reduction="none")
+    losses = F.cross_entropy(
+        logits.flatten(0, -2).float(), targets.flatten(), ignore_index=ignore_index, reduction="none"
+    )
     return losses.view(targets.shape)
 
 
@@ -791,6 +868,7 @@ def parallelize(model: MLKVTransformer, tp_group=None) -> MLKVTransformer:
 # --------------------------------------------------------------------------------------------------
 # State dicts: shard a TP=1 state dict, merge the shards back (export)
 # --------------------------------------------------------------------------------------------------
+
 
 def shard_state_dict(full_state_dict: dict, config: MLKVConfig, tp_rank: int, tp: int) -> dict:
     """This TP rank's state dict (loadable into the parallelized model) from a TP=1 state dict."""
@@ -845,6 +923,7 @@ def gather_full_state_dict(model: MLKVTransformer, tp_group=None, dst: int | Non
 # Gradient norm and clipping (plain PyTorch loops, logging)
 # --------------------------------------------------------------------------------------------------
 
+
 def global_grad_norm(model: nn.Module, tp_group=None, norm_type: float = 2.0) -> torch.Tensor:
     """The norm of all gradients of the TP=1 model, from a parallelized one (collective over tp_group).
 
@@ -856,8 +935,11 @@ def global_grad_norm(model: nn.Module, tp_group=None, norm_type: float = 2.0) ->
     grads = [p.grad for p in model.parameters() if p.grad is not None and counts_in_grad_norm(p, rank)]
     device = next((g.device for g in grads), next(model.parameters()).device)
     if norm_type == math.inf:
-        total = torch.stack([g.detach().abs().max().float() for g in grads]).max() if grads else \
-            torch.zeros((), device=device)
+        total = (
+            torch.stack([g.detach().abs().max().float() for g in grads]).max()
+            if grads
+            else torch.zeros((), device=device)
+        )
         if group_size(tp_group) > 1:
             dist.all_reduce(total, op=dist.ReduceOp.MAX, group=tp_group)
         return total
@@ -884,6 +966,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, tp_group=None, norm_type:
 # Process groups and the DeepSpeed model-parallel unit
 # --------------------------------------------------------------------------------------------------
 
+
 class ParallelGroups(NamedTuple):
     """TP × DP decomposition of the world; unpacks as (tp_group, dp_group, tp_rank, dp_rank)."""
 
@@ -900,7 +983,7 @@ class ParallelGroups(NamedTuple):
     def dp_size(self) -> int:
         return group_size(self.dp_group)
 
-    def mpu(self) -> "ModelParallelUnit":
+    def mpu(self) -> ModelParallelUnit:
         return ModelParallelUnit(self.tp_group, self.dp_group)
 
 
@@ -1005,18 +1088,47 @@ def check_resume_tp(load_dir: str | os.PathLike, tp: int, tag: str | None = None
     """Raise `TensorParallelError` when the checkpoint in `load_dir` was written with a T other than `tp`."""
     saved = checkpoint_tp_size(load_dir, tag)
     if saved is not None and saved != tp:
-        raise TensorParallelError(f"{load_dir} was saved with --tp {saved}; resume with --tp {saved} "
-                                  f"(not {tp}), or export it and start a new run from the export")
+        raise TensorParallelError(
+            f"{load_dir} was saved with --tp {saved}; resume with --tp {saved} "
+            f"(not {tp}), or export it and start a new run from the export"
+        )
 
 
 __all__ = [
-    "TensorParallelError", "copy_to_region", "reduce_from_region", "scatter_to_region", "gather_from_region",
-    "validate_tp", "valid_tp_sizes", "check_tp_config", "padded_vocab_size", "kv_shards",
-    "query_heads_of_rank", "kv_heads_of_rank", "is_tensor_parallel_param", "counts_in_grad_norm",
-    "ShardSpec", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "TPRegionLayerNorm",
-    "vocab_parallel_cross_entropy", "MLKV_TP_PLAN", "shard_specs", "replica_groups_ranks",
-    "TensorParallelPlan", "token_losses", "parallelize",
-    "shard_state_dict", "gather_full_tensors", "gather_full_state_dict", "global_grad_norm",
-    "clip_grad_norm_", "ParallelGroups", "init_groups", "ModelParallelUnit", "checkpoint_tp_size",
+    "TensorParallelError",
+    "copy_to_region",
+    "reduce_from_region",
+    "scatter_to_region",
+    "gather_from_region",
+    "validate_tp",
+    "valid_tp_sizes",
+    "check_tp_config",
+    "padded_vocab_size",
+    "kv_shards",
+    "query_heads_of_rank",
+    "kv_heads_of_rank",
+    "is_tensor_parallel_param",
+    "counts_in_grad_norm",
+    "ShardSpec",
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "TPRegionLayerNorm",
+    "vocab_parallel_cross_entropy",
+    "MLKV_TP_PLAN",
+    "shard_specs",
+    "replica_groups_ranks",
+    "TensorParallelPlan",
+    "token_losses",
+    "parallelize",
+    "shard_state_dict",
+    "gather_full_tensors",
+    "gather_full_state_dict",
+    "global_grad_norm",
+    "clip_grad_norm_",
+    "ParallelGroups",
+    "init_groups",
+    "ModelParallelUnit",
+    "checkpoint_tp_size",
     "check_resume_tp",
 ]

@@ -19,6 +19,7 @@ Run folder:
     RUN_DIR/hf/step_N/               transformers export of each checkpoint
     RUN_DIR/eval/step_N.json         lm-evaluation-harness results (with --eval-tasks)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,22 @@ COMPLETE = "COMPLETE"  # written last into each checkpoint folder, with the mani
 LATEST = "latest"  # the newest complete checkpoint's tag, as DeepSpeed's own tools (zero_to_fp32.py) read it
 # run_config.json keys a resumed run must share with the run it continues
 # (the data's content first: data that changed also changes the step count)
-RESUME_KEYS = ("data_fingerprint", "valid_data_fingerprint", "init", "data", "valid_data", "valid_rows", "tp",
-               "seed", "global_batch", "total_steps", "lr", "min_lr_ratio", "warmup_ratio", "weight_decay")
+RESUME_KEYS = (
+    "data_fingerprint",
+    "valid_data_fingerprint",
+    "init",
+    "data",
+    "valid_data",
+    "valid_rows",
+    "tp",
+    "seed",
+    "global_batch",
+    "total_steps",
+    "lr",
+    "min_lr_ratio",
+    "warmup_ratio",
+    "weight_decay",
+)
 
 
 class UptrainError(ValueError):
@@ -65,6 +80,7 @@ class NonFiniteLoss(RuntimeError):
 # --------------------------------------------------------------------------------------------------
 # Configuration: the DeepSpeed JSON and the schedule
 # --------------------------------------------------------------------------------------------------
+
 
 def load_ds_config(path: str, world_size: int, tp_size: int) -> dict:
     """Read and check a DeepSpeed config; fill `train_batch_size` and the gradient accumulation.
@@ -87,8 +103,11 @@ def load_ds_config(path: str, world_size: int, tp_size: int) -> dict:
     micro = cfg.get("train_micro_batch_size_per_gpu")
     gas = cfg.get("gradient_accumulation_steps")
     total = cfg.get("train_batch_size")
-    for key, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", gas),
-                       ("train_batch_size", total)):
+    for key, value in (
+        ("train_micro_batch_size_per_gpu", micro),
+        ("gradient_accumulation_steps", gas),
+        ("train_batch_size", total),
+    ):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise UptrainError(f"--ds_config {path}: {key} = {value!r} must be a positive integer")
     if micro is None and (total is None or gas is None):
@@ -97,17 +116,23 @@ def load_ds_config(path: str, world_size: int, tp_size: int) -> dict:
         gas = gas or 1
     if micro is None:
         if total % (gas * dp):
-            raise UptrainError(f"--ds_config {path}: train_batch_size {total} is not divisible by "
-                               f"gradient_accumulation_steps {gas} x {dp} data-parallel ranks")
+            raise UptrainError(
+                f"--ds_config {path}: train_batch_size {total} is not divisible by "
+                f"gradient_accumulation_steps {gas} x {dp} data-parallel ranks"
+            )
         micro = total // (gas * dp)
     if gas is None:
         gas = 1 if total is None else total // (micro * dp)
         if gas < 1 or (total is not None and total % (micro * dp)):
-            raise UptrainError(f"--ds_config {path}: train_batch_size {total} is not a multiple of "
-                               f"micro-batch {micro} x {dp} data-parallel ranks")
+            raise UptrainError(
+                f"--ds_config {path}: train_batch_size {total} is not a multiple of "
+                f"micro-batch {micro} x {dp} data-parallel ranks"
+            )
     if total is not None and total != micro * gas * dp:
-        raise UptrainError(f"--ds_config {path}: train_batch_size {total} != train_micro_batch_size_per_gpu "
-                           f"{micro} x gradient_accumulation_steps {gas} x {dp} data-parallel ranks")
+        raise UptrainError(
+            f"--ds_config {path}: train_batch_size {total} != train_micro_batch_size_per_gpu "
+            f"{micro} x gradient_accumulation_steps {gas} x {dp} data-parallel ranks"
+        )
     bf16 = cfg.get("bf16", {}).get("enabled", False)
     fp16 = cfg.get("fp16", {}).get("enabled", False)
     if bf16 and fp16:
@@ -116,15 +141,18 @@ def load_ds_config(path: str, world_size: int, tp_size: int) -> dict:
     if stage not in (0, 1, 2, 3):
         raise UptrainError(f"--ds_config {path}: zero_optimization.stage = {stage!r}; allowed 0, 1, 2, 3")
     if stage == 3 and tp_size > 1:
-        raise UptrainError(f"--ds_config {path}: ZeRO stage 3 cannot be combined with --tp {tp_size}; "
-                           f"use zero1.json or zero2.json with tensor parallelism")
+        raise UptrainError(
+            f"--ds_config {path}: ZeRO stage 3 cannot be combined with --tp {tp_size}; "
+            f"use zero1.json or zero2.json with tensor parallelism"
+        )
     if "optimizer" in cfg or "scheduler" in cfg:
-        raise UptrainError(f"--ds_config {path}: remove the 'optimizer'/'scheduler' sections; uptrain.py "
-                           f"owns them (--lr, --weight-decay, --warmup-ratio)")
-    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas,
-               train_batch_size=micro * gas * dp)
+        raise UptrainError(
+            f"--ds_config {path}: remove the 'optimizer'/'scheduler' sections; uptrain.py "
+            f"owns them (--lr, --weight-decay, --warmup-ratio)"
+        )
+    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas, train_batch_size=micro * gas * dp)
     cfg.setdefault("gradient_clipping", 1.0)
-    cfg.setdefault("steps_per_print", 10 ** 9)
+    cfg.setdefault("steps_per_print", 10**9)
     return cfg
 
 
@@ -153,6 +181,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 # The model DeepSpeed wraps
 # --------------------------------------------------------------------------------------------------
 
+
 class LossModel(nn.Module):
     """What DeepSpeed wraps: the MLKV model plus its next-token loss, computed inside forward so
     that ZeRO-3 has every weight the loss uses gathered. Returns the float32 sum of token losses."""
@@ -172,9 +201,18 @@ def compile_blocks(model: nn.Module) -> None:
         block.forward = torch.compile(block.forward)
 
 
-def make_engine(model: nn.Module, ds_config: dict, lr: float = 6e-4, weight_decay: float = 0.01,
-                total_steps: int = 1, warmup_ratio: float = 0.2, min_lr_ratio: float = 0.1, loss: str = "auto",
-                mpu=None, pack: bool = True):
+def make_engine(
+    model: nn.Module,
+    ds_config: dict,
+    lr: float = 6e-4,
+    weight_decay: float = 0.01,
+    total_steps: int = 1,
+    warmup_ratio: float = 0.2,
+    min_lr_ratio: float = 0.1,
+    loss: str = "auto",
+    mpu=None,
+    pack: bool = True,
+):
     """`deepspeed.initialize` of `LossModel(model)` with the paper's AdamW and schedule.
 
     AdamW is torch's fused one on GPUs (DeepSpeed's CPU Adam when the config offloads the
@@ -182,6 +220,7 @@ def make_engine(model: nn.Module, ds_config: dict, lr: float = 6e-4, weight_deca
     two flat parameters per layer (`packing.pack_layers`) under ZeRO-0/1/2 without tensor
     parallelism; ZeRO-3 gathers per module, and TP shards per parameter."""
     import deepspeed
+
     zero = ds_config.get("zero_optimization", {})
     stage3 = zero.get("stage", 0) == 3
     if pack and not stage3 and mpu is None:
@@ -191,13 +230,16 @@ def make_engine(model: nn.Module, ds_config: dict, lr: float = 6e-4, weight_deca
     adam = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
     if zero.get("offload_optimizer", {}).get("device") == "cpu":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
+
         optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **adam)
     else:
         optimizer = torch.optim.AdamW(groups, fused=next(model.parameters()).is_cuda, **adam)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup_ratio, min_lr_ratio))
-    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, mpu=mpu)
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_ratio, min_lr_ratio)
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=wrapped, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
+    )
     float32_grad_norm(engine.optimizer)
     return engine
 
@@ -214,6 +256,7 @@ def float32_grad_norm(optimizer) -> None:
     from deepspeed import comm as ds_dist
     from deepspeed.runtime.utils import is_model_parallel_parameter
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
     if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
         return
     deepspeed_norm = optimizer.get_grad_norm_direct
@@ -221,9 +264,12 @@ def float32_grad_norm(optimizer) -> None:
     def grad_norm(gradients, params, norm_type=2):
         if float(norm_type) != 2.0:
             return deepspeed_norm(gradients, params, norm_type)
-        grads = [g.detach() for g, p in zip((g for g in gradients if not getattr(g, "_zero_padding", False)), params)
-                 if not getattr(p, "ds_pipe_replicated", False)
-                 and (is_model_parallel_parameter(p) or optimizer.model_parallel_rank == 0)]
+        grads = [
+            g.detach()
+            for g, p in zip((g for g in gradients if not getattr(g, "_zero_padding", False)), params)
+            if not getattr(p, "ds_pipe_replicated", False)
+            and (is_model_parallel_parameter(p) or optimizer.model_parallel_rank == 0)
+        ]
         if grads:
             total = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).square().sum()
         else:
@@ -240,14 +286,20 @@ def float32_grad_norm(optimizer) -> None:
 # Run folder: checkpoints, metrics
 # --------------------------------------------------------------------------------------------------
 
+
 def checkpoint_steps(ckpt_dir: Path, complete_only: bool = True) -> list[int]:
     """Steps of the checkpoint folders `step_N` under `ckpt_dir` (by default only the complete
     ones), oldest first."""
     if not ckpt_dir.is_dir():
         return []
-    return sorted(int(d.name[5:]) for d in ckpt_dir.iterdir()
-                  if d.is_dir() and d.name.startswith("step_") and d.name[5:].isdigit()
-                  and (not complete_only or (d / COMPLETE).is_file()))
+    return sorted(
+        int(d.name[5:])
+        for d in ckpt_dir.iterdir()
+        if d.is_dir()
+        and d.name.startswith("step_")
+        and d.name[5:].isdigit()
+        and (not complete_only or (d / COMPLETE).is_file())
+    )
 
 
 def checkpoint_problem(folder: Path) -> str | None:
@@ -310,6 +362,7 @@ class MetricsLog:
                     kept.append(line)
             atomic_write(self.path, "".join(f"{line}\n" for line in kept))
         from torch.utils.tensorboard import SummaryWriter
+
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self.file = open(self.path, "a")
 
@@ -334,6 +387,7 @@ class MetricsLog:
 # Measurements
 # --------------------------------------------------------------------------------------------------
 
+
 def matmul_flops_per_s(device: torch.device, dtype: torch.dtype) -> float:
     """The dense matrix-multiply rate measured on `device` (the MFU denominator)."""
     n = 8192 if device.type == "cuda" else 1024
@@ -347,7 +401,7 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype) -> float:
     for _ in range(reps):
         a @ b
     sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 def sync(device: torch.device) -> None:
@@ -371,6 +425,7 @@ def _fault(kind: str, step: int) -> bool:
 # The run
 # --------------------------------------------------------------------------------------------------
 
+
 def _fail(message: str, rank: int, code: int = 2) -> None:
     if rank == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
@@ -386,14 +441,22 @@ def _open_data(prefix: str, flag: str, config: MLKVConfig) -> PackedDataset:
     except (DataError, OSError) as e:
         raise UptrainError(f"{flag} {prefix}: {e}") from None
     if "fingerprint" not in ds.meta and int(os.environ.get("RANK", 0)) == 0:
-        print(f"warning: {prefix}.json has no fingerprint (packed by an older version): its files cannot be "
-              f"checked against the pack; re-run pack_pile.py to add one", file=sys.stderr, flush=True)
+        print(
+            f"warning: {prefix}.json has no fingerprint (packed by an older version): its files cannot be "
+            f"checked against the pack; re-run pack_pile.py to add one",
+            file=sys.stderr,
+            flush=True,
+        )
     if ds.seq_len > config.max_position_embeddings:
-        raise UptrainError(f"{flag} {prefix}: rows of {ds.seq_len} tokens exceed the model's "
-                           f"max_position_embeddings {config.max_position_embeddings}")
+        raise UptrainError(
+            f"{flag} {prefix}: rows of {ds.seq_len} tokens exceed the model's "
+            f"max_position_embeddings {config.max_position_embeddings}"
+        )
     if ds.max_token_id >= config.vocab_size:
-        raise UptrainError(f"{flag} {prefix}: token id {ds.max_token_id} is beyond the model's vocabulary "
-                           f"of {config.vocab_size}; pack with the model's tokenizer")
+        raise UptrainError(
+            f"{flag} {prefix}: token id {ds.max_token_id} is beyond the model's vocabulary "
+            f"of {config.vocab_size}; pack with the model's tokenizer"
+        )
     return ds
 
 
@@ -401,11 +464,11 @@ def _distributed_env() -> None:
     """Environment for a single process started without the deepspeed launcher."""
     if "RANK" not in os.environ:
         import socket
+
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 class Trainer:
@@ -425,6 +488,7 @@ class Trainer:
         if not (init / "config.json").is_file():
             raise UptrainError(f"--init {init}: no config.json; expected a folder written by launch/convert.py")
         from .configuration_mlkv import MLKVGPTNeoXConfig
+
         try:
             self.hf_config = MLKVGPTNeoXConfig.from_pretrained(init)
             self.config = self.hf_config.model_config()
@@ -460,24 +524,39 @@ class Trainer:
         else:
             total = steps_per_pass
         if total < 1 or (steps_per_pass < 1 and args.train_iters is None and args.train_tokens is None):
-            raise UptrainError(f"--data {args.data}: {train_rows} training rows make no global batch of "
-                               f"{self.global_batch} rows (micro-batch {self.micro} x accumulation {self.gas} "
-                               f"x data-parallel {self.world // args.tp})")
+            raise UptrainError(
+                f"--data {args.data}: {train_rows} training rows make no global batch of "
+                f"{self.global_batch} rows (micro-batch {self.micro} x accumulation {self.gas} "
+                f"x data-parallel {self.world // args.tp})"
+            )
         self.total_steps = total
 
     # --- set-up -----------------------------------------------------------------------------------
 
     def _run_config(self) -> dict:
         a = self.args
-        return {"init": str(Path(a.init).resolve()), "data": str(Path(a.data).resolve()),
-                "valid_data": str(Path(a.valid_data).resolve()) if a.valid_data else None,
-                "data_fingerprint": self.data.fingerprint,
-                "valid_data_fingerprint": self.valid.fingerprint if self.valid is not None else None,
-                "valid_rows": a.valid_rows, "tp": a.tp, "seed": a.seed, "global_batch": self.global_batch,
-                "total_steps": self.total_steps, "lr": a.lr, "min_lr_ratio": a.min_lr_ratio,
-                "warmup_ratio": a.warmup_ratio, "weight_decay": a.weight_decay, "world_size": self.world,
-                "micro_batch": self.micro, "gradient_accumulation": self.gas, "seq_len": self.data.seq_len,
-                "ds_config": self.ds_config, "layout": self.config.layout.to_dict()}
+        return {
+            "init": str(Path(a.init).resolve()),
+            "data": str(Path(a.data).resolve()),
+            "valid_data": str(Path(a.valid_data).resolve()) if a.valid_data else None,
+            "data_fingerprint": self.data.fingerprint,
+            "valid_data_fingerprint": self.valid.fingerprint if self.valid is not None else None,
+            "valid_rows": a.valid_rows,
+            "tp": a.tp,
+            "seed": a.seed,
+            "global_batch": self.global_batch,
+            "total_steps": self.total_steps,
+            "lr": a.lr,
+            "min_lr_ratio": a.min_lr_ratio,
+            "warmup_ratio": a.warmup_ratio,
+            "weight_decay": a.weight_decay,
+            "world_size": self.world,
+            "micro_batch": self.micro,
+            "gradient_accumulation": self.gas,
+            "seq_len": self.data.seq_len,
+            "ds_config": self.ds_config,
+            "layout": self.config.layout.to_dict(),
+        }
 
     def _check_resumable(self) -> None:
         path = self.run_dir / "run_config.json"
@@ -487,15 +566,19 @@ class Trainer:
             for key in RESUME_KEYS:
                 if key.endswith("fingerprint") and key in saved and saved[key] != current[key]:
                     flag = "--" + key.removesuffix("_fingerprint").replace("_", "-")
-                    raise UptrainError(f"--out {self.run_dir} holds a run on other data: the files of {flag} "
-                                       f"{getattr(self.args, key.removesuffix('_fingerprint'))} changed since it "
-                                       f"started (their fingerprint differs); restore them, or choose a new --out")
+                    raise UptrainError(
+                        f"--out {self.run_dir} holds a run on other data: the files of {flag} "
+                        f"{getattr(self.args, key.removesuffix('_fingerprint'))} changed since it "
+                        f"started (their fingerprint differs); restore them, or choose a new --out"
+                    )
                 if key.endswith("fingerprint"):
                     continue  # runs started before fingerprints were recorded have none
                 if saved.get(key) != current[key]:
-                    raise UptrainError(f"--out {self.run_dir} holds a run with {key} = {saved.get(key)!r}, this "
-                                       f"command gives {current[key]!r}; rerun the same command to resume, or "
-                                       f"choose a new --out")
+                    raise UptrainError(
+                        f"--out {self.run_dir} holds a run with {key} = {saved.get(key)!r}, this "
+                        f"command gives {current[key]!r}; rerun the same command to resume, or "
+                        f"choose a new --out"
+                    )
         elif self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(path, json.dumps(current, indent=2) + "\n")
@@ -515,8 +598,17 @@ class Trainer:
         if self.args.compile and self.device.type == "cuda" and self.args.tp == 1:
             compile_blocks(model)
         a = self.args
-        return make_engine(model, self.ds_config, a.lr, a.weight_decay, self.total_steps, a.warmup_ratio,
-                           a.min_lr_ratio, a.loss, self.groups.mpu() if a.tp > 1 else None)
+        return make_engine(
+            model,
+            self.ds_config,
+            a.lr,
+            a.weight_decay,
+            self.total_steps,
+            a.warmup_ratio,
+            a.min_lr_ratio,
+            a.loss,
+            self.groups.mpu() if a.tp > 1 else None,
+        )
 
     # --- steps ------------------------------------------------------------------------------------
 
@@ -529,8 +621,9 @@ class Trainer:
             raise UptrainError(f"--data: step {step + 1}: {e}") from None
         n_tokens = sum(int(self.data.loss_mask(r)[1:].sum()) for r in rows)
         mine = rank_slice(rows, self.groups.dp_rank, self.groups.dp_size)
-        batches = [collate(self.data, mine[i * self.micro:(i + 1) * self.micro], self.device)
-                   for i in range(self.gas)]
+        batches = [
+            collate(self.data, mine[i * self.micro : (i + 1) * self.micro], self.device) for i in range(self.gas)
+        ]
         return batches, max(1, n_tokens)
 
     def train_step(self, step: int) -> float:
@@ -563,7 +656,7 @@ class Trainer:
         # every rank runs as many forwards as the longest part (ZeRO-3 gathers weights collectively);
         # a rank out of rows repeats one and does not count it
         for i in range(0, len(parts[0]), self.micro):
-            chunk, counted = (mine[i:i + self.micro], 1) if i < len(mine) else (rows[:1], 0)
+            chunk, counted = (mine[i : i + self.micro], 1) if i < len(mine) else (rows[:1], 0)
             batch = collate(ds, chunk, self.device)
             total = self.engine(batch["input_ids"], batch["labels"])
             sums[0] += counted * total.double()
@@ -593,6 +686,7 @@ class Trainer:
         the forward uses) on rank 0, None elsewhere; collective (each parameter gathered over the
         data-parallel ranks, then over the TP ranks)."""
         from deepspeed.utils import safe_get_full_fp32_param
+
         model = self.engine.module.model
         masters, by_param = {}, {}
         for name, p in model.named_parameters(remove_duplicate=False):  # tied names share one tensor
@@ -608,10 +702,16 @@ class Trainer:
 
     def save(self, step: int, valid_loss: float | None) -> None:
         tag = f"step_{step}"
-        state = {"step": step, "rows_consumed": step * self.global_batch,
-                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                         "torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}}
+        state = {
+            "step": step,
+            "rows_consumed": step * self.global_batch,
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+            },
+        }
         folder = self.ckpt_dir / tag
         if self.rank == 0 and folder.exists():  # a save that was cut short: replace it
             shutil.rmtree(folder)
@@ -621,8 +721,15 @@ class Trainer:
         sd = self._master_state_dict() if self.args.export_dtype == "float32" else self._full_state_dict()
         if self.rank == 0:
             dtype = getattr(torch, self.args.export_dtype, None) or next(iter(sd.values())).dtype
-            export_pretrained(sd, self.config, self.run_dir / "hf" / tag, tokenizer_from=self.args.init,
-                              overwrite=True, dtype=dtype, hf_kwargs=special_token_ids(self.hf_config))
+            export_pretrained(
+                sd,
+                self.config,
+                self.run_dir / "hf" / tag,
+                tokenizer_from=self.args.init,
+                overwrite=True,
+                dtype=dtype,
+                hf_kwargs=special_token_ids(self.hf_config),
+            )
         dist.barrier()
         if _fault("kill-in-save", step):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -639,18 +746,23 @@ class Trainer:
         """Keep the newest `--keep-last` complete checkpoints; drop incomplete ones older than them."""
         if not self.args.keep_last:
             return
-        keep = checkpoint_steps(self.ckpt_dir)[-self.args.keep_last:]
+        keep = checkpoint_steps(self.ckpt_dir)[-self.args.keep_last :]
         for step in checkpoint_steps(self.ckpt_dir, complete_only=False):
             if step not in keep and step < max(keep):
                 shutil.rmtree(self.ckpt_dir / f"step_{step}", ignore_errors=True)
 
     def _evaluate(self, step: int, model_dir: Path) -> None:
         from .evaluate import eval_scalars, try_evaluate_checkpoint
+
         out = self.run_dir / "eval" / f"step_{step}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        result, error = try_evaluate_checkpoint(str(model_dir), self.args.eval_tasks.split(","),
-                                                include_path=self.args.eval_include_path,
-                                                limit=self.args.eval_limit, out_path=str(out))
+        result, error = try_evaluate_checkpoint(
+            str(model_dir),
+            self.args.eval_tasks.split(","),
+            include_path=self.args.eval_include_path,
+            limit=self.args.eval_limit,
+            out_path=str(out),
+        )
         if error is not None:
             print(f"warning: evaluation at step {step} failed: {error}", file=sys.stderr, flush=True)
             self.metrics.log({"step": step, "eval_error": error})
@@ -665,8 +777,11 @@ class Trainer:
         if self.rank == 0:
             step, damaged = newest_intact_checkpoint(self.ckpt_dir)
             if step is None and damaged:
-                choice = [f"{self.ckpt_dir}: no intact checkpoint to resume from: " + "; ".join(
-                    f"step_{s}: {problem}" for s, problem in damaged) + "; restore the files, or choose a new --out"]
+                choice = [
+                    f"{self.ckpt_dir}: no intact checkpoint to resume from: "
+                    + "; ".join(f"step_{s}: {problem}" for s, problem in damaged)
+                    + "; restore the files, or choose a new --out"
+                ]
             else:
                 for s, problem in damaged:
                     aside = move_aside(self.ckpt_dir / f"step_{s}")
@@ -722,15 +837,26 @@ class Trainer:
                 print(f"{self.run_dir}: already complete ({start} of {self.total_steps} steps)")
             return 0
         seq = self.data.seq_len
-        dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else \
-            torch.float16 if self.ds_config.get("fp16", {}).get("enabled") else torch.float32
+        dtype = (
+            torch.bfloat16
+            if self.ds_config.get("bf16", {}).get("enabled")
+            else torch.float16
+            if self.ds_config.get("fp16", {}).get("enabled")
+            else torch.float32
+        )
         if self.device.type == "cpu" and dtype != torch.float32:
             peak = matmul_flops_per_s(self.device, torch.float32)
         else:
             peak = matmul_flops_per_s(self.device, dtype)
         flops_per_token = self.config.flops_per_token(seq)
-        bar = tqdm(total=self.total_steps, initial=start, desc="uptrain", unit="step", disable=self.rank != 0,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=start,
+            desc="uptrain",
+            unit="step",
+            disable=self.rank != 0,
+            dynamic_ncols=True,
+        )
         last_valid = None
         self.batches = Prefetcher(self._micro_batches, self.total_steps)  # the next step's, while this one runs
         try:
@@ -740,8 +866,11 @@ class Trainer:
                 loss = self.train_step(step)
                 if not math.isfinite(loss):
                     good = checkpoint_steps(self.ckpt_dir)
-                    where = f"the last good checkpoint is {self.ckpt_dir / f'step_{good[-1]}'}" if good else \
-                        "no checkpoint was saved yet"
+                    where = (
+                        f"the last good checkpoint is {self.ckpt_dir / f'step_{good[-1]}'}"
+                        if good
+                        else "no checkpoint was saved yet"
+                    )
                     raise NonFiniteLoss(f"step {step + 1}: the loss is {loss}; stopped, {where}")
                 sync(self.device)
                 dt = time.perf_counter() - t0
@@ -751,13 +880,20 @@ class Trainer:
                 if done % self.args.log_interval == 0 or done == self.total_steps or done == start + 1:
                     tokens = self.global_batch * seq / dt
                     norm = self.engine.get_global_grad_norm()
-                    self.metrics.log({
-                        "step": done, "loss": loss, "lr": lr,
-                        "grad_norm": float(norm) if norm is not None else None,
-                        "tokens_per_s": tokens, "tokens_per_s_per_device": tokens / self.world,
-                        "mfu": tokens / self.world * flops_per_token / self.args.tp / peak,
-                        "max_memory_bytes": max_memory_bytes(self.device), "step_time_s": dt,
-                        "rows_consumed": done * self.global_batch})
+                    self.metrics.log(
+                        {
+                            "step": done,
+                            "loss": loss,
+                            "lr": lr,
+                            "grad_norm": float(norm) if norm is not None else None,
+                            "tokens_per_s": tokens,
+                            "tokens_per_s_per_device": tokens / self.world,
+                            "mfu": tokens / self.world * flops_per_token / self.args.tp / peak,
+                            "max_memory_bytes": max_memory_bytes(self.device),
+                            "step_time_s": dt,
+                            "rows_consumed": done * self.global_batch,
+                        }
+                    )
                 if done % self.args.save_interval == 0 or done == self.total_steps:
                     last_valid = self.validation_loss()
                     if last_valid is not None:
@@ -769,8 +905,10 @@ class Trainer:
             bar.close()
             self.metrics.close()
         if self.rank == 0:
-            print(f"done: {self.total_steps} steps; TensorBoard: tensorboard --logdir {self.run_dir / 'tensorboard'}; "
-                  f"transformers export: {self.run_dir / 'hf' / f'step_{self.total_steps}'}")
+            print(
+                f"done: {self.total_steps} steps; TensorBoard: tensorboard --logdir {self.run_dir / 'tensorboard'}; "
+                f"transformers export: {self.run_dir / 'hf' / f'step_{self.total_steps}'}"
+            )
         return 0
 
 

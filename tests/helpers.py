@@ -1,5 +1,6 @@
 """Small shared builders for tests: tiny configs, GPT-NeoX oracles, exported checkpoints, and the
 child pytest that runs triton kernels in the CPU interpreter."""
+
 import os
 import subprocess
 import sys
@@ -15,8 +16,9 @@ from megatron_mlkv.model import MLKVTransformer
 
 
 def tiny_config(**changes) -> MLKVConfig:
-    values = dict(vocab_size=101, hidden_size=64, num_layers=4, num_heads=4, intermediate_size=96,
-                  max_position_embeddings=64)
+    values = dict(
+        vocab_size=101, hidden_size=64, num_layers=4, num_heads=4, intermediate_size=96, max_position_embeddings=64
+    )
     values.update(changes)
     return MLKVConfig(**values)
 
@@ -24,8 +26,14 @@ def tiny_config(**changes) -> MLKVConfig:
 def gpt_neox(seed=0, std=0.2, **hf_kwargs) -> GPTNeoXForCausalLM:
     """A random GPT-NeoX with weights large enough that attention is far from uniform."""
     torch.manual_seed(seed)
-    values = dict(vocab_size=101, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                  intermediate_size=96, max_position_embeddings=64)
+    values = dict(
+        vocab_size=101,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=64,
+    )
     values.update(hf_kwargs)
     model = GPTNeoXForCausalLM(GPTNeoXConfig(**values)).eval()
     with torch.no_grad():
@@ -85,8 +93,12 @@ interpreter_parent = pytest.mark.skipif(INTERPRETED, reason="the parent of the i
 
 def run_interpreted(test_file: str, *pytest_args: str) -> str:
     """pytest `test_file` in a child process under TRITON_INTERPRET=1; its output, once it passed."""
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args, test_file],
-                          cwd=Path(__file__).resolve().parent.parent, env=dict(os.environ, TRITON_INTERPRET="1"),
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args, test_file],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=dict(os.environ, TRITON_INTERPRET="1"),
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     return done.stdout

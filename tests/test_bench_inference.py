@@ -6,18 +6,35 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from megatron_mlkv.bench_inference import (BenchError, decode_bytes_per_step, measure, parse_layouts, search_batches,
-                                           to_gpt_neox)
-from megatron_mlkv.hf import export_pretrained
-
 from helpers import random_mlkv, tiny_config
+
+from megatron_mlkv.bench_inference import (
+    BenchError,
+    decode_bytes_per_step,
+    measure,
+    parse_layouts,
+    search_batches,
+    to_gpt_neox,
+)
+from megatron_mlkv.hf import export_pretrained
 
 pytestmark = pytest.mark.compat  # transformers' generate as the baseline: also run by `make test-compat`
 
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = {"model", "layout", "kv_heads_total", "batch_size", "context", "kv_cache_bytes", "peak_memory_bytes",
-          "tokens_per_s", "oom", "engine", "bandwidth_bound_tokens_per_s", "fraction_of_bound"}
+FIELDS = {
+    "model",
+    "layout",
+    "kv_heads_total",
+    "batch_size",
+    "context",
+    "kv_cache_bytes",
+    "peak_memory_bytes",
+    "tokens_per_s",
+    "oom",
+    "engine",
+    "bandwidth_bound_tokens_per_s",
+    "fraction_of_bound",
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +49,12 @@ def folders(tmp_path_factory):
 
 def bench(*args):
     """The CLI in a fresh interpreter, as users run it."""
-    return subprocess.run([sys.executable, str(ROOT / "launch" / "bench_inference.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "bench_inference.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def bench_main(*args):
@@ -51,13 +72,35 @@ def test_cli_with_batch_sizes_baseline_and_eval_json(folders, tmp_path):
         path.write_text(json.dumps({"layout": layout, "results": {"piqa": {"acc,none": acc}, "sciq": {"acc": acc}}}))
         evals.append(path)
     out = tmp_path / "out"
-    res = bench("--model", folders["mha"], folders["mlkv"], "--context", 12, "--new-tokens", 3,
-                "--batch-sizes", 1, 3, "--baseline-hf", "--eval-json", *evals, "--out", out)
+    res = bench(
+        "--model",
+        folders["mha"],
+        folders["mlkv"],
+        "--context",
+        12,
+        "--new-tokens",
+        3,
+        "--batch-sizes",
+        1,
+        3,
+        "--baseline-hf",
+        "--eval-json",
+        *evals,
+        "--out",
+        out,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     records = json.loads((out / "results.json").read_text())
     assert [(r["engine"], r["batch_size"]) for r in records] == [
-        ("transformers", 1), ("transformers", 3), ("transformers-static", 1), ("transformers-static", 3),
-        ("mlkv-fast", 1), ("mlkv-fast", 3), ("mlkv-fast", 1), ("mlkv-fast", 3)]
+        ("transformers", 1),
+        ("transformers", 3),
+        ("transformers-static", 1),
+        ("transformers-static", 3),
+        ("mlkv-fast", 1),
+        ("mlkv-fast", 3),
+        ("mlkv-fast", 1),
+        ("mlkv-fast", 3),
+    ]
     for r in records:
         assert FIELDS <= r.keys() and not r["oom"] and r["tokens_per_s"] > 0
         assert r["peak_memory_bytes"] is None  # CPU: no allocator peak
@@ -69,8 +112,12 @@ def test_cli_with_batch_sizes_baseline_and_eval_json(folders, tmp_path):
         assert r["kv_heads_total"] == m * g
         assert r["kv_cache_bytes"] == 2 * r["batch_size"] * 15 * m * g * 16 * 4, r["engine"]
         assert r["warmed_up"] and r["warmup_s"] > 0
-        assert r["cache"] == {"transformers": "DynamicCache", "transformers-static": "StaticCache",
-                              "mlkv-fast": "StaticDecoder"}[r["engine"]]
+        assert (
+            r["cache"]
+            == {"transformers": "DynamicCache", "transformers-static": "StaticCache", "mlkv-fast": "StaticDecoder"}[
+                r["engine"]
+            ]
+        )
     for name in ("memory.png", "throughput.png", "accuracy.png", "summary.md"):
         assert (out / name).stat().st_size > 0, name
     points = json.loads((out / "accuracy.json").read_text())
@@ -86,6 +133,7 @@ def test_every_timed_run_follows_a_warm_up_of_the_same_shape(monkeypatch):
     """Each engine's timed run is its second of that exact shape (the first compiles, captures,
     allocates), and the summary's ratios take the faster transformers engine at each batch."""
     from megatron_mlkv import bench_inference as bi
+
     calls = []
 
     def fake(engine):
@@ -94,20 +142,27 @@ def test_every_timed_run_follows_a_warm_up_of_the_same_shape(monkeypatch):
             n = sum(1 for c in calls if c == (engine, cache, batch))
             speed = {"mlkv-fast": 8.0, ("dynamic",): 1.0, ("static",): 2.0}[cache or engine]
             return dict(kv_cache_bytes=1, prefill_s=0.1, decode_s=batch * new_tokens / speed / n, attention="x")
+
         return run
 
     monkeypatch.setattr(bi, "run_fast", fake("mlkv-fast"))
     monkeypatch.setattr(bi, "run_transformers", fake("transformers"))
     config = tiny_config()
     model = random_mlkv(config)
-    candidates = [bi.Candidate("m:mha", config.layout, config.head_dim, engine, lambda: model)
-                  for engine in ("transformers", "transformers-static", "mlkv-fast")]
+    candidates = [
+        bi.Candidate("m:mha", config.layout, config.head_dim, engine, lambda: model)
+        for engine in ("transformers", "transformers-static", "mlkv-fast")
+    ]
     records = []
     for cand in candidates:
-        records += bi.bench_candidate(cand, 4, 2, torch.device("cpu"), torch.float32, 1e9, batch_sizes=[8, 16],
-                                      log=lambda _: None)
-    assert calls == [(e, c, b) for e, c in (("transformers", ("dynamic",)), ("transformers", ("static",)),
-                                              ("mlkv-fast", ())) for b in (8, 8, 16, 16)]
+        records += bi.bench_candidate(
+            cand, 4, 2, torch.device("cpu"), torch.float32, 1e9, batch_sizes=[8, 16], log=lambda _: None
+        )
+    assert calls == [
+        (e, c, b)
+        for e, c in (("transformers", ("dynamic",)), ("transformers", ("static",)), ("mlkv-fast", ()))
+        for b in (8, 8, 16, 16)
+    ]
     # the timed run is the second: here twice as fast as the first
     assert [r["tokens_per_s"] for r in records] == [2.0, 2.0, 4.0, 4.0, 16.0, 16.0]
     rows = {r["engine"]: r for r in bi.summarize(records)}
@@ -169,15 +224,24 @@ def test_bandwidth_bound_counts_every_layers_kv_reads():
 
 def test_later_records_replace_earlier_ones_of_the_same_row():
     from megatron_mlkv.bench_inference import latest
+
     row = dict(model="m", engine="mlkv-fast", context=20)
-    old8, old16, other = dict(row, batch_size=8, v=1), dict(row, batch_size=16, v=2), dict(row, engine="x", batch_size=8)
+    old8, old16, other = (
+        dict(row, batch_size=8, v=1),
+        dict(row, batch_size=16, v=2),
+        dict(row, engine="x", batch_size=8),
+    )
     new8 = dict(row, batch_size=8, v=3)
     assert latest([old8, old16, other, new8]) == [old16, other, new8]
 
 
 def test_layout_names():
-    assert parse_layouts("mha,mlkv-6,mqa-12,4:3", 12, 12) == [("MHA", 12, 12), ("MLKV-6", 6, 1),
-                                                              ("MQA-12", 12, 1), ("MLKV-12", 4, 3)]
+    assert parse_layouts("mha,mlkv-6,mqa-12,4:3", 12, 12) == [
+        ("MHA", 12, 12),
+        ("MLKV-6", 6, 1),
+        ("MQA-12", 12, 1),
+        ("MLKV-12", 4, 3),
+    ]
     assert len(parse_layouts("all", 12, 12)) == 9
     with pytest.raises(BenchError, match="'mlkv-7' is not a layout"):
         parse_layouts("mlkv-7", 12, 12)

@@ -1,18 +1,19 @@
 """bench_train's memory mode: what a training forward saves for backward, by kind (CPU)."""
+
 import torch
+from helpers import tiny_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_mlkv.bench_train import format_memory, saved_memory
-
-from helpers import tiny_config
 
 CPU, S = torch.device("cpu"), 40  # unlike every width of the model, so shapes tell kinds apart
 
 
 def test_saved_memory_finds_an_attention_matrix_and_kv_sharing_saves_no_more_than_mha():
     config = tiny_config(max_position_embeddings=64)  # l = 4, h = 4, d = 64, d_k = 16
-    mha, mlkv, mqa = (saved_memory(config.with_layout(m, g), 2, S, CPU, torch.float32, "logits")
-                      for m, g in ((4, 4), (2, 1), (4, 1)))
+    mha, mlkv, mqa = (
+        saved_memory(config.with_layout(m, g), 2, S, CPU, torch.float32, "logits") for m, g in ((4, 4), (2, 1), (4, 1))
+    )
     # the flash path keeps no s x s matrix; sharing K/V keeps less than MHA, never more
     assert all("attention scores (s x s)" not in r["saved_bytes"] for r in (mha, mlkv, mqa))
     assert mlkv["saved_total_bytes"] < mha["saved_total_bytes"] and mqa["saved_total_bytes"] < mha["saved_total_bytes"]

@@ -3,6 +3,7 @@
 Expected weights are computed here by slicing `query_key_value` rows by hand, never with the
 library's helpers, so a wrong split or merge cannot agree with itself.
 """
+
 import json
 import os
 import subprocess
@@ -11,25 +12,38 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import gpt_neox
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from megatron_mlkv.config import ConfigError, MLKVConfig, preset
-from megatron_mlkv.convert import (REPORT_NAME, convert_checkpoint, convert_paper_variants, convert_state_dict,
-                                   format_report, paper_variants, target_config)
+from megatron_mlkv.convert import (
+    REPORT_NAME,
+    convert_checkpoint,
+    convert_paper_variants,
+    convert_state_dict,
+    format_report,
+    paper_variants,
+    target_config,
+)
 from megatron_mlkv.hf import CheckpointError
 from megatron_mlkv.model import MLKVTransformer
-
-from helpers import gpt_neox
 
 pytestmark = pytest.mark.compat  # transformers' GPT-NeoX and checkpoint formats: also run by `make test-compat`
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # The paper's Table 2 (Pythia-160M): name, m, g, parameters.
-TABLE_2 = [("GQA-48", 12, 4, 162_316_800), ("MLKV-48", 4, 12, 162_316_800), ("MQA-12", 12, 1, 162_332_940),
-           ("MLKV-12", 4, 3, 162_332_940), ("MLKV-6", 6, 1, 162_332_556), ("MLKV-4", 4, 1, 162_320_132),
-           ("MLKV-2", 2, 1, 162_326_152), ("MLKV-1", 1, 1, 162_319_940)]
+TABLE_2 = [
+    ("GQA-48", 12, 4, 162_316_800),
+    ("MLKV-48", 4, 12, 162_316_800),
+    ("MQA-12", 12, 1, 162_332_940),
+    ("MLKV-12", 4, 3, 162_332_940),
+    ("MLKV-6", 6, 1, 162_332_556),
+    ("MLKV-4", 4, 1, 162_320_132),
+    ("MLKV-2", 2, 1, 162_326_152),
+    ("MLKV-1", 1, 1, 162_319_940),
+]
 PYTHIA_160M_PARAMS = 162_322_944
 
 
@@ -37,15 +51,25 @@ PYTHIA_160M_PARAMS = 162_322_944
 # builders
 # ---------------------------------------------------------------------------------------------
 
+
 def pythia_160m_hf_config() -> GPTNeoXConfig:
     shape = preset("pythia-160m")
-    return GPTNeoXConfig(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
-                         num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
-                         intermediate_size=shape.intermediate_size, rotary_pct=0.25,
-                         max_position_embeddings=2048, bos_token_id=0, eos_token_id=0)
+    return GPTNeoXConfig(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        intermediate_size=shape.intermediate_size,
+        rotary_pct=0.25,
+        max_position_embeddings=2048,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
 
 
-def save_base(model: GPTNeoXForCausalLM, path: Path, fmt: str = "safetensors", tokenizer_dir: Path | None = None) -> Path:
+def save_base(
+    model: GPTNeoXForCausalLM, path: Path, fmt: str = "safetensors", tokenizer_dir: Path | None = None
+) -> Path:
     """Write `model` as a hub-style folder. transformers 5 writes safetensors only, so the
     pytorch_model.bin variants are written by hand: `bin` with the hub's `embed_out.weight`,
     `bin-sharded` with transformers' in-memory `lm_head.weight` name (5.14 on) and an index."""
@@ -63,8 +87,10 @@ def save_base(model: GPTNeoXForCausalLM, path: Path, fmt: str = "safetensors", t
             torch.save(sd, path / "pytorch_model.bin")
         else:
             names = sorted(sd)
-            shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
-                      "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+            shards = {
+                "pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+                "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :],
+            }
             for shard, keys in shards.items():
                 torch.save({k: sd[k] for k in keys}, path / shard)
             index = {"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}
@@ -85,7 +111,7 @@ def qkv_rows(model: GPTNeoXForCausalLM, layer: int, part: int, kind: str = "weig
     heads = []
     for a in range(h):
         start = a * 3 * dk + part * dk
-        heads.append(qkv[start:start + dk])
+        heads.append(qkv[start : start + dk])
     return heads
 
 
@@ -95,7 +121,7 @@ def expected_kv(model, served: list[int], g: int, part: int, merge: str, kind: s
     for layer in served:
         heads = qkv_rows(model, layer, part, kind)
         size = len(heads) // g
-        groups = [sum(heads[j * size:(j + 1) * size]) / size for j in range(g)]
+        groups = [sum(heads[j * size : (j + 1) * size]) / size for j in range(g)]
         per_layer.append(torch.cat(groups))
     if merge == "mean":
         return sum(per_layer) / len(per_layer)
@@ -131,8 +157,9 @@ def tokenizer_dir(tmp_path_factory):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(["the cat sat on the mat", "a dog ran in the park"] * 20, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     out = tmp_path_factory.mktemp("tokenizer")
@@ -150,6 +177,7 @@ def tiny_base(tmp_path_factory, tokenizer_dir):
 # ---------------------------------------------------------------------------------------------
 # Table 2
 # ---------------------------------------------------------------------------------------------
+
 
 def test_table_2_parameter_counts_through_the_conversion_path():
     """All eight counts from the real conversion of a Pythia-160M-shaped GPTNeoXForCausalLM, built
@@ -183,7 +211,8 @@ def test_pythia_160m_on_disk_count_and_streaming_memory(tmp_path):
     torch.manual_seed(0)
     base_dir = tmp_path / "pythia-160m-shape"
     GPTNeoXForCausalLM._from_config(pythia_160m_hf_config(), dtype=torch.bfloat16).save_pretrained(
-        base_dir, max_shard_size="200MB")
+        base_dir, max_shard_size="200MB"
+    )
     size = sum(f.stat().st_size for f in base_dir.glob("*.safetensors"))
     code = f"""
 import json
@@ -193,7 +222,7 @@ def rss(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 start = rss("VmRSS:")
-report = convert_checkpoint({str(base_dir)!r}, {str(tmp_path / 'mlkv-6')!r}, 6, 1, progress=False)
+report = convert_checkpoint({str(base_dir)!r}, {str(tmp_path / "mlkv-6")!r}, 6, 1, progress=False)
 print(json.dumps({{"peak": rss("VmHWM:") - start, "report": report}}))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
@@ -201,8 +230,10 @@ print(json.dumps({{"peak": rss("VmHWM:") - start, "report": report}}))
     result = json.loads(res.stdout.splitlines()[-1])
     assert result["report"]["parameters"] == {"before": PYTHIA_160M_PARAMS, "after": 162_332_556}
     assert result["report"]["dtype"] == {"before": "bfloat16", "after": "bfloat16"}
-    print(f"checkpoint {size / 2**20:.0f} MiB, conversion peak {result['peak'] / 2**20:.0f} MiB "
-          f"({result['peak'] / size:.2f}x)")
+    print(
+        f"checkpoint {size / 2**20:.0f} MiB, conversion peak {result['peak'] / 2**20:.0f} MiB "
+        f"({result['peak'] / size:.2f}x)"
+    )
     assert result["peak"] < 1.5 * size  # the issue allows 2x; streaming measures about 1.05x
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "mlkv-6", trust_remote_code=True)
     assert sum(p.numel() for p in model.parameters()) == 162_332_556
@@ -212,6 +243,7 @@ print(json.dumps({{"peak": rss("VmHWM:") - start, "report": report}}))
 # ---------------------------------------------------------------------------------------------
 # function preservation
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fmt", ["safetensors", "sharded", "bin", "bin-sharded"])
 def test_mha_to_mha_is_the_identity_after_a_save_load_round_trip(tmp_path, fmt):
@@ -276,8 +308,10 @@ def test_mlkv_conversion_is_lossless_when_served_layers_see_the_owner_k_v(tmp_pa
     with torch.no_grad():
         for i, o in enumerate(owners):
             if o != i:
-                for p_i, p_o in ((layers[i].attention.query_key_value.weight, layers[o].attention.query_key_value.weight),
-                                 (layers[i].attention.query_key_value.bias, layers[o].attention.query_key_value.bias)):
+                for p_i, p_o in (
+                    (layers[i].attention.query_key_value.weight, layers[o].attention.query_key_value.weight),
+                    (layers[i].attention.query_key_value.bias, layers[o].attention.query_key_value.bias),
+                ):
                     p_i.view(h, 3, dk, *p_i.shape[1:])[:, 1:] = p_o.view(h, 3, dk, *p_o.shape[1:])[:, 1:]
                 layers[i].input_layernorm.load_state_dict(layers[o].input_layernorm.state_dict())
             if i + 1 < len(owners) and owners[i + 1] == o:  # not the last layer of its block
@@ -295,6 +329,7 @@ def test_mlkv_conversion_is_lossless_when_served_layers_see_the_owner_k_v(tmp_pa
 # ---------------------------------------------------------------------------------------------
 # the merge rules and the MLP widening, against hand computations
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("merge", ["mean", "sequential"])
 def test_merge_modes_match_a_hand_computation(tmp_path, merge):
@@ -330,8 +365,7 @@ def test_sequential_and_mean_differ_and_mean_is_order_free(tmp_path):
     convert_checkpoint(base, tmp_path / "seq1", kv_layers=1, kv_groups=4, merge="sequential", progress=False)
     a, b = out_tensors(tmp_path / "mean1"), out_tensors(tmp_path / "seq1")
     assert (a["layers.0.attention.value.weight"] - b["layers.0.attention.value.weight"]).abs().max() > 1e-3
-    assert torch.allclose(a["layers.0.attention.value.weight"],
-                          expected_kv(ref, [0, 1, 2, 3], 4, 2, "mean"), atol=1e-6)
+    assert torch.allclose(a["layers.0.attention.value.weight"], expected_kv(ref, [0, 1, 2, 3], 4, 2, "mean"), atol=1e-6)
 
 
 @pytest.mark.parametrize("mlp_init", ["zero", "copy"])
@@ -341,16 +375,24 @@ def test_mlp_widening_zero_and_copy(tmp_path, mlp_init):
     report = convert_checkpoint(base, tmp_path / "out", kv_layers=1, kv_groups=1, mlp_init=mlp_init, progress=False)
     # lost = (16 - 1) heads · (2·64·16 + 2·16) = 31,200; per layer 7,800; round(7800 / 64) // 2 = 61
     assert report["intermediate_size"] == {"before": 96, "after": 96 + 61}
-    assert report["parameters"]["after"] == MLKVConfig.from_hf(ref.config).with_layout(1, 1, intermediate_size=157).num_parameters()
+    assert (
+        report["parameters"]["after"]
+        == MLKVConfig.from_hf(ref.config).with_layout(1, 1, intermediate_size=157).num_parameters()
+    )
     sd = out_tensors(tmp_path / "out")
     for j in range(4):
         mlp = ref.gpt_neox.layers[j].mlp
-        w_in, b_in, w_out = (sd[f"layers.{j}.mlp.dense_h_to_4h.weight"], sd[f"layers.{j}.mlp.dense_h_to_4h.bias"],
-                             sd[f"layers.{j}.mlp.dense_4h_to_h.weight"])
+        w_in, b_in, w_out = (
+            sd[f"layers.{j}.mlp.dense_h_to_4h.weight"],
+            sd[f"layers.{j}.mlp.dense_h_to_4h.bias"],
+            sd[f"layers.{j}.mlp.dense_4h_to_h.weight"],
+        )
         assert w_in.shape == (157, 64) and w_out.shape == (64, 157)
         assert torch.equal(w_in[:96], mlp.dense_h_to_4h.weight) and torch.equal(w_out[:, :96], mlp.dense_4h_to_h.weight)
         # the reference rule: added unit u copies unit u's input weights and bias ...
-        assert torch.equal(w_in[96:], mlp.dense_h_to_4h.weight[:61]) and torch.equal(b_in[96:], mlp.dense_h_to_4h.bias[:61])
+        assert torch.equal(w_in[96:], mlp.dense_h_to_4h.weight[:61]) and torch.equal(
+            b_in[96:], mlp.dense_h_to_4h.bias[:61]
+        )
         # ... and its output weights (copy) or starts silent (zero)
         expected_out = mlp.dense_4h_to_h.weight[:, :61] if mlp_init == "copy" else torch.zeros(64, 61)
         assert torch.equal(w_out[:, 96:], expected_out)
@@ -382,14 +424,17 @@ def test_random_init_is_the_same_layout_with_fresh_weights(tiny_base, tmp_path):
     weight = scratch["model.layers.0.attention.query.weight"]
     assert not torch.equal(weight, converted["model.layers.0.attention.query.weight"])
     assert abs(weight.std().item() - 0.02) < 0.005  # initializer_range
-    assert torch.equal(scratch["model.layers.0.input_layernorm.weight"],
-                       torch.ones_like(scratch["model.layers.0.input_layernorm.weight"]))
+    assert torch.equal(
+        scratch["model.layers.0.input_layernorm.weight"],
+        torch.ones_like(scratch["model.layers.0.input_layernorm.weight"]),
+    )
     assert (tmp_path / "scratch" / "tokenizer.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------
 # owner maps, output folder, report, dtype, tokenizer
 # ---------------------------------------------------------------------------------------------
+
 
 def test_owner_map_uniform_equals_kv_layers_and_non_uniform_merges_its_blocks(tiny_base, tmp_path):
     ref, base = tiny_base
@@ -424,7 +469,10 @@ def test_output_folder_report_tokenizer_and_special_tokens(tiny_base, tmp_path, 
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (0, 0, 1)
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mlkv.MLKVForCausalLM"
     text = "the cat ran in the park"
-    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == AutoTokenizer.from_pretrained(tokenizer_dir)(text)["input_ids"]
+    assert (
+        AutoTokenizer.from_pretrained(out)(text)["input_ids"]
+        == AutoTokenizer.from_pretrained(tokenizer_dir)(text)["input_ids"]
+    )
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
     assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
     with pytest.raises(CheckpointError, match="already exists; pass --overwrite"):
@@ -452,17 +500,18 @@ def test_dtype_defaults_to_the_base_and_can_be_changed(tmp_path):
     sd = out_tensors(tmp_path / "fp32")
     assert all(t.dtype == torch.float32 for t in sd.values())
     # merged in float32 from the fp16 rows, so fp32 output is the exact mean, not a rounded one
-    assert torch.allclose(sd["layers.0.attention.key.weight"],
-                          expected_kv(ref.float(), [0], 2, 1, "mean"), atol=1e-6)
+    assert torch.allclose(sd["layers.0.attention.key.weight"], expected_kv(ref.float(), [0], 2, 1, "mean"), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
 # the paper's eight variants
 # ---------------------------------------------------------------------------------------------
 
+
 def test_paper_variants_produce_eight_folders(tmp_path):
-    ref = gpt_neox(num_hidden_layers=12, num_attention_heads=12, hidden_size=96, intermediate_size=192,
-                   vocab_size=64, std=0.1)
+    ref = gpt_neox(
+        num_hidden_layers=12, num_attention_heads=12, hidden_size=96, intermediate_size=192, vocab_size=64, std=0.1
+    )
     base = save_base(ref, tmp_path / "base")
     reports = convert_paper_variants(base, tmp_path / "variants", progress=False)
     names = [n.lower() for n, *_ in TABLE_2]
@@ -483,8 +532,16 @@ def test_paper_variants_produce_eight_folders(tmp_path):
 
 
 def test_paper_variants_of_other_shapes_keep_the_roles_or_are_refused():
-    assert paper_variants(24, 6) == [("gqa-48", 24, 2), ("mlkv-48", 8, 6), ("mqa-24", 24, 1), ("mlkv-24", 8, 3),
-                                     ("mlkv-12", 12, 1), ("mlkv-8", 8, 1), ("mlkv-4", 4, 1), ("mlkv-1", 1, 1)]
+    assert paper_variants(24, 6) == [
+        ("gqa-48", 24, 2),
+        ("mlkv-48", 8, 6),
+        ("mqa-24", 24, 1),
+        ("mlkv-24", 8, 3),
+        ("mlkv-12", 12, 1),
+        ("mlkv-8", 8, 1),
+        ("mlkv-4", 4, 1),
+        ("mlkv-1", 1, 1),
+    ]
     for l, h in ((24, 16), (6, 12), (16, 12), (12, 3)):
         with pytest.raises(ConfigError, match="multiple of 6 .* multiple of 3"):
             paper_variants(l, h)
@@ -494,11 +551,18 @@ def test_paper_variants_of_other_shapes_keep_the_roles_or_are_refused():
 # errors
 # ---------------------------------------------------------------------------------------------
 
+
 def test_a_base_that_is_not_gpt_neox_is_refused_by_name(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(CheckpointError, match=r"model_type 'gpt2' \(GPT2LMHeadModel\) is not supported; "
-                                              r"supported: GPTNeoXForCausalLM"):
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(
+        tmp_path / "gpt2"
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"model_type 'gpt2' \(GPT2LMHeadModel\) is not supported; "
+        r"supported: GPTNeoXForCausalLM",
+    ):
         convert_checkpoint(tmp_path / "gpt2", tmp_path / "out", progress=False)
 
 
@@ -509,18 +573,21 @@ def test_an_already_converted_folder_is_refused(tiny_base, tmp_path):
         convert_checkpoint(tmp_path / "mlkv", tmp_path / "again", 1, 1, progress=False)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(kv_layers=5), r"kv_layers \(m\) = 5 must be between 1 and num_layers = 4"),
-    (dict(kv_layers=0), r"kv_layers \(m\) = 0"),
-    (dict(kv_groups=3), r"kv_groups \(g\) = 3 must divide num_heads \(h\) = 4; allowed: \[1, 2, 4\]"),
-    (dict(kv_owner="0,1,0,5"), r"kv_owner\[3\] = 5"),
-    (dict(kv_owner="0,0,2"), "3 entries, expected one per layer"),
-    (dict(kv_owner="0,x,2,2"), "expected one layer index per layer"),
-    (dict(kv_owner="0,0,2,2", kv_layers=3), "2 owner layers but kv_layers = 3"),
-    (dict(merge="median"), "merge = 'median' is not supported"),
-    (dict(mlp_init="random"), "mlp_init = 'random' is not supported"),
-    (dict(dtype="int8"), "dtype 'int8' is not supported"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(kv_layers=5), r"kv_layers \(m\) = 5 must be between 1 and num_layers = 4"),
+        (dict(kv_layers=0), r"kv_layers \(m\) = 0"),
+        (dict(kv_groups=3), r"kv_groups \(g\) = 3 must divide num_heads \(h\) = 4; allowed: \[1, 2, 4\]"),
+        (dict(kv_owner="0,1,0,5"), r"kv_owner\[3\] = 5"),
+        (dict(kv_owner="0,0,2"), "3 entries, expected one per layer"),
+        (dict(kv_owner="0,x,2,2"), "expected one layer index per layer"),
+        (dict(kv_owner="0,0,2,2", kv_layers=3), "2 owner layers but kv_layers = 3"),
+        (dict(merge="median"), "merge = 'median' is not supported"),
+        (dict(mlp_init="random"), "mlp_init = 'random' is not supported"),
+        (dict(dtype="int8"), "dtype 'int8' is not supported"),
+    ],
+)
 def test_invalid_layouts_and_options(tiny_base, tmp_path, kwargs, message):
     _, base = tiny_base
     with pytest.raises(ConfigError, match=message):
@@ -548,8 +615,10 @@ def test_missing_and_corrupt_weight_files_are_named(tmp_path):
     shard = sorted(sharded.glob("model-*.safetensors"))[1]
     partial = copy_folder(sharded, tmp_path / "partial")
     (partial / shard.name).unlink()
-    with pytest.raises(CheckpointError, match=f"{partial / shard.name}: missing weight file "
-                                              f"\\(listed in model.safetensors.index.json\\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=f"{partial / shard.name}: missing weight file \\(listed in model.safetensors.index.json\\)",
+    ):
         convert_checkpoint(partial, out, progress=False)
 
     truncated = copy_folder(single, tmp_path / "truncated")
@@ -578,8 +647,10 @@ def test_non_finite_base_weights_are_refused_by_file_and_tensor(tmp_path, fmt, v
         ref.gpt_neox.layers[1].mlp.dense_h_to_4h.weight[3, 5] = value
     base = save_base(ref, tmp_path / "base", fmt)
     weights = "model.safetensors" if fmt == "safetensors" else "pytorch_model.bin"
-    with pytest.raises(CheckpointError, match=f"{base / weights}: tensor 'gpt_neox.layers.1.mlp.dense_h_to_4h.weight' "
-                                              f"holds NaN or infinite values"):
+    with pytest.raises(
+        CheckpointError,
+        match=f"{base / weights}: tensor 'gpt_neox.layers.1.mlp.dense_h_to_4h.weight' holds NaN or infinite values",
+    ):
         convert_checkpoint(base, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -608,6 +679,7 @@ def test_missing_config_folder_tensor_and_head_are_named(tmp_path):
 # the command line
 # ---------------------------------------------------------------------------------------------
 
+
 def fake_hub_cache(root: Path, repo: str, files_from: Path) -> Path:
     """A Hugging Face cache holding `repo` (what a download leaves), so a hub name resolves offline."""
     commit = "0" * 40
@@ -623,9 +695,23 @@ def test_cli_converts_a_hub_name_and_reports(tiny_base, tmp_path, tokenizer_dir)
     served from a local cache with the hub offline, through the command line."""
     ref, base = tiny_base
     cache = fake_hub_cache(tmp_path / "hub", "local-org/tiny-neox", base)
-    cmd = [sys.executable, str(ROOT / "launch" / "convert.py"), "--base", "local-org/tiny-neox", "--kv-layers",
-           "2", "--kv-groups", "1", "--merge", "sequential", "--out", str(tmp_path / "mlkv-2"),
-           "--report", str(tmp_path / "r.json"), "--no-progress"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch" / "convert.py"),
+        "--base",
+        "local-org/tiny-neox",
+        "--kv-layers",
+        "2",
+        "--kv-groups",
+        "1",
+        "--merge",
+        "sequential",
+        "--out",
+        str(tmp_path / "mlkv-2"),
+        "--report",
+        str(tmp_path / "r.json"),
+        "--no-progress",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache))
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -645,9 +731,11 @@ def test_cli_errors_are_one_line_with_exit_code_2(tiny_base, tmp_path, capsys):
     finally:
         sys.path.remove(str(ROOT / "launch"))
     _, base = tiny_base
-    cases = [["--base", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
-             ["--base", str(base), "--kv-groups", "3", "--out", str(tmp_path / "o")],
-             ["--base", str(base), "--out", str(base.parent)]]
+    cases = [
+        ["--base", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+        ["--base", str(base), "--kv-groups", "3", "--out", str(tmp_path / "o")],
+        ["--base", str(base), "--out", str(base.parent)],
+    ]
     for argv in cases:
         assert main(argv + ["--no-progress"]) == 2
         err = capsys.readouterr().err
@@ -661,8 +749,10 @@ def test_cli_errors_are_one_line_with_exit_code_2(tiny_base, tmp_path, capsys):
 # the in-memory helpers keep their contracts
 # ---------------------------------------------------------------------------------------------
 
+
 def test_convert_layer_and_merge_kv_agree_with_convert_state_dict():
     from megatron_mlkv.convert import convert_layer, merge_kv, split_qkv
+
     ref = gpt_neox(num_hidden_layers=4)
     base = MLKVConfig.from_hf(ref.config)
     target = target_config(base, 2, 2)
@@ -671,9 +761,13 @@ def test_convert_layer_and_merge_kv_agree_with_convert_state_dict():
     for layer in range(4):
         served = None
         if target.layout.owns_kv(layer):
-            served = [{"attention.query_key_value.weight": sd[f"gpt_neox.layers.{j}.attention.query_key_value.weight"],
-                       "attention.query_key_value.bias": sd[f"gpt_neox.layers.{j}.attention.query_key_value.bias"]}
-                      for j in target.layout.served_layers(layer)]
+            served = [
+                {
+                    "attention.query_key_value.weight": sd[f"gpt_neox.layers.{j}.attention.query_key_value.weight"],
+                    "attention.query_key_value.bias": sd[f"gpt_neox.layers.{j}.attention.query_key_value.bias"],
+                }
+                for j in target.layout.served_layers(layer)
+            ]
         one = convert_layer(sd, "gpt_neox.", base, target, layer, served, merge="sequential")
         assert one.keys() == {k for k in full if k.startswith(f"layers.{layer}.")}
         assert all(torch.allclose(one[k], full[k], atol=1e-6) for k in one)

@@ -1,4 +1,5 @@
 """megatron_mlkv.data and data_tools/pack_pile.py on local corpora and locally trained tokenizers."""
+
 import importlib.util
 import json
 import pickle
@@ -24,8 +25,7 @@ WORDS = "the a cat dog sees runs near river market quiet brave counts plus makes
 def make_docs(n: int, seed: int = 0) -> list[str]:
     """Texts with a long-tailed length distribution (some longer than the rows used here), no newlines."""
     rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(max(1, int(rng.lognormvariate(2.5, 1.0)))))
-            for _ in range(n)]
+    return [" ".join(rng.choice(WORDS) for _ in range(max(1, int(rng.lognormvariate(2.5, 1.0))))) for _ in range(n)]
 
 
 def write_jsonl(path: Path, texts, key: str = "text") -> Path:
@@ -41,6 +41,7 @@ def work(tmp_path_factory):
     corpus = write_jsonl(tmp / "corpus.jsonl", docs)
     tok_dir = train_tokenizer(corpus, tmp / "tok", vocab_size=300)
     from tokenizers import Tokenizer
+
     rust = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     eod = rust.token_to_id(EOD)
     expected = [rust.encode(t, add_special_tokens=False).ids + [eod] for t in docs]
@@ -61,7 +62,7 @@ def pieces_of(ds: PackedDataset) -> list[tuple]:
 
 
 def chunks(ids: list[int], size: int) -> list[tuple]:
-    return [tuple(ids[i:i + size]) for i in range(0, len(ids), size)]
+    return [tuple(ids[i : i + size]) for i in range(0, len(ids), size)]
 
 
 def assert_round_trip(ds: PackedDataset, expected: list[list[int]]) -> None:
@@ -79,6 +80,7 @@ def bytes_of(prefix: Path) -> tuple[bytes, bytes]:
 # --------------------------------------------------------------------------------------------------
 # Packing
 # --------------------------------------------------------------------------------------------------
+
 
 def test_best_fit_round_trip(work, tmp_path):
     meta = pack([str(work["corpus"])], str(work["tok"]), 64, str(tmp_path / "p"), progress=False)
@@ -99,7 +101,7 @@ def test_best_fit_round_trip(work, tmp_path):
 def test_best_fit_never_splits_a_fitting_document_and_fills_over_99_percent():
     rng = np.random.default_rng(0)
     seq_len = 2048  # Pile-like document lengths: lognormal, mean ~1500 tokens, a long tail past the row
-    lengths = np.maximum(1, rng.lognormal(np.log(1540) - 1.5 ** 2 / 2, 1.5, 20_000).astype(int))
+    lengths = np.maximum(1, rng.lognormal(np.log(1540) - 1.5**2 / 2, 1.5, 20_000).astype(int))
     docs = [np.full(n, i, dtype=np.uint32) for i, n in enumerate(lengths)]  # token = document number
     rows, stats = [], {"split_documents": 0}
     data.pack_best_fit(iter(docs), seq_len, lambda row: rows.append(row), stats, window=5000)
@@ -145,10 +147,10 @@ def reference_packing(docs: list[list[int]], eod: int, seq_len: int, chunk: int)
     """The reference implementation, written out: truncate (to seq_len - 1 here so the EOD fits),
     sort each chunk of documents by length, greedily fill rows, flush at the end of every chunk."""
     rows = []
-    truncated = [ids[:seq_len - 1] for ids in docs]
+    truncated = [ids[: seq_len - 1] for ids in docs]
     for start in range(0, len(truncated), chunk):
         buffer = []
-        for ids in sorted(truncated[start:start + chunk], key=len):
+        for ids in sorted(truncated[start : start + chunk], key=len):
             with_eos = ids + [eod]
             if len(buffer) + len(with_eos) <= seq_len:
                 buffer.extend(with_eos)
@@ -162,8 +164,9 @@ def reference_packing(docs: list[list[int]], eod: int, seq_len: int, chunk: int)
 def test_reference_packing_reproduces_the_reference_algorithm(work, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "REFERENCE_CHUNK", 40)  # several chunks in a small corpus
     seq_len = 48
-    meta = pack([str(work["corpus"])], str(work["tok"]), seq_len, str(tmp_path / "r"), packing="reference",
-                progress=False)
+    meta = pack(
+        [str(work["corpus"])], str(work["tok"]), seq_len, str(tmp_path / "r"), packing="reference", progress=False
+    )
     ds = PackedDataset(tmp_path / "r")
     texts = [ids[:-1] for ids in work["expected"]]
     want = reference_packing(texts, work["eod"], seq_len, chunk=40)
@@ -173,13 +176,12 @@ def test_reference_packing_reproduces_the_reference_algorithm(work, tmp_path, mo
     assert meta["truncated_tokens"] == sum(len(ids) - (seq_len - 1) for ids in long_docs)
     assert meta["split_documents"] == 0
     for ids in long_docs:
-        row = next(i for i in range(len(ds)) if list(map(int, ds[i])) == ids[:seq_len - 1] + [work["eod"]])
+        row = next(i for i in range(len(ds)) if list(map(int, ds[i])) == ids[: seq_len - 1] + [work["eod"]])
         assert ds.loss_mask(row).all() and list(ds.doc_boundaries(row)) == [0]
 
 
 def test_max_doc_tokens_keeps_the_end_of_document_token(work, tmp_path):
-    meta = pack([str(work["corpus"])], str(work["tok"]), 64, str(tmp_path / "m"), max_doc_tokens=30,
-                progress=False)
+    meta = pack([str(work["corpus"])], str(work["tok"]), 64, str(tmp_path / "m"), max_doc_tokens=30, progress=False)
     ds = PackedDataset(tmp_path / "m")
     cut = [ids if len(ids) <= 30 else ids[:29] + [ids[-1]] for ids in work["expected"]]
     assert_round_trip(ds, cut)
@@ -188,6 +190,7 @@ def test_max_doc_tokens_keeps_the_end_of_document_token(work, tmp_path):
 
 def test_uint32_when_the_vocabulary_does_not_fit_uint16(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
+
     vocab = {f"w{i}": i for i in range(70_000)} | {EOD: 70_000}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -233,7 +236,7 @@ def test_every_input_format_gives_the_same_rows(work, tmp_path):
     parts = tmp_path / "parts"
     parts.mkdir()
     for k in range(3):  # 'part-1' sorts before 'part-2': the glob keeps source order
-        write_jsonl(parts / f"part-{k}.jsonl", docs[k * 50:(k + 1) * 50])
+        write_jsonl(parts / f"part-{k}.jsonl", docs[k * 50 : (k + 1) * 50])
 
     docs_and_blanks = [x for i, t in enumerate(docs) for x in ([t, "", "  \n "] if i % 40 == 0 else [t])]
     write_jsonl(src / "blanks.jsonl", docs_and_blanks)  # blank documents are skipped, and counted
@@ -243,9 +246,15 @@ def test_every_input_format_gives_the_same_rows(work, tmp_path):
     meta = pack([str(src / "blanks.jsonl")], tok, 64, str(tmp_path / "blanks"), num_docs=len(docs), progress=False)
     assert bytes_of(tmp_path / "blanks") == base
     assert (meta["documents"], meta["empty_documents"]) == (len(docs), 8)
-    cases = {"zst": [str(src / "c.jsonl.zst")], "json": [str(src / "c.json")], "parquet": [str(src / "c.parquet")],
-             "txt": [str(src / "c.txt")], "glob": [str(parts / "part-*.jsonl")], "folder": [str(parts)],
-             "list": [str(parts / f"part-{k}.jsonl") for k in range(3)]}
+    cases = {
+        "zst": [str(src / "c.jsonl.zst")],
+        "json": [str(src / "c.json")],
+        "parquet": [str(src / "c.parquet")],
+        "txt": [str(src / "c.txt")],
+        "glob": [str(parts / "part-*.jsonl")],
+        "folder": [str(parts)],
+        "list": [str(parts / f"part-{k}.jsonl") for k in range(3)],
+    }
     for name, inputs in cases.items():
         meta = pack(inputs, tok, 64, str(tmp_path / name), progress=False)
         assert bytes_of(tmp_path / name) == base, name
@@ -262,8 +271,13 @@ def test_tokenizer_folder_json_and_sentencepiece(work, tmp_path):
     pack([corpus], str(work["tok"] / "tokenizer.json"), 64, str(tmp_path / "file"), progress=False)
     assert bytes_of(tmp_path / "folder") == bytes_of(tmp_path / "file")
 
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(work["docs"]), model_prefix=str(tmp_path / "sp"),
-                                   vocab_size=60, hard_vocab_limit=False, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(work["docs"]),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=60,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
     meta = pack([corpus], str(tmp_path / "sp.model"), 64, str(tmp_path / "spm"), progress=False)
     ds = PackedDataset(tmp_path / "spm")
@@ -274,6 +288,7 @@ def test_tokenizer_folder_json_and_sentencepiece(work, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def packed(work):
@@ -315,8 +330,9 @@ def test_dataset_pickles_and_works_in_dataloader_workers(packed):
     assert clone._maps is None and (clone[1] == ds[1]).all()
     want = np.stack([ds[i] for i in range(len(ds))])
     for context in ("fork", "spawn"):  # spawn pickles the dataset into each worker
-        loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=np.stack,
-                                             multiprocessing_context=context)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=4, num_workers=2, collate_fn=np.stack, multiprocessing_context=context
+        )
         assert (np.concatenate(list(loader)) == want).all()
 
 
@@ -348,6 +364,7 @@ def test_sampler_order_is_independent_of_ranks_and_resume():
 # Errors and atomicity
 # --------------------------------------------------------------------------------------------------
 
+
 def run_cli(*args) -> tuple[int, str, str]:
     """data_tools/pack_pile.py's main() in this process (the subprocess test below covers the real run)."""
     spec = importlib.util.spec_from_file_location("pack_pile", ROOT / "data_tools" / "pack_pile.py")
@@ -355,6 +372,7 @@ def run_cli(*args) -> tuple[int, str, str]:
     spec.loader.exec_module(module)
     import contextlib
     import io
+
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = module.main([str(a) for a in args])
@@ -369,25 +387,62 @@ def assert_one_line_error(result, *fragments) -> None:
 
 
 def test_cli_packs_and_reports(work, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "data_tools" / "pack_pile.py"), "--input", str(work["corpus"]),
-                           "--tokenizer", str(work["tok"]), "--seq-len", "64", "--out", str(tmp_path / "cli"),
-                           "--no-progress"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "data_tools" / "pack_pile.py"),
+            "--input",
+            str(work["corpus"]),
+            "--tokenizer",
+            str(work["tok"]),
+            "--seq-len",
+            "64",
+            "--out",
+            str(tmp_path / "cli"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     for field in ("rows", "documents", "document tokens", "fill ratio", "truncated tokens"):
         assert f"| {field} |" in proc.stdout
     assert_round_trip(PackedDataset(tmp_path / "cli"), work["expected"])
-    missing = subprocess.run([sys.executable, str(ROOT / "data_tools" / "pack_pile.py"), "--input",
-                              str(tmp_path / "missing.jsonl"), "--tokenizer", str(work["tok"]), "--out",
-                              str(tmp_path / "x")], capture_output=True, text=True)
+    missing = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "data_tools" / "pack_pile.py"),
+            "--input",
+            str(tmp_path / "missing.jsonl"),
+            "--tokenizer",
+            str(work["tok"]),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert_one_line_error((missing.returncode, missing.stdout, missing.stderr), "missing.jsonl", "no such file")
     assert "Traceback" not in missing.stderr
     # an existing prefix is refused (a run resuming on it would train on other rows) unless --overwrite
     before = bytes_of(tmp_path / "cli")
-    again = [sys.executable, str(ROOT / "data_tools" / "pack_pile.py"), "--input", str(work["corpus"]),
-             "--tokenizer", str(work["tok"]), "--seq-len", "32", "--out", str(tmp_path / "cli"), "--no-progress"]
+    again = [
+        sys.executable,
+        str(ROOT / "data_tools" / "pack_pile.py"),
+        "--input",
+        str(work["corpus"]),
+        "--tokenizer",
+        str(work["tok"]),
+        "--seq-len",
+        "32",
+        "--out",
+        str(tmp_path / "cli"),
+        "--no-progress",
+    ]
     refused = subprocess.run(again, capture_output=True, text=True)
-    assert_one_line_error((refused.returncode, refused.stdout, refused.stderr), f"{tmp_path / 'cli'}.bin",
-                          "already exist", "--overwrite")
+    assert_one_line_error(
+        (refused.returncode, refused.stdout, refused.stderr), f"{tmp_path / 'cli'}.bin", "already exist", "--overwrite"
+    )
     assert bytes_of(tmp_path / "cli") == before
     assert subprocess.run(again + ["--overwrite"], capture_output=True, text=True).returncode == 0
     assert PackedDataset(tmp_path / "cli").seq_len == 32
@@ -419,8 +474,11 @@ def test_cli_errors_name_the_file_and_line(work, tmp_path):
     assert_one_line_error(run_cli("--input", tmp_path / "body.parquet", *common), "body.parquet", "no column 'text'")
     assert_one_line_error(run_cli("--input", tmp_path / "nothing-*.jsonl", *common), "no file matches")
     assert_one_line_error(run_cli("--input", tmp_path / "data.csv", *common), "data.csv")
-    assert_one_line_error(run_cli("--input", work["corpus"], "--tokenizer", tmp_path / "no.model", "--out", out),
-                          "no.model", "no such file")
+    assert_one_line_error(
+        run_cli("--input", work["corpus"], "--tokenizer", tmp_path / "no.model", "--out", out),
+        "no.model",
+        "no such file",
+    )
     assert_one_line_error(run_cli("--input", work["corpus"], *common, "--fraction", 1.5), "--fraction 1.5")
     assert not list(tmp_path.glob("out*"))  # nothing written by any failure
 
@@ -483,6 +541,7 @@ def overwrite_bytes(path, at: int, value: bytes) -> None:
 
 def copy_pack(src: Path, dst: Path) -> Path:
     import shutil
+
     for ext in ("bin", "idx", "json"):
         shutil.copy(f"{src}.{ext}", f"{dst}.{ext}")
     return dst
@@ -507,8 +566,13 @@ def test_the_fingerprint_finds_files_changed_after_packing(work, packed, tmp_pat
         PackedDataset(bad).verify()
     # a re-pack of other documents at the same prefix has another fingerprint
     other = tmp_path / "other"
-    pack([str(write_jsonl(tmp_path / "o.jsonl", make_docs(150, seed=9)))], str(work["tok"]), 32, str(other),
-         progress=False)
+    pack(
+        [str(write_jsonl(tmp_path / "o.jsonl", make_docs(150, seed=9)))],
+        str(work["tok"]),
+        32,
+        str(other),
+        progress=False,
+    )
     assert PackedDataset(other).verify() != fingerprint
 
 
@@ -526,8 +590,11 @@ def test_a_pack_without_fingerprint_is_scanned_for_its_largest_id(packed, tmp_pa
 def test_each_batch_is_checked_for_ids_beyond_the_vocabulary(packed, tmp_path):
     ds = PackedDataset(packed)
     ds.check_ids(np.arange(len(ds)), ds.max_token_id + 1)  # nothing beyond: no error
-    with pytest.raises(DataError, match=f"^{packed}.bin: row \\d+ holds token id {ds.max_token_id}, beyond the "
-                                        f"model's vocabulary of {ds.max_token_id}"):
+    with pytest.raises(
+        DataError,
+        match=f"^{packed}.bin: row \\d+ holds token id {ds.max_token_id}, beyond the "
+        f"model's vocabulary of {ds.max_token_id}",
+    ):
         ds.check_ids(np.arange(len(ds)), ds.max_token_id)
     bad = copy_pack(packed, tmp_path / "bad")
     overwrite_bytes(f"{bad}.bin", 5 * 32 * 2 + 6, b"\xff\xff")  # row 5, token 3

@@ -1,5 +1,6 @@
 """`make demo`'s pipeline end to end, shortened: corpus -> tokenizer -> pack -> base -> convert ->
 deepspeed uptraining (2 ranks, ZeRO-2) -> table."""
+
 import os
 import subprocess
 import sys
@@ -16,9 +17,24 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_pipeline_recovers_the_converted_model(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    result = subprocess.run([sys.executable, str(ROOT / "launch" / "demo.py"), "--out", str(out), "--docs", "1500",
-                             "--pretrain-steps", "100", "--uptrain-steps", "30"],
-                            env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch" / "demo.py"),
+            "--out",
+            str(out),
+            "--docs",
+            "1500",
+            "--pretrain-steps",
+            "100",
+            "--uptrain-steps",
+            "30",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {}
     for line in (out / "results.md").read_text().splitlines()[2:]:

@@ -3,6 +3,7 @@
 Offline: a tokenizer trained here, a tiny GPT-NeoX converted to MLKV-2 (m=2, g=1), and two local
 lm-eval tasks (multiple choice, and a lambada-like loglikelihood task) reading jsonl files written here.
 """
+
 import json
 import os
 import random
@@ -73,8 +74,13 @@ def write_tasks(folder: Path) -> Path:
         animal = rng.choice(ANIMALS)
         choices = [animal] + rng.sample([a for a in ANIMALS if a != animal], 2)
         rng.shuffle(choices)
-        mc.append({"question": f"Ada sees a small {animal} near the garden. Ada feeds the",
-                   "choices": [" " + c for c in choices], "label": choices.index(animal)})
+        mc.append(
+            {
+                "question": f"Ada sees a small {animal} near the garden. Ada feeds the",
+                "choices": [" " + c for c in choices],
+                "label": choices.index(animal),
+            }
+        )
         lam.append({"text": f"Yesterday Bruno saw the {animal} at the river. Bruno follows the {animal}"})
     for name, docs, yaml in (("tiny_mc", mc, MC_YAML), ("tiny_lambada", lam, LAMBADA_YAML)):
         data = folder / f"{name}.jsonl"
@@ -90,9 +96,18 @@ def workspace(tmp_path_factory):
     tok_dir = train_tokenizer(write_corpus(root / "corpus.jsonl", 200), root / "tokenizer", vocab_size=300)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     torch.manual_seed(0)
-    base = GPTNeoXForCausalLM(GPTNeoXConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=128, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    base = GPTNeoXForCausalLM(
+        GPTNeoXConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     base.save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     convert_checkpoint(str(root / "base"), root / "mlkv-2", kv_layers=2, kv_groups=1, progress=False)
@@ -107,8 +122,14 @@ def offline(monkeypatch):
 
 def run_cli(script: str, *args, cwd=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, **OFFLINE, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, str(ROOT / "launch" / script), *map(str, args)],
-                          capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
@@ -119,9 +140,23 @@ def test_cli_matches_lm_eval_hf_loader(workspace, offline, dtype):
     from lm_eval.tasks import TaskManager
 
     out = workspace["root"] / f"eval-{dtype}" / "mlkv-2.json"
-    proc = run_cli("evaluate.py", "--model", workspace["model"], "--tasks", ",".join(TASKS),
-                   "--include-path", workspace["tasks"], "--limit", LIMIT, "--batch-size", BATCH,
-                   *(["--dtype", dtype] if dtype != "auto" else []), "--out", out, cwd=workspace["root"])
+    proc = run_cli(
+        "evaluate.py",
+        "--model",
+        workspace["model"],
+        "--tasks",
+        ",".join(TASKS),
+        "--include-path",
+        workspace["tasks"],
+        "--limit",
+        LIMIT,
+        "--batch-size",
+        BATCH,
+        *(["--dtype", dtype] if dtype != "auto" else []),
+        "--out",
+        out,
+        cwd=workspace["root"],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| tiny_mc | acc |" in proc.stdout and "MLKV-2" in proc.stdout
     assert sorted(p.name for p in out.parent.iterdir()) == ["mlkv-2.json"]  # no temporary left behind
@@ -129,9 +164,16 @@ def test_cli_matches_lm_eval_hf_loader(workspace, offline, dtype):
     assert ours["config"]["dtype"] == ("float32" if dtype == "auto" else dtype)
 
     model_args = f"pretrained={workspace['model']},trust_remote_code=True,dtype={dtype}"
-    ref = lm_eval.simple_evaluate(model="hf", model_args=model_args,
-                                  tasks=TASKS, task_manager=TaskManager(include_path=str(workspace["tasks"])),
-                                  limit=LIMIT, batch_size=BATCH, device="cpu", log_samples=False)
+    ref = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=model_args,
+        tasks=TASKS,
+        task_manager=TaskManager(include_path=str(workspace["tasks"])),
+        limit=LIMIT,
+        batch_size=BATCH,
+        device="cpu",
+        log_samples=False,
+    )
     for task in TASKS:
         metrics = {k: v for k, v in ref["results"][task].items() if "," in k and "_stderr" not in k}
         assert set(metrics) <= set(ours["results"][task])
@@ -142,40 +184,76 @@ def test_cli_matches_lm_eval_hf_loader(workspace, offline, dtype):
     assert ours["n-samples"]["tiny_mc"]["effective"] == LIMIT
 
     layout = ours["layout"]
-    assert (layout["name"], layout["kv_layers"], layout["num_kv_heads"], layout["kv_owner"]) == \
-        ("MLKV-2", 2, 1, [0, 0, 2, 2])
+    assert (layout["name"], layout["kv_layers"], layout["num_kv_heads"], layout["kv_owner"]) == (
+        "MLKV-2",
+        2,
+        1,
+        [0, 0, 2, 2],
+    )
     assert ours["kv_bytes_per_token"] == 2 * 2 * 1 * 8 * 2  # K and V, m*g heads, head_dim 8, fp16
-    assert set(eval_scalars(ours)) == {"eval/tiny_mc/acc", "eval/tiny_mc/acc_norm",
-                                       "eval/tiny_lambada/perplexity", "eval/tiny_lambada/acc"}
+    assert set(eval_scalars(ours)) == {
+        "eval/tiny_mc/acc",
+        "eval/tiny_mc/acc_norm",
+        "eval/tiny_lambada/perplexity",
+        "eval/tiny_lambada/acc",
+    }
 
 
 def test_eval_scalars_names():
-    result = {"results": {
-        "arc_easy": {"alias": "arc_easy", "name": "arc_easy", "sample_len": 10, "acc,none": 0.5,
-                     "acc_stderr,none": 0.1, "acc_norm,none": 0.25, "acc_norm_stderr,none": "N/A"},
-        "lambada_openai": {"alias": "lambada_openai", "perplexity,none": 12.5, "perplexity_stderr,none": 1.0,
-                           "acc,none": 1},
-        "gsm8k": {"exact_match,strict-match": 0.125, "exact_match_stderr,strict-match": 0.01,
-                  "exact_match,flexible-extract": "N/A"}}}
-    assert eval_scalars(result) == {"eval/arc_easy/acc": 0.5, "eval/arc_easy/acc_norm": 0.25,
-                                    "eval/lambada_openai/perplexity": 12.5, "eval/lambada_openai/acc": 1.0,
-                                    "eval/gsm8k/exact_match_strict-match": 0.125}
+    result = {
+        "results": {
+            "arc_easy": {
+                "alias": "arc_easy",
+                "name": "arc_easy",
+                "sample_len": 10,
+                "acc,none": 0.5,
+                "acc_stderr,none": 0.1,
+                "acc_norm,none": 0.25,
+                "acc_norm_stderr,none": "N/A",
+            },
+            "lambada_openai": {
+                "alias": "lambada_openai",
+                "perplexity,none": 12.5,
+                "perplexity_stderr,none": 1.0,
+                "acc,none": 1,
+            },
+            "gsm8k": {
+                "exact_match,strict-match": 0.125,
+                "exact_match_stderr,strict-match": 0.01,
+                "exact_match,flexible-extract": "N/A",
+            },
+        }
+    }
+    assert eval_scalars(result) == {
+        "eval/arc_easy/acc": 0.5,
+        "eval/arc_easy/acc_norm": 0.25,
+        "eval/lambada_openai/perplexity": 12.5,
+        "eval/lambada_openai/acc": 1.0,
+        "eval/gsm8k/exact_match_strict-match": 0.125,
+    }
 
 
 def test_failures_are_reported_not_raised(workspace, offline, tmp_path):
     """An unknown task, and a task whose data is missing (as offline downloads are), give a reason."""
     out = tmp_path / "eval" / "step_1.json"
-    result, error = try_evaluate_checkpoint(str(workspace["model"]), ["tiny_mc", "no_such_task"],
-                                            include_path=str(workspace["tasks"]), limit=2, out_path=str(out))
+    result, error = try_evaluate_checkpoint(
+        str(workspace["model"]),
+        ["tiny_mc", "no_such_task"],
+        include_path=str(workspace["tasks"]),
+        limit=2,
+        out_path=str(out),
+    )
     assert result is None and "unknown task 'no_such_task'" in error and "\n" not in error
 
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "tiny_broken.yaml").write_text(MC_YAML.replace("task: tiny_mc", "task: tiny_broken")
-                                             .format(data=tmp_path / "missing.jsonl"))
+    (broken / "tiny_broken.yaml").write_text(
+        MC_YAML.replace("task: tiny_mc", "task: tiny_broken").format(data=tmp_path / "missing.jsonl")
+    )
     rng = (random.getstate(), torch.get_rng_state())
-    result, error = try_evaluate_checkpoint(str(workspace["model"]), "tiny_broken", include_path=str(broken),
-                                            limit=2, out_path=str(out), device="cpu")
+    result, error = try_evaluate_checkpoint(
+        str(workspace["model"]), "tiny_broken", include_path=str(broken), limit=2, out_path=str(out), device="cpu"
+    )
     assert result is None and "missing.jsonl" in error and "\n" not in error
     assert random.getstate() == rng[0] and torch.equal(torch.get_rng_state(), rng[1])  # lm-eval reseeds: restored
     assert not out.exists()
@@ -193,13 +271,26 @@ def test_cli_bad_input_is_one_line(tmp_path):
 
 # ------------------------------------------------------------------ report
 
+
 def eval_json(path: Path, name: str, m: int, g: int, accs: dict, step=None) -> Path:
     """A synthetic evaluation JSON of a 12-layer, 12-head, head_dim 64 model."""
-    result = {"model": f"/ckpt/{name.lower()}", "step": step, "tasks": list(accs),
-              "layout": {"name": name, "num_layers": 12, "num_heads": 12, "kv_layers": m, "num_kv_heads": g,
-                         "kv_owner": list(range(12)), "kv_heads_total": m * g},
-              "kv_dtype": "fp16", "kv_bytes_per_token": 2 * m * g * 64 * 2,
-              "results": {t: {"alias": t, "acc,none": a, "acc_stderr,none": 0.01} for t, a in accs.items()}}
+    result = {
+        "model": f"/ckpt/{name.lower()}",
+        "step": step,
+        "tasks": list(accs),
+        "layout": {
+            "name": name,
+            "num_layers": 12,
+            "num_heads": 12,
+            "kv_layers": m,
+            "num_kv_heads": g,
+            "kv_owner": list(range(12)),
+            "kv_heads_total": m * g,
+        },
+        "kv_dtype": "fp16",
+        "kv_bytes_per_token": 2 * m * g * 64 * 2,
+        "results": {t: {"alias": t, "acc,none": a, "acc_stderr,none": 0.01} for t, a in accs.items()},
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result))
     return path
@@ -225,7 +316,8 @@ def test_report_table_front_and_plot(tmp_path):
     rows = {r["layout"]: r for r in report["rows"]}
     assert [r["layout"] for r in report["rows"]] == ["MHA", "GQA-48", "MLKV-48", "MLKV-2"]  # most KV first
     assert {k: r["average"] for k, r in rows.items()} == pytest.approx(
-        {"MHA": 0.65, "GQA-48": 0.62, "MLKV-48": 0.55, "MLKV-2": 0.45})
+        {"MHA": 0.65, "GQA-48": 0.62, "MLKV-48": 0.55, "MLKV-2": 0.45}
+    )
     assert {k for k, r in rows.items() if r["pareto"]} == {"MHA", "GQA-48", "MLKV-2"}  # MLKV-48 loses to GQA-48
     assert rows["MLKV-2"]["label"] == "mlkv-2 @ step 10" and rows["MLKV-2"]["kv_bytes_per_token"] == 512
 
@@ -237,8 +329,12 @@ def test_report_table_front_and_plot(tmp_path):
 
 
 def test_plot_names_ablations_of_one_layout_by_run():
-    rows = [{"layout": "MHA", "label": "mha @ step 8"}, {"layout": "MLKV-6", "label": "mlkv-6 @ step 8"},
-            {"layout": "MLKV-6", "label": "mlkv-6-scratch @ step 8"}, {"layout": "MLKV-1", "label": "x.json"}]
+    rows = [
+        {"layout": "MHA", "label": "mha @ step 8"},
+        {"layout": "MLKV-6", "label": "mlkv-6 @ step 8"},
+        {"layout": "MLKV-6", "label": "mlkv-6-scratch @ step 8"},
+        {"layout": "MLKV-1", "label": "x.json"},
+    ]
     assert point_labels(rows) == ["MHA", "mlkv-6", "mlkv-6-scratch", "MLKV-1"]
 
 

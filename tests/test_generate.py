@@ -1,11 +1,10 @@
 import pytest
 import torch
+from helpers import LAYOUTS, left_padded, model_for
 from transformers import AutoModelForCausalLM
 
 from megatron_mlkv.generate import StaticDecoder, StaticKVCache, generate, pad_mlp_
 from megatron_mlkv.hf import export_pretrained
-
-from helpers import LAYOUTS, left_padded, model_for
 
 
 def greedy_uncached(model, ids, mask, steps):
@@ -47,12 +46,19 @@ def test_fast_generate_with_left_padding(layout):
     assert torch.equal(out, greedy_uncached(model, ids, mask, 10))
     for row, prompt in enumerate(prompts):  # padding changes nothing: each prompt alone decodes the same
         alone = generate(model, torch.tensor([prompt]), 10)
-        assert alone[0, len(prompt):].tolist() == out[row, ids.shape[1]:].tolist()
+        assert alone[0, len(prompt) :].tolist() == out[row, ids.shape[1] :].tolist()
 
 
-@pytest.mark.parametrize("changes", [dict(use_parallel_residual=False), dict(rotary_pct=1.0),
-                                     dict(tie_word_embeddings=True), dict(attention_bias=False)],
-                         ids=["sequential-residual", "full-rotary", "tied", "no-bias"])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(use_parallel_residual=False),
+        dict(rotary_pct=1.0),
+        dict(tie_word_embeddings=True),
+        dict(attention_bias=False),
+    ],
+    ids=["sequential-residual", "full-rotary", "tied", "no-bias"],
+)
 def test_fast_generate_honours_model_options(changes):
     model = model_for("mlkv-m<l-g<h", **changes)
     ids = torch.randint(0, 101, (2, 9))
@@ -86,7 +92,7 @@ def test_static_cache_serves_the_model_forward_like_dynamic_cache():
     cache = StaticKVCache.allocate(model.config, 2, 24)
     with torch.no_grad():
         full = model(ids)
-        steps = [model(ids[:, :12], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(12, 20)]
+        steps = [model(ids[:, :12], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(12, 20)]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
     assert cache.get_seq_length() == 20 and not cache.keys[:, :, :, 20:].any()
 
@@ -112,7 +118,7 @@ def test_rows_after_eos_keep_emitting_it():
         new = out[row, 6:].tolist()
         if eos in new:
             first = new.index(eos)
-            assert new[:first] == greedy[row, 6:6 + first].tolist() and set(new[first:]) == {eos}
+            assert new[:first] == greedy[row, 6 : 6 + first].tolist() and set(new[first:]) == {eos}
     assert out[0, 8:].tolist() == [eos] * 6
 
 

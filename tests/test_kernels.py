@@ -6,14 +6,14 @@ other tests of this file in a child pytest with TRITON_INTERPRET=1 (here they ar
 interpreter's bf16 `tl.dot` is wrong, so the kernels are checked in float32 here; in bf16 on a GPU,
 `benchmarks/results/inference/decode_kernels.py` reports their logits against SDPA's.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
-
-from megatron_mlkv.model import apply_rotary, rotary_cos_sin
-
 from helpers import LAYOUTS, interpreted, interpreter_parent, left_padded, model_for, run_interpreted
 from test_generate import greedy_uncached
+
+from megatron_mlkv.model import apply_rotary, rotary_cos_sin
 
 
 @pytest.mark.slow
@@ -29,16 +29,16 @@ def reference_attention(proj, keys, values, rotary, pos, pad, h, owns_kv):
     b, g, _, dk = keys.shape
     rot = rotary.shape[-1]
     cos, sin = rotary[0], rotary[1].clone()
-    sin[:, :rot // 2] *= -1  # back to the plain sin
+    sin[:, : rot // 2] *= -1  # back to the plain sin
     keys, values, out = keys.clone(), values.clone(), []
     for i in range(b):
         c, s = cos[pos - pad[i]][None, None], sin[pos - pad[i]][None, None]
-        q = apply_rotary(proj[i, :h * dk].view(h, 1, dk), c, s)[:, 0]
+        q = apply_rotary(proj[i, : h * dk].view(h, 1, dk), c, s)[:, 0]
         if owns_kv:
-            new = proj[i, h * dk:].view(2 * g, dk)
+            new = proj[i, h * dk :].view(2 * g, dk)
             keys[i, :, pos] = apply_rotary(new[:g, None], c, s)[:, 0]
             values[i, :, pos] = new[g:]
-        k, v = keys[i, :, pad[i]:pos + 1], values[i, :, pad[i]:pos + 1]
+        k, v = keys[i, :, pad[i] : pos + 1], values[i, :, pad[i] : pos + 1]
         out.append(F.scaled_dot_product_attention(q.view(g, h // g, dk), k, v).reshape(-1))
     return torch.stack(out), keys, values
 
@@ -46,29 +46,41 @@ def reference_attention(proj, keys, values, rotary, pos, pad, h, owns_kv):
 @interpreted
 @pytest.mark.parametrize("owns_kv", [True, False])
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("b,h,g,dk,length,rot", [(3, 4, 4, 16, 90, 4), (3, 8, 1, 32, 130, 16),
-                                                 (2, 6, 2, 16, 70, 16)])
+@pytest.mark.parametrize("b,h,g,dk,length,rot", [(3, 4, 4, 16, 90, 4), (3, 8, 1, 32, 130, 16), (2, 6, 2, 16, 70, 16)])
 def test_decode_attention_equals_reference(b, h, g, dk, length, rot, splits, owns_kv):
     """Output into a separate buffer, the MLP's GELU beside it."""
     from megatron_mlkv import kernels
+
     torch.manual_seed(0)
     width = (h + 2 * g) * dk if owns_kv else h * dk
     hidden = torch.randn(b, width + 40)  # q [k v] | MLP hidden, as the folded layers lay it out
     keys, values = torch.randn(b, g, length, dk), torch.randn(b, g, length, dk)
     cos, sin = rotary_cos_sin(torch.arange(length)[None], rot, 10000.0, torch.float32)
-    sin[..., :rot // 2] *= -1
+    sin[..., : rot // 2] *= -1
     rotary = torch.stack([cos[0, 0], sin[0, 0]]).contiguous()
     pos, pad = length - 7, torch.tensor([0, 37, 3][:b])
-    expected, expected_keys, expected_values = reference_attention(hidden[:, :width], keys, values, rotary, pos,
-                                                                   pad, h, owns_kv)
+    expected, expected_keys, expected_values = reference_attention(
+        hidden[:, :width], keys, values, rotary, pos, pad, h, owns_kv
+    )
     both = torch.full((b, h * dk + 40), float("nan"))  # attention output | activation
     counters = torch.zeros(b * g, dtype=torch.int32)
-    out = kernels.decode_attention(hidden, keys, values, rotary, torch.tensor([pos]), pad, h, owns_kv, splits,
-                                   out=both[:, :h * dk], activation=("none", hidden[:, width:], both[:, h * dk:]),
-                                   counters=counters)
+    out = kernels.decode_attention(
+        hidden,
+        keys,
+        values,
+        rotary,
+        torch.tensor([pos]),
+        pad,
+        h,
+        owns_kv,
+        splits,
+        out=both[:, : h * dk],
+        activation=("none", hidden[:, width:], both[:, h * dk :]),
+        counters=counters,
+    )
     assert not counters.any()  # left ready for the next launch
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(both[:, h * dk:], F.gelu(hidden[:, width:]))
+    torch.testing.assert_close(both[:, h * dk :], F.gelu(hidden[:, width:]))
     torch.testing.assert_close(keys, expected_keys)  # the owner's write, and nothing else
     torch.testing.assert_close(values, expected_values)
 
@@ -79,6 +91,7 @@ def test_decode_attention_equals_reference(b, h, g, dk, length, rot, splits, own
 def test_decode_attention_kv_first_in_place(splits, owns_kv):
     """The folded layers' layout [k v | q | MLP hidden]: output written over q, GELU in place."""
     from megatron_mlkv import kernels
+
     torch.manual_seed(0)
     b, h, g, dk, length, rot = 3, 8, 2, 16, 100, 16
     q_width, kv_width = h * dk, 2 * g * dk if owns_kv else 0
@@ -87,14 +100,26 @@ def test_decode_attention_kv_first_in_place(splits, owns_kv):
     hidden = torch.cat([proj[:, q_width:], proj[:, :q_width], mlp], 1)
     keys, values = torch.randn(b, g, length, dk), torch.randn(b, g, length, dk)
     cos, sin = rotary_cos_sin(torch.arange(length)[None], rot, 10000.0, torch.float32)
-    sin[..., :rot // 2] *= -1
+    sin[..., : rot // 2] *= -1
     rotary = torch.stack([cos[0, 0], sin[0, 0]]).contiguous()
     pos, pad = length - 3, torch.tensor([0, 37, 3])
     expected, expected_keys, _ = reference_attention(proj, keys, values, rotary, pos, pad, h, owns_kv)
-    act = hidden[:, kv_width + q_width:]
-    kernels.decode_attention(hidden, keys, values, rotary, torch.tensor([pos]), pad, h, owns_kv, splits,
-                             out=hidden[:, kv_width:kv_width + q_width], activation=("tanh", act, act), kv_first=True)
-    torch.testing.assert_close(hidden[:, kv_width:kv_width + q_width], expected, atol=1e-5, rtol=1e-5)
+    act = hidden[:, kv_width + q_width :]
+    kernels.decode_attention(
+        hidden,
+        keys,
+        values,
+        rotary,
+        torch.tensor([pos]),
+        pad,
+        h,
+        owns_kv,
+        splits,
+        out=hidden[:, kv_width : kv_width + q_width],
+        activation=("tanh", act, act),
+        kv_first=True,
+    )
+    torch.testing.assert_close(hidden[:, kv_width : kv_width + q_width], expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hidden[:, :kv_width], proj[:, q_width:])  # k, v read, not written
     torch.testing.assert_close(act, F.gelu(mlp, approximate="tanh"))
     torch.testing.assert_close(keys, expected_keys)
@@ -107,6 +132,7 @@ def test_decode_attention_kv_first_in_place(splits, owns_kv):
 def test_linear_equals_torch(b, k, n, deep, bias, monkeypatch):
     """Tiles that do not divide the shapes; several row tiles (70 rows); deep: the split-K partials."""
     from megatron_mlkv import kernels
+
     monkeypatch.setattr(kernels, "LINEAR_MAX_ROWS", 128)
     monkeypatch.setattr(kernels, "LINEAR_WIDE", (64, 16, 32, 4, 2, 1))
     monkeypatch.setattr(kernels, "LINEAR_DEEP", (64, 16, 32, 4, 2, 3))
@@ -124,6 +150,7 @@ def test_linear_equals_torch(b, k, n, deep, bias, monkeypatch):
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_linear_applies_gelu_from_a_column(approximate):
     from megatron_mlkv import kernels
+
     torch.manual_seed(0)
     x, w, c = torch.randn(6, 64), torch.randn(80, 64), torch.randn(80)
     y, expected = kernels.linear(x, w, c, gelu=(approximate, 50)), F.linear(x, w, c)
@@ -134,6 +161,7 @@ def test_linear_applies_gelu_from_a_column(approximate):
 @interpreted
 def test_linear_argmax_and_pick_give_the_first_largest_logit(monkeypatch):
     from megatron_mlkv import kernels
+
     monkeypatch.setattr(kernels, "LINEAR_WIDE", (64, 16, 32, 4, 2, 1))
     torch.manual_seed(0)
     x, w = torch.randn(4, 32), torch.randn(300, 32)
@@ -152,6 +180,7 @@ def test_linear_argmax_and_pick_give_the_first_largest_logit(monkeypatch):
 @pytest.mark.parametrize("norms", [1, 2, "plain"])
 def test_add_norm_equals_torch(addends, norms):
     from megatron_mlkv import kernels
+
     torch.manual_seed(0)
     shapes = [(3, 5, 48), (5, 48)] if addends == "partials" else [(5, 48)] * addends
     x, parts = torch.randn(5, 48), tuple(torch.randn(s) for s in shapes)
@@ -172,6 +201,7 @@ def test_add_norm_equals_torch(addends, norms):
 @interpreted
 def test_add_norm_gathers_rows_and_advances_the_position():
     from megatron_mlkv import kernels
+
     torch.manual_seed(0)
     table, rows, part, position = torch.randn(10, 48), torch.tensor([7, 2, 7]), torch.randn(3, 48), torch.tensor([4])
     total, (y,) = kernels.add_norm(table, (part,), 1e-5, rows=rows, advance=position)
@@ -183,6 +213,7 @@ def test_add_norm_gathers_rows_and_advances_the_position():
 
 def decode_logits(model, attention, splits=None, steps=4):
     from megatron_mlkv.generate import StaticDecoder
+
     ids, mask = left_padded([[5, 6, 7, 8, 9, 10, 11], [3, 4], [9] * 20])
     decoder = StaticDecoder(model, 3, 40, attention=attention)
     decoder.splits = splits
@@ -193,10 +224,14 @@ def decode_logits(model, attention, splits=None, steps=4):
 
 
 @interpreted
-@pytest.mark.parametrize("layout, parallel", [(name, True) for name in LAYOUTS] +
-                         # the sequential residual (not Pythia's): one layout with and one without
-                         # K/V sharing is enough, the per-layer path is the same for all
-                         [("gqa", False), ("mlkv-m<l", False)])
+@pytest.mark.parametrize(
+    "layout, parallel",
+    [(name, True) for name in LAYOUTS]
+    +
+    # the sequential residual (not Pythia's): one layout with and one without
+    # K/V sharing is enough, the per-layer path is the same for all
+    [("gqa", False), ("mlkv-m<l", False)],
+)
 def test_triton_decoder_equals_sdpa_decoder(layout, parallel):
     model = model_for(layout, use_parallel_residual=parallel)
     expected = decode_logits(model, "sdpa")
@@ -214,6 +249,7 @@ def test_triton_decoder_other_activations(act):
 @interpreted
 def test_generate_uses_the_kernels_and_equals_uncached_greedy():
     from megatron_mlkv.generate import StaticDecoder, default_attention, generate
+
     model = model_for("mlkv-m<l-g<h")
     assert default_attention(model.config, torch.device("cpu")) == "triton"
     assert StaticDecoder(model, 1, 8).fused

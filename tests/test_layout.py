@@ -10,8 +10,15 @@ from megatron_mlkv.layout import KVLayout, LayoutError, cache_size_table, unifor
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_LAYOUTS = {  # name: (m, g) for l = 12, h = 12
-    "MHA": (12, 12), "GQA-48": (12, 4), "MLKV-48": (4, 12), "MQA-12": (12, 1), "MLKV-12": (4, 3),
-    "MLKV-6": (6, 1), "MLKV-4": (4, 1), "MLKV-2": (2, 1), "MLKV-1": (1, 1),
+    "MHA": (12, 12),
+    "GQA-48": (12, 4),
+    "MLKV-48": (4, 12),
+    "MQA-12": (12, 1),
+    "MLKV-12": (4, 3),
+    "MLKV-6": (6, 1),
+    "MLKV-4": (4, 1),
+    "MLKV-2": (2, 1),
+    "MLKV-1": (1, 1),
 }
 
 
@@ -47,15 +54,20 @@ def test_explicit_map():
     assert layout.cache_elements(batch=3, seq=5, head_dim=16) == 2 * 3 * 5 * 2 * 2 * 16
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(num_layers=4, num_heads=6, num_kv_heads=4, kv_owner=(0, 1, 2, 3)), "g) = 4"),
-    (dict(num_layers=4, num_heads=4, num_kv_heads=2, kv_owner=(0, 1, 2)), "3 entries"),
-    (dict(num_layers=4, num_heads=4, num_kv_heads=2, kv_owner=(0, 2, 2, 3)), "kv_owner[1] = 2"),
-    (dict(num_layers=4, num_heads=4, num_kv_heads=2, kv_owner=(0, 0, 1, 3)), "layer 1 does not own"),
-    (dict(num_layers=4, num_heads=4, num_kv_heads=2, kv_owner=(1, 1, 2, 3)), "kv_owner[0] = 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(num_layers=4, num_heads=6, num_kv_heads=4, kv_owner=(0, 1, 2, 3)), "g) = 4"),
+        (dict(num_layers=4, num_heads=4, num_kv_heads=2, kv_owner=(0, 1, 2)), "3 entries"),
+        (dict(num_layers=4, num_heads=4, num_kv_heads=2, kv_owner=(0, 2, 2, 3)), "kv_owner[1] = 2"),
+        (dict(num_layers=4, num_heads=4, num_kv_heads=2, kv_owner=(0, 0, 1, 3)), "layer 1 does not own"),
+        (dict(num_layers=4, num_heads=4, num_kv_heads=2, kv_owner=(1, 1, 2, 3)), "kv_owner[0] = 1"),
+    ],
+)
 def test_invalid_layouts_name_the_value(kwargs, needle):
-    with pytest.raises(LayoutError, match=needle.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        LayoutError, match=needle.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")
+    ):
         KVLayout(**kwargs)
 
 
@@ -79,14 +91,34 @@ def test_opt_175b_table():
 
 def test_kv_cache_size_cli(tmp_path):
     out = tmp_path / "t.json"
-    cmd = [sys.executable, str(ROOT / "launch/kv_cache_size.py"), "--layers", "96", "--heads", "96",
-           "--head-dim", "128", "--batch", "8", "--seq", "1024", "--kv-layers", "12", "--kv-groups", "1",
-           "--dtype", "fp16", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch/kv_cache_size.py"),
+        "--layers",
+        "96",
+        "--heads",
+        "96",
+        "--head-dim",
+        "128",
+        "--batch",
+        "8",
+        "--seq",
+        "1024",
+        "--kv-layers",
+        "12",
+        "--kv-groups",
+        "1",
+        "--dtype",
+        "fp16",
+        "--json",
+        str(out),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert "| MHA |" in res.stdout and "36.000" in res.stdout
     rows = {r["scheme"]: r for r in json.loads(out.read_text())}
     assert rows["MLKV"]["bytes"] == 2 * 8 * 1024 * 12 * 1 * 128 * 2
     bad = subprocess.run(cmd[:-4] + ["--kv-groups", "5"], capture_output=True, text=True)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines() == ["error: kv_groups (g) = 5 must divide num_heads (h) = 96; "
-                                               "allowed: [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96]"]
+    assert bad.stderr.strip().splitlines() == [
+        "error: kv_groups (g) = 5 must divide num_heads (h) = 96; allowed: [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96]"
+    ]

@@ -2,13 +2,13 @@
 
 `fused` (liger's triton kernels) runs in triton's CPU interpreter: `test_fused_loss_in_the_cpu_interpreter`
 runs this file's `interpreted` tests in a child pytest (`helpers.run_interpreted`)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import interpreted, interpreter_parent, random_mlkv, run_interpreted, tiny_config
 
 from megatron_mlkv.loss import FusedLinearCrossEntropy, chunked_cross_entropy, lm_loss_sum
-
-from helpers import interpreted, interpreter_parent, random_mlkv, run_interpreted, tiny_config
 
 
 def head_and_targets():

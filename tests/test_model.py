@@ -2,12 +2,11 @@ import math
 
 import pytest
 import torch
+from helpers import gpt_neox, mlkv_from_gpt_neox, random_mlkv, tiny_config
 from transformers import DynamicCache
 
 from megatron_mlkv.config import ConfigError, MLKVConfig, preset
 from megatron_mlkv.model import MLKVTransformer
-
-from helpers import gpt_neox, mlkv_from_gpt_neox, random_mlkv, tiny_config
 
 pytestmark = pytest.mark.compat  # transformers' GPT-NeoX as the oracle: also run by `make test-compat`
 
@@ -16,8 +15,14 @@ pytestmark = pytest.mark.compat  # transformers' GPT-NeoX as the oracle: also ru
 @pytest.mark.parametrize("parallel", [True, False])
 @pytest.mark.parametrize("bias,tie", [(True, False), (False, True)])
 def test_mha_equals_transformers_gpt_neox(rotary_pct, parallel, bias, tie):
-    ref = gpt_neox(rotary_pct=rotary_pct, use_parallel_residual=parallel, attention_bias=bias,
-                   tie_word_embeddings=tie, rotary_emb_base=500.0, layer_norm_eps=1e-3)
+    ref = gpt_neox(
+        rotary_pct=rotary_pct,
+        use_parallel_residual=parallel,
+        attention_bias=bias,
+        tie_word_embeddings=tie,
+        rotary_emb_base=500.0,
+        layer_norm_eps=1e-3,
+    )
     model = mlkv_from_gpt_neox(ref)
     assert model.config.rotary_pct == rotary_pct and model.config.rotary_emb_base == 500.0
     ids = torch.randint(0, 101, (3, 40))
@@ -38,7 +43,7 @@ def naive_forward(model: MLKVTransformer, ids: torch.Tensor) -> torch.Tensor:
 
     def rope(x):  # (b, heads, s, dk)
         r, p = x[..., :rot].double(), x[..., rot:]
-        half = torch.cat([-r[..., rot // 2:], r[..., :rot // 2]], dim=-1)
+        half = torch.cat([-r[..., rot // 2 :], r[..., : rot // 2]], dim=-1)
         return torch.cat([(r * ang.cos() + half * ang.sin()).float(), p], dim=-1)
 
     x = model.embed_in.weight[ids]
@@ -46,8 +51,9 @@ def naive_forward(model: MLKVTransformer, ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(s, s).tril().bool()
     for i, block in enumerate(model.layers):
         att = block.attention
-        hin = torch.nn.functional.layer_norm(x, (cfg.hidden_size,), block.input_layernorm.weight,
-                                             block.input_layernorm.bias, cfg.layer_norm_eps)
+        hin = torch.nn.functional.layer_norm(
+            x, (cfg.hidden_size,), block.input_layernorm.weight, block.input_layernorm.bias, cfg.layer_norm_eps
+        )
         q = rope(att.query(hin).view(b, s, h, dk).transpose(1, 2))
         if cfg.kv_owner[i] == i:
             assert hasattr(att, "key") and hasattr(att, "value")
@@ -62,8 +68,13 @@ def naive_forward(model: MLKVTransformer, ids: torch.Tensor) -> torch.Tensor:
         scores = q @ k.transpose(-1, -2) / math.sqrt(dk)
         attn = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
         attn = block.attention.dense(attn.transpose(1, 2).reshape(b, s, -1))
-        ln2 = lambda t: torch.nn.functional.layer_norm(t, (cfg.hidden_size,), block.post_attention_layernorm.weight,
-                                                       block.post_attention_layernorm.bias, cfg.layer_norm_eps)
+        ln2 = lambda t, block=block: torch.nn.functional.layer_norm(
+            t,
+            (cfg.hidden_size,),
+            block.post_attention_layernorm.weight,
+            block.post_attention_layernorm.bias,
+            cfg.layer_norm_eps,
+        )
         if cfg.use_parallel_residual:
             x = x + attn + block.mlp(ln2(x))
         else:
@@ -73,8 +84,9 @@ def naive_forward(model: MLKVTransformer, ids: torch.Tensor) -> torch.Tensor:
     return model.embed_out(x)
 
 
-@pytest.mark.parametrize("m,g,owner", [(2, 2, None), (1, 1, None), (4, 1, None), (3, 4, None),
-                                        (None, 2, (0, 0, 2, 0, 4, 2))])
+@pytest.mark.parametrize(
+    "m,g,owner", [(2, 2, None), (1, 1, None), (4, 1, None), (3, 4, None), (None, 2, (0, 0, 2, 0, 4, 2))]
+)
 def test_mlkv_equals_naive_reference(m, g, owner):
     cfg = tiny_config(num_layers=6, use_parallel_residual=owner is None).with_layout(m, g, owner)
     model = random_mlkv(cfg, std=0.15)
@@ -90,13 +102,22 @@ def test_non_owner_layers_have_no_kv_parameters():
     owners = [i for i, b in enumerate(model.layers) if hasattr(b.attention, "key")]
     assert owners == [0, 3]
     assert sum(p.numel() for p in model.parameters()) == cfg.num_parameters()
-    assert all(not any("key" in n or "value" in n for n, _ in model.layers[i].named_parameters())
-               for i in range(6) if i not in owners)
+    assert all(
+        not any("key" in n or "value" in n for n, _ in model.layers[i].named_parameters())
+        for i in range(6)
+        if i not in owners
+    )
 
 
-@pytest.mark.parametrize("cfg", [tiny_config(), tiny_config().with_layout(2, 2),
-                                 tiny_config(tie_word_embeddings=True, attention_bias=False).with_layout(1, 1),
-                                 preset("pythia-70m").with_layout(3, 2)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        tiny_config(),
+        tiny_config().with_layout(2, 2),
+        tiny_config(tie_word_embeddings=True, attention_bias=False).with_layout(1, 1),
+        preset("pythia-70m").with_layout(3, 2),
+    ],
+)
 def test_parameter_count_matches_instantiated_model(cfg):
     with torch.device("meta"):
         model = MLKVTransformer(cfg)
@@ -141,19 +162,22 @@ def test_incremental_decoding_with_cache_equals_full_forward():
     cache = DynamicCache()
     with torch.no_grad():
         full = model(ids)
-        steps = [model(ids[:, :12], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(12, 20)]
+        steps = [model(ids[:, :12], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(12, 20)]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
     cached = [t for layer in cache.layers for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor)]
     assert sum(t.numel() for t in cached) == cfg.layout.cache_elements(2, 20, cfg.head_dim)
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("hidden_size", 66, "hidden_size = 66 must be divisible by num_heads = 4"),
-    ("num_layers", 0, "num_layers = 0"),
-    ("rotary_pct", 1.5, "rotary_pct = 1.5"),
-    ("hidden_act", "swish2", "hidden_act = 'swish2'"),
-    ("num_kv_heads", 3, "kv_groups (g) = 3 must divide num_heads (h) = 4"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("hidden_size", 66, "hidden_size = 66 must be divisible by num_heads = 4"),
+        ("num_layers", 0, "num_layers = 0"),
+        ("rotary_pct", 1.5, "rotary_pct = 1.5"),
+        ("hidden_act", "swish2", "hidden_act = 'swish2'"),
+        ("num_kv_heads", 3, "kv_groups (g) = 3 must divide num_heads (h) = 4"),
+    ],
+)
 def test_config_errors_name_the_field(field, value, needle):
     with pytest.raises(ConfigError) as err:
         tiny_config(**{field: value})
@@ -174,4 +198,5 @@ def test_from_hf_round_trip():
     cfg = MLKVConfig.from_hf(ref.config)
     assert (cfg.rotary_pct, cfg.rotary_emb_base, cfg.use_parallel_residual) == (0.5, 1234.0, False)
     from megatron_mlkv.configuration_mlkv import MLKVGPTNeoXConfig
+
     assert MLKVGPTNeoXConfig.from_model_config(cfg.with_layout(1, 2)).model_config() == cfg.with_layout(1, 2)

@@ -4,11 +4,10 @@ import sys
 
 import pytest
 import torch
+from helpers import LAYOUTS, gpt_neox, left_padded, mlkv_from_gpt_neox, model_for, random_mlkv, tiny_config
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from megatron_mlkv.hf import CheckpointError, export_pretrained, load_pretrained, output_cache
-
-from helpers import LAYOUTS, gpt_neox, left_padded, mlkv_from_gpt_neox, model_for, random_mlkv, tiny_config
 
 pytestmark = pytest.mark.compat  # the exported remote code under transformers: also run by `make test-compat`
 
@@ -17,8 +16,12 @@ pytestmark = pytest.mark.compat  # the exported remote code under transformers: 
 def mlkv_dir(tmp_path_factory):
     cfg = tiny_config(num_layers=6).with_layout(3, 2)
     model = random_mlkv(cfg, std=0.1)
-    out = export_pretrained(model.state_dict(), cfg, tmp_path_factory.mktemp("ckpt") / "mlkv",
-                            hf_kwargs=dict(bos_token_id=0, eos_token_id=0))
+    out = export_pretrained(
+        model.state_dict(),
+        cfg,
+        tmp_path_factory.mktemp("ckpt") / "mlkv",
+        hf_kwargs=dict(bos_token_id=0, eos_token_id=0),
+    )
     return out, model
 
 
@@ -29,8 +32,10 @@ def hf_model(path):
 def test_export_is_a_self_contained_transformers_folder(mlkv_dir):
     path, model = mlkv_dir
     config = json.loads((path / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "configuration_mlkv.MLKVGPTNeoXConfig",
-                                  "AutoModelForCausalLM": "modeling_mlkv.MLKVForCausalLM"}
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_mlkv.MLKVGPTNeoXConfig",
+        "AutoModelForCausalLM": "modeling_mlkv.MLKVForCausalLM",
+    }
     assert config["num_kv_heads"] == 2 and config["kv_owner"] == [0, 0, 2, 2, 4, 4]
     assert (path / "model.safetensors").is_file()
     for source in ("modeling_mlkv.py", "configuration_mlkv.py", "model.py", "config.py", "layout.py"):
@@ -92,7 +97,7 @@ def test_cached_generate_equals_uncached_greedy_with_left_padding(tmp_path, layo
     assert torch.equal(cached, greedy_uncached(model, ids, mask, 10))
     for row, prompt in enumerate(prompts):  # padding changes nothing: each prompt alone decodes the same
         alone = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=pad)
-        assert alone[0, len(prompt):].tolist() == cached[row, width:].tolist()
+        assert alone[0, len(prompt) :].tolist() == cached[row, width:].tolist()
 
 
 def test_forward_takes_the_cache_under_either_name_and_refuses_what_it_cannot_honour(mlkv_dir):

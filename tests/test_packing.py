@@ -1,16 +1,16 @@
 """Packed layers (two flat parameters per layer, for DeepSpeed) train and save exactly as unpacked
 ones; the data prefetcher hands out what the loader gives, in order, one step ahead."""
+
 import copy
 import threading
 
 import pytest
 import torch
+from helpers import random_mlkv, tiny_config
 
 from megatron_mlkv.data import Prefetcher
 from megatron_mlkv.packing import PACKS, pack_layers, pieces, unpack_tensors
 from megatron_mlkv.train import param_groups
-
-from helpers import random_mlkv, tiny_config
 
 LAYOUTS = {"mha": tiny_config(), "mlkv": tiny_config().with_layout(2, 2)}
 

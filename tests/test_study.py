@@ -1,5 +1,6 @@
 """The uptraining study's own steps (megatron_mlkv/study.py): the corpus of installed sources and the
 next-line task. The pipeline itself is the user commands, tested in their own files."""
+
 import json
 import random
 
@@ -26,7 +27,9 @@ def write_tree(root, seed=0):
 def test_corpus_splits_by_package_and_drops_duplicates(tmp_path):
     write_tree(tmp_path / "site-packages")
     stats = build_corpus(tmp_path / "out", roots=[tmp_path / "site-packages"], valid_share=0.2)
-    splits = {name: [json.loads(line) for line in open(tmp_path / "out" / f"{name}.jsonl")] for name in ("train", "valid")}
+    splits = {
+        name: [json.loads(line) for line in open(tmp_path / "out" / f"{name}.jsonl")] for name in ("train", "valid")
+    }
     packages = {name: {d["package"] for d in docs} for name, docs in splits.items()}
     assert packages["train"] and packages["valid"] and not packages["train"] & packages["valid"]
     texts = [d["text"] for docs in splits.values() for d in docs]
@@ -35,8 +38,10 @@ def test_corpus_splits_by_package_and_drops_duplicates(tmp_path):
     share = stats["characters"]["valid"] / sum(stats["characters"].values())
     assert 0.2 <= share < 0.4
     again = build_corpus(tmp_path / "again", roots=[tmp_path / "site-packages"], valid_share=0.2)
-    assert again == {**stats} and (tmp_path / "again" / "train.jsonl").read_text() == \
-        (tmp_path / "out" / "train.jsonl").read_text()
+    assert (
+        again == {**stats}
+        and (tmp_path / "again" / "train.jsonl").read_text() == (tmp_path / "out" / "train.jsonl").read_text()
+    )
 
 
 def test_next_line_questions_ask_for_the_true_next_line(tmp_path):
@@ -50,10 +55,11 @@ def test_next_line_questions_ask_for_the_true_next_line(tmp_path):
         assert doc["context"].endswith("\n") and doc["context"].count("\n") == 5
         # the context followed by the answer is a run of lines of one held-out file
         assert any(doc["context"] + target + "\n" in text for text in files)
-        assert not any(doc["context"] + other + "\n" in text for text in files for other in doc["choices"]
-                       if other != target)
+        assert not any(
+            doc["context"] + other + "\n" in text for text in files for other in doc["choices"] if other != target
+        )
     with pytest.raises(ValueError, match="only"):
-        next_line_docs(tmp_path / "out" / "valid.jsonl", n=10 ** 6)
+        next_line_docs(tmp_path / "out" / "valid.jsonl", n=10**6)
     task = write_next_line_task(tmp_path / "out" / "valid.jsonl", tmp_path / "tasks", n=10)
-    assert "target_delimiter: \"\"" in (task / "next_line.yaml").read_text()
+    assert 'target_delimiter: ""' in (task / "next_line.yaml").read_text()
     assert len((task / "next_line.jsonl").read_text().splitlines()) == 10

@@ -8,6 +8,7 @@ test below then just reads its case. Tolerances: max |TP - TP1| <= 1e-5 · max |
 This module deliberately does not import tests/helpers.py: transformers would be imported again in
 every spawned process.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import random_mlkv
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import random_mlkv
 
 from megatron_mlkv import tensor_parallel as tp
 from megatron_mlkv.config import MLKVConfig
@@ -37,8 +38,9 @@ def tiny_config(**changes) -> MLKVConfig:
     kv_layers = changes.pop("kv_layers", None)
     kv_owner = changes.pop("kv_owner", None)
     g = changes.pop("num_kv_heads", None)
-    values = dict(vocab_size=101, hidden_size=64, num_layers=4, num_heads=4, intermediate_size=96,
-                  max_position_embeddings=64)
+    values = dict(
+        vocab_size=101, hidden_size=64, num_layers=4, num_heads=4, intermediate_size=96, max_position_embeddings=64
+    )
     values.update(changes)
     return MLKVConfig(**values).with_layout(kv_layers, g, kv_owner)
 
@@ -81,8 +83,10 @@ def reference_step(model: MLKVTransformer, inputs, targets, max_norm: float, lr:
 # Checks run inside the spawned ranks
 # --------------------------------------------------------------------------------------------------
 
-def check_against_tp1(config: MLKVConfig, tp_group, checkpointing: bool = False,
-                      save_merged: str | None = None) -> None:
+
+def check_against_tp1(
+    config: MLKVConfig, tp_group, checkpointing: bool = False, save_merged: str | None = None
+) -> None:
     """One TP model vs the TP=1 model: state dicts, logits, losses, gradients, norm, a clipped step.
 
     save_merged: where TP rank 0 saves the merged state dict (for the export test)."""
@@ -136,8 +140,11 @@ def check_against_tp1(config: MLKVConfig, tp_group, checkpointing: bool = False,
         copies = [torch.empty_like(g) for _ in range(T)]
         dist.all_gather(copies, g.contiguous(), group=tp_group)
         spec = specs[n]
-        holders = range(T) if spec.dim is None else \
-            [r for r in range(T) if spec.shard_index(r, T) == spec.shard_index(rank, T)]
+        holders = (
+            range(T)
+            if spec.dim is None
+            else [r for r in range(T) if spec.shard_index(r, T) == spec.shard_index(rank, T)]
+        )
         for r in holders:
             close(copies[r], g, f"grad {n} on TP rank {r} vs {rank}", rtol=1e-6)
 
@@ -161,7 +168,7 @@ def check_against_tp1(config: MLKVConfig, tp_group, checkpointing: bool = False,
     for k, v in ref.state_dict().items():
         close(merged[k], v, f"after one step: {k}")
     if plan.padded_vocab_size > config.vocab_size:  # padded rows get no gradient, so stay zero
-        assert torch.all(model.embed_out.weight[config.vocab_size - plan.vocab_start:] == 0)
+        assert torch.all(model.embed_out.weight[config.vocab_size - plan.vocab_start :] == 0)
 
 
 def check_standalone_modules(tp_group) -> None:
@@ -227,6 +234,7 @@ def check_float32_grad_norm(optimizer, params: list) -> None:
     import inspect
 
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
     assert "get_grad_norm_direct" in vars(optimizer), "float32_grad_norm left DeepSpeed's method in place"
     gen = torch.Generator().manual_seed(dist.get_rank())
     grads = [torch.randn(p.shape, generator=gen) for p in params]
@@ -253,12 +261,21 @@ def check_deepspeed_tp2_dp2(stage: int, workdir: str) -> None:
     ref = random_model(config, seed=3)
     initial = copy.deepcopy(ref)
     micro = 2 if stage == 1 else 1  # ZeRO-2 also accumulates over 2 micro-batches
-    ds_config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 2 // micro,
-                 "gradient_clipping": 0.5,
-                 # small buckets: DP reductions interleave with the TP all-reduces inside backward
-                 "zero_optimization": {"stage": stage, "overlap_comm": stage == 2, "reduce_bucket_size": 2000,
-                                       "allgather_bucket_size": 2000},
-                 "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    ds_config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 2 // micro,
+        "gradient_clipping": 0.5,
+        # small buckets: DP reductions interleave with the TP all-reduces inside backward
+        "zero_optimization": {
+            "stage": stage,
+            "overlap_comm": stage == 2,
+            "reduce_bucket_size": 2000,
+            "allgather_bucket_size": 2000,
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
 
     def engine_for(model):
         model = tp.parallelize(model, groups.tp_group)
@@ -272,8 +289,9 @@ def check_deepspeed_tp2_dp2(stage: int, workdir: str) -> None:
     plan = engine.module.tp_plan
     assert engine.dp_world_size == 2 and engine.mp_world_size == 2 and engine.zero_optimization_stage() == stage
     # ZeRO reduces and partitions over the data-parallel group only
-    assert dist.get_process_group_ranks(engine.optimizer.dp_process_group) == \
-        dist.get_process_group_ranks(groups.dp_group)
+    assert dist.get_process_group_ranks(engine.optimizer.dp_process_group) == dist.get_process_group_ranks(
+        groups.dp_group
+    )
     # data-parallel ranks read distinct rows, the TP ranks of one DP rank the same rows
     inputs_all, targets_all = batch(config, rows=4, seed=5, ignore=False)
     rows = slice(2 * groups.dp_rank, 2 * groups.dp_rank + 2)
@@ -334,8 +352,9 @@ TP2_CASES = {
     "mlkv_m2_g1_replicate": dict(kv_layers=2, num_kv_heads=1),
     "mlkv_nonuniform_owners_g2": dict(kv_owner=(0, 0, 0, 3), num_kv_heads=2),
     "mlkv_nonuniform_owners_g1": dict(kv_owner=(0, 1, 1, 1), num_kv_heads=1),
-    "sequential_residual_tied_nobias_g1": dict(kv_layers=2, num_kv_heads=1, use_parallel_residual=False,
-                                               tie_word_embeddings=True, attention_bias=False),
+    "sequential_residual_tied_nobias_g1": dict(
+        kv_layers=2, num_kv_heads=1, use_parallel_residual=False, tie_word_embeddings=True, attention_bias=False
+    ),
     "gradient_checkpointing_m2_g2": dict(kv_layers=2, num_kv_heads=2, checkpointing=True),
     "vocab_divisible_g1": dict(num_kv_heads=1, vocab_size=128),
     "mlp_width_padded_m2_g1": dict(kv_layers=2, num_kv_heads=1, intermediate_size=97),
@@ -359,6 +378,7 @@ def _tp_case(name: str, changes: dict):
     def run(tp_group, workdir):
         config, checkpointing = _case_config(changes)
         check_against_tp1(config, tp_group, checkpointing, save_merged=os.path.join(workdir, f"{name}.pt"))
+
     return run
 
 
@@ -374,17 +394,26 @@ def _suite(name: str) -> dict:
         cases["invalid_h_g_T_t4"] = lambda group, workdir: check_invalid_plans(group)
         return cases
     if name == "deepspeed":
-        return {f"deepspeed_tp2_dp2_zero{s}": (lambda group, workdir, s=s: check_deepspeed_tp2_dp2(s, workdir))
-                for s in (1, 2)}
+        return {
+            f"deepspeed_tp2_dp2_zero{s}": (lambda group, workdir, s=s: check_deepspeed_tp2_dp2(s, workdir))
+            for s in (1, 2)
+        }
     raise KeyError(name)
 
 
 def _worker(rank: int, world: int, workdir: str, suite: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
-    dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=180))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        DS_ACCELERATOR="cpu",
+    )
+    dist.init_process_group(
+        "gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world, timeout=timedelta(seconds=180)
+    )
     results = {}
     try:
         world_group = dist.new_group(list(range(world)))
@@ -464,6 +493,7 @@ def test_deepspeed_tp2_dp2_zero(deepspeed_results, stage):
 # Single-process tests
 # --------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("h,g,t", [(4, 4, 3), (6, 3, 2), (6, 2, 4), (4, 2, 8), (12, 3, 2), (8, 2, 0)])
 def test_invalid_h_g_t_rejected_with_one_line_message(h, g, t):
     with pytest.raises(tp.TensorParallelError) as e:
@@ -511,9 +541,15 @@ def test_padded_vocab_size():
     assert tp.padded_vocab_size(101, 1) == 101
 
 
-@pytest.mark.parametrize("changes,t", [(dict(num_kv_heads=1, kv_layers=2), 4), (dict(num_kv_heads=2), 4),
-                                       (dict(num_kv_heads=4, tie_word_embeddings=True), 2),
-                                       (dict(num_kv_heads=2, kv_owner=(0, 0, 2, 2), attention_bias=False), 2)])
+@pytest.mark.parametrize(
+    "changes,t",
+    [
+        (dict(num_kv_heads=1, kv_layers=2), 4),
+        (dict(num_kv_heads=2), 4),
+        (dict(num_kv_heads=4, tie_word_embeddings=True), 2),
+        (dict(num_kv_heads=2, kv_owner=(0, 0, 2, 2), attention_bias=False), 2),
+    ],
+)
 def test_shard_then_merge_is_exact(changes, t):
     config = tiny_config(**changes)
     full = random_model(config).state_dict()
@@ -571,8 +607,13 @@ def test_checkpoint_tp_size(tmp_path):
     assert tp.checkpoint_tp_size(tmp_path) is None
     (tmp_path / "latest").write_text("global_step7")
     (tmp_path / "global_step7").mkdir()
-    for name in ["mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt", "mp_rank_02_model_states.pt",
-                 "mp_rank_03_model_states.pt", "zero_pp_rank_0_mp_rank_03_optim_states.pt"]:
+    for name in [
+        "mp_rank_00_model_states.pt",
+        "mp_rank_01_model_states.pt",
+        "mp_rank_02_model_states.pt",
+        "mp_rank_03_model_states.pt",
+        "zero_pp_rank_0_mp_rank_03_optim_states.pt",
+    ]:
         (tmp_path / "global_step7" / name).write_bytes(b"")
     assert tp.checkpoint_tp_size(tmp_path) == 4
     tp.check_resume_tp(tmp_path, 4)

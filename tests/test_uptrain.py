@@ -4,6 +4,7 @@ The oracle for resume is an uninterrupted run of the same command; for ZeRO stag
 Configs are the shipped ones with bf16 off (float32 makes the stage comparison tight) and a
 CPU-sized micro-batch.
 """
+
 import contextlib
 import importlib.util
 import io
@@ -56,9 +57,17 @@ def workdir(tmp_path_factory):
     pack([str(valid)], str(tok_dir), 64, str(tmp / "valid"), progress=False)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     torch.manual_seed(0)
-    base = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=4,
-                                            num_attention_heads=4, intermediate_size=64,
-                                            max_position_embeddings=64, eos_token_id=tok.eos_token_id))
+    base = GPTNeoXForCausalLM(
+        GPTNeoXConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     base.save_pretrained(tmp / "base")
     tok.save_pretrained(tmp / "base")
     convert_checkpoint(str(tmp / "base"), tmp / "mlkv", kv_layers=2, kv_groups=1, progress=False)
@@ -66,14 +75,32 @@ def workdir(tmp_path_factory):
 
 
 def uptrain(workdir: Path, out: Path, config: Path, *extra, ranks: int = 2, env=None, wait=True, init=None):
-    cmd = ["deepspeed", "--num_gpus", str(ranks), str(ROOT / "launch" / "uptrain.py"), "--ds_config", str(config),
-           "--init", str(init or workdir / "mlkv"), "--data", str(workdir / "train"), "--valid-data", str(workdir / "valid"),
-           "--out", str(out), "--train-iters", str(STEPS), "--lr", "3e-3", *map(str, extra)]
-    full_env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                    **(env or {}))
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        str(ranks),
+        str(ROOT / "launch" / "uptrain.py"),
+        "--ds_config",
+        str(config),
+        "--init",
+        str(init or workdir / "mlkv"),
+        "--data",
+        str(workdir / "train"),
+        "--valid-data",
+        str(workdir / "valid"),
+        "--out",
+        str(out),
+        "--train-iters",
+        str(STEPS),
+        "--lr",
+        "3e-3",
+        *map(str, extra),
+    ]
+    full_env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **(env or {}))
     if not wait:
-        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
 
 
@@ -149,8 +176,7 @@ def test_rerunning_a_finished_run_does_nothing(workdir, zero2_run):
 def test_killed_during_a_save_resumes_with_identical_losses(workdir, zero2_run):
     run = workdir / "runs" / "kill_in_save"
     config = ds_config(workdir, "zero2.json")
-    killed = uptrain(workdir, run, config, "--save-interval", 2, "--keep-last", 1,
-                     env={"MLKV_FAULT": "kill-in-save@6"})
+    killed = uptrain(workdir, run, config, "--save-interval", 2, "--keep-last", 1, env={"MLKV_FAULT": "kill-in-save@6"})
     assert killed.returncode != 0
     assert (run / "checkpoints" / "step_6").is_dir() and not (run / "checkpoints" / "step_6" / "COMPLETE").exists()
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_4", "step_6"]  # --keep-last 1
@@ -180,6 +206,7 @@ def test_sigkill_at_any_moment_resumes_with_identical_losses(workdir, zero2_run)
 @pytest.mark.slow
 def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(workdir, zero2_run):
     import shutil
+
     run = workdir / "runs" / "damaged"
     shutil.copytree(zero2_run, run)
     ckpt, config = run / "checkpoints", ds_config(workdir, "zero2.json")
@@ -189,8 +216,10 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(workdir
     result = uptrain(workdir, run, config, "--save-interval", 4)
     ok(result)
     skipped = [line for line in result.stderr.splitlines() if "skipping checkpoint" in line]
-    assert skipped == [f"skipping checkpoint step_8: {shard.name} is {size - 100} bytes, {size} when saved; "
-                       f"moved to {ckpt / 'step_8.damaged'}"]
+    assert skipped == [
+        f"skipping checkpoint step_8: {shard.name} is {size - 100} bytes, {size} when saved; "
+        f"moved to {ckpt / 'step_8.damaged'}"
+    ]
     assert losses(run) == losses(zero2_run)  # steps 5-8 again from step_4: exactly the same
     assert (ckpt / "step_8.damaged" / shard.name).stat().st_size == size - 100  # kept for inspection
     assert (ckpt / "step_8" / "COMPLETE").is_file() and (ckpt / "latest").read_text() == "step_8"
@@ -201,8 +230,10 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(workdir
             f.write(b"\xff" * 16)
     result = uptrain(workdir, run, config, "--save-interval", 4)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert (f"error: {ckpt}: no intact checkpoint to resume from: step_8: mp_rank_00_model_states.pt does not "
-            f"match its checksum") in result.stderr
+    assert (
+        f"error: {ckpt}: no intact checkpoint to resume from: step_8: mp_rank_00_model_states.pt does not "
+        f"match its checksum"
+    ) in result.stderr
     assert "; step_4: mp_rank_00_model_states.pt does not match" in result.stderr
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_4", "step_8", "step_8.damaged"]
 
@@ -213,20 +244,27 @@ def test_zero_to_fp32_reads_our_checkpoints_and_the_float32_export_is_the_master
     `latest`), writes the model's own parameter names, which from_pretrained loads with nothing
     missing; they are the --export-dtype float32 export, and the bf16 weights are their rounding."""
     import shutil
+
     from transformers import AutoModelForCausalLM
+
     run = workdir / "runs" / "bf16"
     config = ds_config(workdir, "zero2.json", bf16={"enabled": True, "check_grad_overflow": False})
     ok(uptrain(workdir, run, config, "--train-iters", 4, "--save-interval", 2, "--export-dtype", "float32"))
     ckpt, out = run / "checkpoints", run / "fp32"
     assert (ckpt / "latest").read_text() == "step_4"
-    script = subprocess.run([sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(out), "--safe_serialization"],
-                            capture_output=True, text=True, timeout=300)
+    script = subprocess.run(
+        [sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(out), "--safe_serialization"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert script.returncode == 0, script.stderr[-3000:]
     for f in (run / "hf" / "step_4").iterdir():  # the weights need the export's config and modeling code
         if f.suffix in (".json", ".py") and not f.name.startswith("model.safetensors"):
             shutil.copy(f, out / f.name)
-    model, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32,
-                                                       output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        out, trust_remote_code=True, dtype=torch.float32, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     export = load_file_dir(run / "hf" / "step_4")
     got = model.state_dict()
@@ -255,8 +293,9 @@ def test_zero_stages_give_the_same_losses(workdir, zero2_run, stage):
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(workdir):
     run = workdir / "runs" / "nan"
-    result = uptrain(workdir, run, ds_config(workdir, "zero2.json"), "--save-interval", 2,
-                     env={"MLKV_FAULT": "nan-loss@3"})
+    result = uptrain(
+        workdir, run, ds_config(workdir, "zero2.json"), "--save-interval", 2, env={"MLKV_FAULT": "nan-loss@3"}
+    )
     assert result.returncode != 0
     assert "step 3: the loss is nan" in result.stderr
     assert "step_2" in result.stderr
@@ -308,8 +347,20 @@ def test_tp2_with_sharded_kv_heads_matches_tp1(workdir):
 @pytest.mark.slow
 def test_tp2_times_dp2_with_zero2_matches(workdir, zero2_run):
     run = workdir / "runs" / "tp2_dp2"
-    ok(uptrain(workdir, run, ds_config(workdir, "zero2.json"), "--tp", 2, "--save-interval", 4, "--export-dtype",
-               "float32", ranks=4))
+    ok(
+        uptrain(
+            workdir,
+            run,
+            ds_config(workdir, "zero2.json"),
+            "--tp",
+            2,
+            "--save-interval",
+            4,
+            "--export-dtype",
+            "float32",
+            ranks=4,
+        )
+    )
     assert_same_run(run, zero2_run)
     assert_same_weights(run / "hf" / f"step_{STEPS}", zero2_run / "hf" / f"step_{STEPS}")  # gathered over DP and TP
     # resume keeps T: a different --tp is refused with the saved value named
@@ -327,6 +378,7 @@ def assert_same_weights(got: Path, ref: Path) -> None:
 
 def load_file_dir(folder: Path) -> dict:
     from safetensors.torch import load_file
+
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
         out.update(load_file(f))
@@ -337,16 +389,31 @@ def load_file_dir(folder: Path) -> dict:
 # bad input: one line, exit code 2, before the first step (single process, no launcher needed)
 # --------------------------------------------------------------------------------------------------
 
+
 def run_single(workdir, tmp_path, *args, env=None, init=None, data=None, config=None, in_process=True):
     """launch/uptrain.py in one process, no launcher: bad input is refused before distributed set-up.
     In-process by default (an interpreter start per case would cost seconds); in_process=False runs
     the real command line."""
-    argv = ["--ds_config", str(config or ds_config(workdir, "zero2.json")), "--init", str(init or workdir / "mlkv"),
-            "--data", str(data or workdir / "train"), "--out", str(tmp_path / "run"), *map(str, args)]
+    argv = [
+        "--ds_config",
+        str(config or ds_config(workdir, "zero2.json")),
+        "--init",
+        str(init or workdir / "mlkv"),
+        "--data",
+        str(data or workdir / "train"),
+        "--out",
+        str(tmp_path / "run"),
+        *map(str, args),
+    ]
     clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     if not in_process:
-        return subprocess.run([sys.executable, str(ROOT / "launch" / "uptrain.py"), *argv],
-                              env={**clean, **(env or {})}, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, str(ROOT / "launch" / "uptrain.py"), *argv],
+            env={**clean, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     saved, err = dict(os.environ), io.StringIO()
     os.environ.clear()
     os.environ.update({**clean, **(env or {})})
@@ -370,12 +437,15 @@ def assert_one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("changes,fragments", [
-    ({"train_batch_size": 7}, ["train_batch_size 7", "micro"]),
-    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, ["bf16 and fp16"]),
-    ({"optimizer": {"type": "Adam"}}, ["optimizer"]),
-    ({"train_micro_batch_size_per_gpu": 0}, ["train_micro_batch_size_per_gpu"]),
-])
+@pytest.mark.parametrize(
+    "changes,fragments",
+    [
+        ({"train_batch_size": 7}, ["train_batch_size 7", "micro"]),
+        ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, ["bf16 and fp16"]),
+        ({"optimizer": {"type": "Adam"}}, ["optimizer"]),
+        ({"train_micro_batch_size_per_gpu": 0}, ["train_micro_batch_size_per_gpu"]),
+    ],
+)
 def test_contradictory_ds_config_is_rejected(workdir, tmp_path, changes, fragments):
     cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
     cfg.update(changes)
@@ -390,16 +460,20 @@ def test_unreadable_ds_config_and_zero3_with_tp(workdir, tmp_path):
     assert_one_line_error(run_single(workdir, tmp_path, config=bad, in_process=False), "invalid JSON at line 2")
     assert_one_line_error(run_single(workdir, tmp_path, config=tmp_path / "missing.json"), "no such file")
     two_ranks = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
-    assert_one_line_error(run_single(workdir, tmp_path, "--tp", 2, config=ds_config(workdir, "zero3.json"),
-                                     env=two_ranks), "ZeRO stage 3", "--tp 2")
+    assert_one_line_error(
+        run_single(workdir, tmp_path, "--tp", 2, config=ds_config(workdir, "zero3.json"), env=two_ranks),
+        "ZeRO stage 3",
+        "--tp 2",
+    )
     assert_one_line_error(run_single(workdir, tmp_path, "--tp", 3), "--tp 3 must divide")
 
 
 def test_data_that_does_not_fit_the_model_is_rejected(workdir, tmp_path):
     long_rows = tmp_path / "long"
     pack([str(workdir / "valid.jsonl")], str(workdir / "tok"), 128, str(long_rows), progress=False)
-    assert_one_line_error(run_single(workdir, tmp_path, data=long_rows), "--data", "128 tokens",
-                          "max_position_embeddings 64")
+    assert_one_line_error(
+        run_single(workdir, tmp_path, data=long_rows), "--data", "128 tokens", "max_position_embeddings 64"
+    )
     small_vocab = tmp_path / "small_vocab"
     convert_checkpoint(str(workdir / "base"), small_vocab, 2, 1, progress=False)
     cfg = json.loads((small_vocab / "config.json").read_text())
@@ -408,7 +482,7 @@ def test_data_that_does_not_fit_the_model_is_rejected(workdir, tmp_path):
     assert_one_line_error(run_single(workdir, tmp_path, init=small_vocab), "beyond the model's vocabulary of 50")
     assert_one_line_error(run_single(workdir, tmp_path, data=tmp_path / "nothing"), "--data")
     assert_one_line_error(run_single(workdir, tmp_path, init=tmp_path), "--init", "no config.json")
-    assert_one_line_error(run_single(workdir, tmp_path, "--valid-rows", 10 ** 6), "--valid-rows")
+    assert_one_line_error(run_single(workdir, tmp_path, "--valid-rows", 10**6), "--valid-rows")
 
 
 def test_data_changed_after_packing_is_refused_before_the_first_step(workdir, tmp_path):
@@ -418,18 +492,28 @@ def test_data_changed_after_packing_is_refused_before_the_first_step(workdir, tm
     with open(f"{data}.bin", "r+b") as f:  # ten bytes of 0xff, header and index intact
         f.seek(1000)
         f.write(b"\xff" * 10)
-    assert_one_line_error(run_single(workdir, tmp_path, data=data), f"--data {data}: {data}.bin",
-                          "does not match the fingerprint")
+    assert_one_line_error(
+        run_single(workdir, tmp_path, data=data), f"--data {data}: {data}.bin", "does not match the fingerprint"
+    )
 
 
 def test_a_batch_damaged_after_start_up_stops_the_run_with_one_line(workdir, tmp_path):
     """The host checks each global batch's ids before they reach the model (on a GPU an id beyond the
     embedding is a device-side assert): here the file is damaged after the start-up verification."""
     from megatron_mlkv.train import Trainer, UptrainError
+
     data = tmp_path / "data"
     pack([str(workdir / "train.jsonl")], str(workdir / "tok"), 64, str(data), progress=False)
-    argv = ["--ds_config", str(ds_config(workdir, "zero2.json", micro=8)), "--init", str(workdir / "mlkv"),
-            "--data", str(data), "--out", str(tmp_path / "run")]
+    argv = [
+        "--ds_config",
+        str(ds_config(workdir, "zero2.json", micro=8)),
+        "--init",
+        str(workdir / "mlkv"),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+    ]
     trainer = Trainer(UPTRAIN.build_parser().parse_args(argv))
     trainer.groups, trainer.device = types.SimpleNamespace(dp_rank=0, dp_size=1), torch.device("cpu")
     batches, _ = trainer._micro_batches(2)
@@ -438,8 +522,10 @@ def test_a_batch_damaged_after_start_up_stops_the_run_with_one_line(workdir, tmp
         f.seek(row * 64 * 2 + 10)
         f.write(b"\xff\xff")
     trainer._micro_batches(1)  # other rows: fine
-    with pytest.raises(UptrainError, match=f"^--data: step 3: {data}.bin: row {row} holds token id 65535, beyond "
-                                           f"the model's vocabulary of"):
+    with pytest.raises(
+        UptrainError,
+        match=f"^--data: step 3: {data}.bin: row {row} holds token id 65535, beyond the model's vocabulary of",
+    ):
         trainer._micro_batches(2)
 
 
@@ -447,14 +533,26 @@ def test_resuming_on_repacked_data_is_refused(workdir, tmp_path):
     """A run started on PREFIX, then PREFIX re-packed from other documents: the rerun is refused."""
     data = tmp_path / "data"
     pack([str(workdir / "train.jsonl")], str(workdir / "tok"), 64, str(data), progress=False)
-    argv = ["--ds_config", str(ds_config(workdir, "zero2.json")), "--init", str(workdir / "mlkv"),
-            "--data", str(data), "--out", str(tmp_path / "run"), "--train-iters", "8"]
+    argv = [
+        "--ds_config",
+        str(ds_config(workdir, "zero2.json")),
+        "--init",
+        str(workdir / "mlkv"),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--train-iters",
+        "8",
+    ]
     from megatron_mlkv.train import Trainer
+
     Trainer(UPTRAIN.build_parser().parse_args(argv))._check_resumable()  # what the first start records
     pack([str(workdir / "valid.jsonl")], str(workdir / "tok"), 64, str(data), progress=False, overwrite=True)
-    assert_one_line_error(run_single(workdir, tmp_path, "--train-iters", 8, data=data),
-                          f"--out {tmp_path / 'run'} holds a run on "
-                          f"other data: the files of --data {data} changed")
+    assert_one_line_error(
+        run_single(workdir, tmp_path, "--train-iters", 8, data=data),
+        f"--out {tmp_path / 'run'} holds a run on other data: the files of --data {data} changed",
+    )
 
 
 def test_invalid_tp_for_the_layout_is_rejected(workdir, tmp_path):
@@ -490,8 +588,24 @@ def test_eval_hook_writes_results_and_survives_a_failing_task(workdir):
     tasks = write_tasks(workdir / "eval_tasks")
     offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     run = workdir / "runs" / "eval"
-    ok(uptrain(workdir, run, ds_config(workdir, "zero2.json"), "--train-iters", 2, "--save-interval", 1,
-               "--eval-tasks", "tiny_mc,tiny_lambada", "--eval-include-path", tasks, "--eval-limit", 4, env=offline))
+    ok(
+        uptrain(
+            workdir,
+            run,
+            ds_config(workdir, "zero2.json"),
+            "--train-iters",
+            2,
+            "--save-interval",
+            1,
+            "--eval-tasks",
+            "tiny_mc,tiny_lambada",
+            "--eval-include-path",
+            tasks,
+            "--eval-limit",
+            4,
+            env=offline,
+        )
+    )
     for step in (1, 2):
         result = json.loads((run / "eval" / f"step_{step}.json").read_text())
         assert set(result["results"]) >= {"tiny_mc", "tiny_lambada"} and result["layout"]["name"] == "MLKV-2"
@@ -502,8 +616,18 @@ def test_eval_hook_writes_results_and_survives_a_failing_task(workdir):
     assert [e.step for e in acc.Scalars("eval/tiny_mc/acc")] == [1, 2]
     # a task that cannot be loaded offline is logged with its reason; training goes on and finishes
     broken = workdir / "runs" / "eval_broken"
-    result = uptrain(workdir, broken, ds_config(workdir, "zero2.json"), "--train-iters", 2, "--save-interval", 2,
-                     "--eval-tasks", "no_such_task_anywhere", env=offline)
+    result = uptrain(
+        workdir,
+        broken,
+        ds_config(workdir, "zero2.json"),
+        "--train-iters",
+        2,
+        "--save-interval",
+        2,
+        "--eval-tasks",
+        "no_such_task_anywhere",
+        env=offline,
+    )
     ok(result)
     assert "evaluation at step 2 failed" in result.stderr + result.stdout
     assert sorted(losses(broken)) == [1, 2]
@@ -515,10 +639,29 @@ def test_activation_checkpointing_and_train_tokens_change_nothing(workdir, zero2
     """--train-tokens 8 x 8 rows x 64 tokens is the 8 steps of the reference run; recomputing the
     activations (K/V handed from owner to served layers across checkpointed regions) gives its losses."""
     run = workdir / "runs" / "checkpointing"
-    cmd = ["deepspeed", "--num_gpus", "2", str(ROOT / "launch" / "uptrain.py"),
-           "--ds_config", str(ds_config(workdir, "zero2.json")), "--init", str(workdir / "mlkv"),
-           "--data", str(workdir / "train"), "--valid-data", str(workdir / "valid"), "--out", str(run),
-           "--train-tokens", str(STEPS * 8 * 64), "--lr", "3e-3", "--save-interval", "8", "--activation-checkpointing"]
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        str(ROOT / "launch" / "uptrain.py"),
+        "--ds_config",
+        str(ds_config(workdir, "zero2.json")),
+        "--init",
+        str(workdir / "mlkv"),
+        "--data",
+        str(workdir / "train"),
+        "--valid-data",
+        str(workdir / "valid"),
+        "--out",
+        str(run),
+        "--train-tokens",
+        str(STEPS * 8 * 64),
+        "--lr",
+        "3e-3",
+        "--save-interval",
+        "8",
+        "--activation-checkpointing",
+    ]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     ok(subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600))
     got, ref = losses(run), losses(zero2_run)

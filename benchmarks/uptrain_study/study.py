@@ -1,11 +1,12 @@
 """The study's own steps (megatron_mlkv/study.py); run.sh calls them between the user commands.
 
-    python benchmarks/uptrain_study/study.py corpus OUT/corpus [--max-mb N]
-    python benchmarks/uptrain_study/study.py tokenizer OUT/corpus/train.jsonl OUT/tokenizer [--vocab 16384]
-    python benchmarks/uptrain_study/study.py task OUT/corpus/valid.jsonl OUT/tasks [--n 1000]
-    python benchmarks/uptrain_study/study.py pretrain OUT --tokens N --hidden H [--layers 12 --heads 12]
-    python benchmarks/uptrain_study/study.py summarize OUT
+python benchmarks/uptrain_study/study.py corpus OUT/corpus [--max-mb N]
+python benchmarks/uptrain_study/study.py tokenizer OUT/corpus/train.jsonl OUT/tokenizer [--vocab 16384]
+python benchmarks/uptrain_study/study.py task OUT/corpus/valid.jsonl OUT/tasks [--n 1000]
+python benchmarks/uptrain_study/study.py pretrain OUT --tokens N --hidden H [--layers 12 --heads 12]
+python benchmarks/uptrain_study/study.py summarize OUT
 """
+
 import argparse
 import json
 import sys
@@ -48,14 +49,29 @@ def main() -> int:
         print(json.dumps(study.build_corpus(a.out, max_mb=a.max_mb, valid_share=a.valid_share), indent=2))
     elif a.cmd == "tokenizer":
         from megatron_mlkv.demo import train_tokenizer
+
         print(train_tokenizer(Path(a.train_jsonl), Path(a.out), a.vocab, max_chars=int(a.sample_mb * 1e6)))
     elif a.cmd == "task":
         print(study.write_next_line_task(a.valid_jsonl, a.out, n=a.n))
     elif a.cmd == "pretrain":
         out = Path(a.out)
-        print(json.dumps(study.pretrain_base(str(out / "data" / "train"), out / "tokenizer", out / "base", a.tokens,
-                                             a.hidden, a.layers, a.heads, a.batch_rows, lr=a.lr,
-                                             minutes=a.minutes), indent=2))
+        print(
+            json.dumps(
+                study.pretrain_base(
+                    str(out / "data" / "train"),
+                    out / "tokenizer",
+                    out / "base",
+                    a.tokens,
+                    a.hidden,
+                    a.layers,
+                    a.heads,
+                    a.batch_rows,
+                    lr=a.lr,
+                    minutes=a.minutes,
+                ),
+                indent=2,
+            )
+        )
     else:
         print(study.format_results(study.summarize(a.out)))
     return 0
