@@ -427,8 +427,13 @@ def _fault(kind: str, step: int) -> bool:
 
 
 def _fail(message: str, rank: int, code: int = 2) -> None:
+    """Print the one line (rank 0) and exit with `code`. A process group still open is closed first:
+    left to the interpreter's exit, gloo's threads can abort the process ("terminate called without
+    an active exception", exit code 250 or 134) after the line was printed."""
     if rank == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     sys.exit(code)
 
 
