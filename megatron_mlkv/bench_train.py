@@ -296,9 +296,10 @@ def saved_memory(
     config: MLKVConfig, micro: int, seq_len: int, device: torch.device, dtype: torch.dtype, loss: str = "auto"
 ) -> dict:
     """What one training forward keeps for its backward, by kind (`_memory_kind`), in bytes: every
-    tensor autograd saves, each storage counted once, the weights left out. On CUDA also the peak
-    allocated above the weights over forward and backward. Weights in `dtype`, as DeepSpeed's bf16
-    module holds them; no optimizer."""
+    tensor autograd saves, each storage counted once, the weights left out (eager: compiled code
+    saves its tensors out of the hooks' sight). On CUDA also the peak allocated above the weights
+    over forward and backward, eager and with the layers compiled as training compiles them
+    (`train.compile_blocks`). Weights in `dtype`, as DeepSpeed's bf16 module holds them; no optimizer."""
     from .loss import lm_loss_sum
     from .model import MLKVTransformer
 
@@ -334,8 +335,20 @@ def saved_memory(
         "saved_bytes": kinds,
         "saved_total_bytes": sum(kinds.values()),
         "peak_above_weights_bytes": (torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None),
+        "peak_compiled_above_weights_bytes": None,
     }
-    del model, total
+    del total
+    if device.type == "cuda":
+        model.zero_grad(set_to_none=True)
+        compile_blocks(model)
+        for _ in range(2):  # the first call compiles; the second is measured
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            lm_loss_sum(model, ids, ids, loss).backward()
+            model.zero_grad(set_to_none=True)
+        record["peak_compiled_above_weights_bytes"] = torch.cuda.max_memory_allocated(device) - base
+    del model
     gc.collect()
     return record
 
@@ -344,17 +357,24 @@ def format_memory(records: list[dict]) -> str:
     """Markdown: saved bytes by kind per layout (GiB), and the total against the first row's."""
     kinds = sorted({k for r in records for k in r["saved_bytes"]})
     lines = [
-        "| shape | layout | micro-batch | " + " | ".join(kinds) + " | saved in all | vs first | peak above weights |",
-        "|---" * (len(kinds) + 6) + "|",
+        "| shape | layout | micro-batch | "
+        + " | ".join(kinds)
+        + " | saved in all | vs first | peak above weights | compiled: peak above weights |",
+        "|---" * (len(kinds) + 7) + "|",
     ]
     first = records[0]["saved_total_bytes"] if records else 1
     for r in records:
         cells = [f"{r['saved_bytes'].get(k, 0) / 2**30:.2f}" for k in kinds]
-        peak = "" if r["peak_above_weights_bytes"] is None else f"{r['peak_above_weights_bytes'] / 2**30:.1f} GiB"
+        peaks = [
+            "" if r.get(key) is None else f"{r[key] / 2**30:.1f} GiB"
+            for key in ("peak_above_weights_bytes", "peak_compiled_above_weights_bytes")
+        ]
         lines.append(
             f"| {r.get('shape', '')} | {r['layout']} | {r['micro_batch']} | "
             + " | ".join(cells)
-            + f" | {r['saved_total_bytes'] / 2**30:.2f} GiB | {r['saved_total_bytes'] / first:.2f}x | {peak} |"
+            + f" | {r['saved_total_bytes'] / 2**30:.2f} GiB | {r['saved_total_bytes'] / first:.2f}x | "
+            + " | ".join(peaks)
+            + " |"
         )
     return "\n".join(lines)
 
