@@ -146,13 +146,15 @@ def pretrain_base(
 
 
 @torch.no_grad()
-def validation_loss(logits_fn, ds, batch: int = 16) -> float:
-    """Mean next-token loss over every row of `ds` (real tokens only) for `logits_fn(ids) -> logits`."""
+def validation_loss(logits_fn, ds, batch: int = 16, rows: int | None = None, device=None) -> float:
+    """Mean next-token loss over the first `rows` rows of `ds` (all by default; real tokens only) for
+    `logits_fn(ids) -> logits`, the rows collated onto `device`."""
     from .data import collate
 
+    n = len(ds) if rows is None else min(rows, len(ds))
     total, count = 0.0, 0
-    for start in range(0, len(ds), batch):
-        b = collate(ds, np.arange(start, min(len(ds), start + batch)))
+    for start in range(0, n, batch):
+        b = collate(ds, np.arange(start, min(n, start + batch)), device)
         logits = logits_fn(b["input_ids"])[:, :-1].float()
         labels = b["labels"][:, 1:]
         total += torch.nn.functional.cross_entropy(

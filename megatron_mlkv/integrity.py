@@ -38,13 +38,18 @@ def _files(folder: Path, exclude: tuple[str, ...]) -> list[str]:
     )
 
 
+def _digests(folder: Path, names: list[str], threads: int):
+    """`file_digest` of each of `names` under `folder`, in order, hashed in parallel threads (xxhash
+    releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(lambda name: file_digest(folder / name), names))
+
+
 def manifest(folder: str | os.PathLike, exclude: tuple[str, ...] = (), threads: int = 8) -> dict:
-    """{relative path: {"size": bytes, ALGORITHM: digest}} for every file under `folder` (files are
-    hashed in parallel threads; xxhash releases the GIL)."""
+    """{relative path: {"size": bytes, ALGORITHM: digest}} for every file under `folder`."""
     folder = Path(folder)
     names = _files(folder, exclude)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        digests = list(pool.map(lambda name: file_digest(folder / name), names))
+    digests = _digests(folder, names, threads)
     return {name: {"size": (folder / name).stat().st_size, ALGORITHM: digest} for name, digest in zip(names, digests)}
 
 
@@ -61,8 +66,7 @@ def manifest_problem(folder: str | os.PathLike, expected: dict, threads: int = 8
         if size != entry["size"]:
             return f"{name} is {size} bytes, {entry['size']} when saved"
     names = list(expected)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for name, digest in zip(names, pool.map(lambda name: file_digest(folder / name), names)):
-            if digest != expected[name][ALGORITHM]:
-                return f"{name} does not match its checksum (its content changed after it was saved)"
+    for name, digest in zip(names, _digests(folder, names, threads)):
+        if digest != expected[name][ALGORITHM]:
+            return f"{name} does not match its checksum (its content changed after it was saved)"
     return None

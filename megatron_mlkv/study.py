@@ -330,7 +330,8 @@ def validation_loss(model_dir: str | Path, data_prefix: str, rows: int = VALID_R
     import torch
     from transformers import GPTNeoXForCausalLM
 
-    from .data import PackedDataset, collate
+    from . import demo
+    from .data import PackedDataset
     from .hf import load_pretrained
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -339,18 +340,7 @@ def validation_loss(model_dir: str | Path, data_prefix: str, rows: int = VALID_R
         logits_of = lambda ids: hf(ids).logits  # noqa: E731
     else:
         logits_of = load_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    ds = PackedDataset(data_prefix)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        n = min(rows, len(ds))
-        for start in range(0, n, batch_rows):
-            b = collate(ds, np.arange(start, min(n, start + batch_rows)), device)
-            logits, labels = logits_of(b["input_ids"])[:, :-1], b["labels"][:, 1:]
-            total += torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
-            ).item()
-            count += int((labels != -100).sum())
-    return total / count
+    return demo.validation_loss(logits_of, PackedDataset(data_prefix), batch_rows, rows, device)
 
 
 # --------------------------------------------------------------------------------------------------

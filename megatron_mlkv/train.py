@@ -50,10 +50,7 @@ from .packing import decays, pack_layers, unpack_tensors, unpacked_checkpoint
 COMPLETE = "COMPLETE"  # written last into each checkpoint folder, with the manifest of its files
 LATEST = "latest"  # the newest complete checkpoint's tag, as DeepSpeed's own tools (zero_to_fp32.py) read it
 # run_config.json keys a resumed run must share with the run it continues
-# (the data's content first: data that changed also changes the step count)
 RESUME_KEYS = (
-    "data_fingerprint",
-    "valid_data_fingerprint",
     "init",
     "data",
     "valid_data",
@@ -568,16 +565,17 @@ class Trainer:
         current = self._run_config()
         if path.exists():
             saved = json.loads(path.read_text())
-            for key in RESUME_KEYS:
-                if key.endswith("fingerprint") and key in saved and saved[key] != current[key]:
-                    flag = "--" + key.removesuffix("_fingerprint").replace("_", "-")
+            # the data's content first (data that changed also changes the step count); runs started
+            # before fingerprints were recorded have none to compare
+            for name in ("data", "valid_data"):
+                key = f"{name}_fingerprint"
+                if key in saved and saved[key] != current[key]:
                     raise UptrainError(
-                        f"--out {self.run_dir} holds a run on other data: the files of {flag} "
-                        f"{getattr(self.args, key.removesuffix('_fingerprint'))} changed since it "
-                        f"started (their fingerprint differs); restore them, or choose a new --out"
+                        f"--out {self.run_dir} holds a run on other data: the files of --{name.replace('_', '-')} "
+                        f"{getattr(self.args, name)} changed since it started (their fingerprint differs); "
+                        f"restore them, or choose a new --out"
                     )
-                if key.endswith("fingerprint"):
-                    continue  # runs started before fingerprints were recorded have none
+            for key in RESUME_KEYS:
                 if saved.get(key) != current[key]:
                     raise UptrainError(
                         f"--out {self.run_dir} holds a run with {key} = {saved.get(key)!r}, this "

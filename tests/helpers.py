@@ -102,3 +102,10 @@ def run_interpreted(test_file: str, *pytest_args: str) -> str:
     )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     return done.stdout
+
+
+def overwrite_bytes(path, at: int, value: bytes) -> None:
+    """Damage a file in place: `value` written at byte `at`, its size unchanged."""
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(value)

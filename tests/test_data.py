@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import overwrite_bytes
 
 from megatron_mlkv import data
 from megatron_mlkv.data import DataError, PackedDataset, RowSampler, collate, pack, rank_slice
@@ -499,12 +500,8 @@ def test_a_failure_leaves_nothing_that_looks_complete(work, tmp_path):
 
 
 def test_corrupt_or_truncated_packed_files_are_one_line_errors(packed, tmp_path):
-    import shutil
-
     def copy(name):
-        for ext in ("bin", "idx", "json"):
-            shutil.copy(f"{packed}.{ext}", tmp_path / f"{name}.{ext}")
-        return tmp_path / name
+        return copy_pack(packed, tmp_path / name)
 
     def error(prefix) -> str:
         with pytest.raises(DataError) as e:
@@ -531,12 +528,6 @@ def test_corrupt_or_truncated_packed_files_are_one_line_errors(packed, tmp_path)
     meta = json.loads(Path(f"{other}.json").read_text())
     Path(f"{other}.json").write_text(json.dumps({**meta, "rows": meta["rows"] + 1}))
     assert "different packs" in error(other)
-
-
-def overwrite_bytes(path, at: int, value: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(at)
-        f.write(value)
 
 
 def copy_pack(src: Path, dst: Path) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import overwrite_bytes
 
 from megatron_mlkv.convert import convert_checkpoint
 from megatron_mlkv.data import pack
@@ -225,9 +226,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(workdir
     assert (ckpt / "step_8" / "COMPLETE").is_file() and (ckpt / "latest").read_text() == "step_8"
     # the same size, other bytes, in every checkpoint: nothing to fall back to, one line, nothing moved
     for step in (4, 8):
-        with open(ckpt / f"step_{step}" / "mp_rank_00_model_states.pt", "r+b") as f:
-            f.seek(1000)
-            f.write(b"\xff" * 16)
+        overwrite_bytes(ckpt / f"step_{step}" / "mp_rank_00_model_states.pt", 1000, b"\xff" * 16)
     result = uptrain(workdir, run, config, "--save-interval", 4)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert (
@@ -489,9 +488,7 @@ def test_data_changed_after_packing_is_refused_before_the_first_step(workdir, tm
     data = tmp_path / "data"
     for ext in ("bin", "idx", "json"):
         Path(f"{data}.{ext}").write_bytes(Path(f"{workdir / 'train'}.{ext}").read_bytes())
-    with open(f"{data}.bin", "r+b") as f:  # ten bytes of 0xff, header and index intact
-        f.seek(1000)
-        f.write(b"\xff" * 10)
+    overwrite_bytes(f"{data}.bin", 1000, b"\xff" * 10)  # header and index intact
     assert_one_line_error(
         run_single(workdir, tmp_path, data=data), f"--data {data}: {data}.bin", "does not match the fingerprint"
     )
@@ -518,9 +515,7 @@ def test_a_batch_damaged_after_start_up_stops_the_run_with_one_line(workdir, tmp
     trainer.groups, trainer.device = types.SimpleNamespace(dp_rank=0, dp_size=1), torch.device("cpu")
     batches, _ = trainer._micro_batches(2)
     row = int(trainer.sampler.batch(2)[3])
-    with open(f"{data}.bin", "r+b") as f:
-        f.seek(row * 64 * 2 + 10)
-        f.write(b"\xff\xff")
+    overwrite_bytes(f"{data}.bin", row * 64 * 2 + 10, b"\xff\xff")
     trainer._micro_batches(1)  # other rows: fine
     with pytest.raises(
         UptrainError,
