@@ -4,13 +4,14 @@ python data_tools/pack_pile.py --input EleutherAI/the_pile_deduplicated \\
     --tokenizer EleutherAI/pythia-160m-deduped --seq-len 2048 --num-docs 6000000 --workers 16 --out data/pile_6m
 python data_tools/pack_pile.py --input 'corpus/*.jsonl.zst' --tokenizer tok/tokenizer.json --out data/mine
 
-All logic lives in megatron_mlkv/data.py (pack, PackedDataset); see the README.
+All logic lives in megatron_mlkv/data/ (pack, PackedDataset); docs/data.md.
 """
 
 import argparse
 import sys
 
-from megatron_mlkv.data import DEFAULT_SOURCE, PACKINGS, DataError, format_summary, pack
+from megatron_mlkv.cli import entry_point
+from megatron_mlkv.data import DEFAULT_SOURCE, PACKINGS, format_summary, pack
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
             progress=args.progress,
             overwrite=args.overwrite,
         )
-    except (DataError, OSError) as e:
+    except OSError as e:  # a file the system cannot read or write: one line, as a DataError would be
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

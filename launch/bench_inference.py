@@ -25,9 +25,11 @@ from megatron_mlkv.bench_inference import (
     run_benchmark,
     transformers_baseline,
 )
-from megatron_mlkv.convert import DTYPES
+from megatron_mlkv.cli import entry_point
+from megatron_mlkv.conversion import DTYPES
 
 
+@entry_point
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", default=[], metavar="DIR", help="exported MLKV folders")
@@ -76,32 +78,29 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     torch.manual_seed(args.seed)
-    try:
-        candidates = [from_folder(path, dtype, device) for path in args.model]
-        if args.shape:
-            candidates += from_shape(args.shape, args.layouts, dtype, device)
-        if args.baseline_hf:
-            mha = next((c.name for c in candidates if c.layout.name == "MHA" and not args.shape), None)
-            candidates[:0] = transformers_baseline(dtype, device, args.hf_model, args.shape, mha)
-        previous = [r for f in args.include_results for r in json.loads(Path(f).read_text())]
-        if not candidates and not previous:
-            raise BenchError("nothing to benchmark: give --model DIR ..., --shape NAME, or --include-results")
-        run_benchmark(
-            candidates,
-            args.out,
-            args.context,
-            args.new_tokens,
-            device,
-            dtype,
-            args.batch_sizes,
-            args.max_batch,
-            args.eval_json,
-            previous,
-            log=lambda s: print(s, flush=True),
-        )
-    except BenchError as e:
-        sys.exit(f"error: {e}")
+    candidates = [from_folder(path, dtype, device) for path in args.model]
+    if args.shape:
+        candidates += from_shape(args.shape, args.layouts, dtype, device)
+    if args.baseline_hf:
+        mha = next((c.name for c in candidates if c.layout.name == "MHA" and not args.shape), None)
+        candidates[:0] = transformers_baseline(dtype, device, args.hf_model, args.shape, mha)
+    previous = [r for f in args.include_results for r in json.loads(Path(f).read_text())]
+    if not candidates and not previous:
+        raise BenchError("nothing to benchmark: give --model DIR ..., --shape NAME, or --include-results")
+    run_benchmark(
+        candidates,
+        args.out,
+        args.context,
+        args.new_tokens,
+        device,
+        dtype,
+        args.batch_sizes,
+        args.max_batch,
+        args.eval_json,
+        previous,
+        log=lambda s: print(s, flush=True),
+    )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,14 +4,14 @@ python launch/convert.py --base EleutherAI/pythia-160m-deduped --kv-layers 6 --k
 python launch/convert.py --base BASE --kv-owner-map 0,0,0,3 --kv-groups 2 --out ckpt/custom
 python launch/convert.py --base EleutherAI/pythia-160m-deduped --paper-variants --out-root ckpt
 
-All logic lives in megatron_mlkv/convert.py (convert_checkpoint, convert_paper_variants); see the README.
+All logic lives in megatron_mlkv/conversion/ (convert_checkpoint, convert_paper_variants); docs/convert.md.
 """
 
 import argparse
 import sys
 
-from megatron_mlkv.config import ConfigError
-from megatron_mlkv.convert import (
+from megatron_mlkv.cli import entry_point
+from megatron_mlkv.conversion import (
     DTYPES,
     MERGE_MODES,
     MLP_INITS,
@@ -20,7 +20,6 @@ from megatron_mlkv.convert import (
     format_report,
     format_variants_table,
 )
-from megatron_mlkv.hf import CheckpointError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -96,27 +96,23 @@ def main(argv=None) -> int:
         report_path=args.report,
         progress=args.progress,
     )
-    try:
-        if args.paper_variants:
-            print(format_variants_table(convert_paper_variants(args.base, args.out_root, **common)))
-        else:
-            print(
-                format_report(
-                    convert_checkpoint(
-                        args.base,
-                        args.out,
-                        args.kv_layers,
-                        args.kv_groups,
-                        args.kv_owner_map,
-                        random_init=args.random_init,
-                        seed=args.seed,
-                        **common,
-                    )
+    if args.paper_variants:
+        print(format_variants_table(convert_paper_variants(args.base, args.out_root, **common)))
+    else:
+        print(
+            format_report(
+                convert_checkpoint(
+                    args.base,
+                    args.out,
+                    args.kv_layers,
+                    args.kv_groups,
+                    args.kv_owner_map,
+                    random_init=args.random_init,
+                    seed=args.seed,
+                    **common,
                 )
             )
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        )
     return 0
 
 

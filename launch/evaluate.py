@@ -4,16 +4,17 @@ python launch/evaluate.py --model runs/mlkv-6/hf/step_1000 --out runs/mlkv-6/eva
 python launch/evaluate.py --model ckpt/mlkv-6 --tasks my_task --include-path my_tasks --limit 100 --out e.json
 
 FILE.json holds lm-eval's `results` mapping plus the model's KV layout and KV bytes per token; a
-markdown table is printed. The logic lives in megatron_mlkv/evaluate.py; see the README.
+markdown table is printed. The logic lives in megatron_mlkv/evaluate.py; docs/evaluate.md.
 """
 
 import argparse
 import sys
 
+from megatron_mlkv.cli import entry_point
+from megatron_mlkv.errors import MLKVError
 from megatron_mlkv.evaluate import (
     DEFAULT_TASKS,
     DTYPES,
-    EvaluationError,
     evaluate_checkpoint,
     format_error,
     format_results,
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
@@ -59,9 +61,8 @@ def main(argv=None) -> int:
             device=args.device,
             dtype=args.dtype,
         )
-    except EvaluationError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except MLKVError:
+        raise  # one line through cli.entry_point
     except Exception as e:  # lm-eval/datasets failures, e.g. a task whose data cannot be downloaded
         print(f"error: evaluation failed: {format_error(e)}", file=sys.stderr)
         return 1

@@ -9,9 +9,11 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_mlkv.layout import DTYPE_BYTES, LayoutError, cache_size_table, format_cache_table
+from megatron_mlkv.cli import entry_point
+from megatron_mlkv.layout import DTYPE_BYTES, cache_size_table, format_cache_table
 
 
+@entry_point
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, required=True, help="l, decoder layers")
@@ -24,16 +26,13 @@ def main(argv=None):
     p.add_argument("--dtype", default="fp16", choices=sorted(DTYPE_BYTES))
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = p.parse_args(argv)
-    try:
-        rows = cache_size_table(
-            args.layers, args.heads, args.head_dim, args.batch, args.seq, args.kv_layers, args.kv_groups, args.dtype
-        )
-    except LayoutError as e:
-        sys.exit(f"error: {e}")
+    rows = cache_size_table(
+        args.layers, args.heads, args.head_dim, args.batch, args.seq, args.kv_layers, args.kv_groups, args.dtype
+    )
     print(format_cache_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

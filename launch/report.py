@@ -4,13 +4,14 @@ python launch/report.py runs/mha runs/mlkv-6 runs/mlkv-2 --out results/table3
 python launch/report.py eval/mha.json eval/mlkv-6.json --out results/table3
 
 A run folder stands for its latest eval/step_N.json. Writes PREFIX.md (printed too), PREFIX.json and
-PREFIX.png. The logic lives in megatron_mlkv/report.py; see the README.
+PREFIX.png. The logic lives in megatron_mlkv/report.py; docs/evaluate.md.
 """
 
 import argparse
 import sys
 
-from megatron_mlkv.report import ReportError, build_report
+from megatron_mlkv.cli import entry_point
+from megatron_mlkv.report import build_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,13 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        report = build_report(args.sources, args.out)
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = build_report(args.sources, args.out)
     print(report["table"])
     print("\nwrote " + ", ".join(report["files"].values()))
     return 0

@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .errors import MLKVError
 from .layout import KVLayout, LayoutError
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu")
 
 
-class ConfigError(ValueError):
+class ConfigError(MLKVError):
     """An invalid model configuration; the message names the field."""
 
 

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from .config import MLKVConfig
+from .errors import MLKVError
+from .integrity import write_json_atomic
 
 DEFAULT_TASKS = ("arc_easy", "lambada_openai", "piqa", "sciq")
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # what the model computes in; 'auto': the checkpoint's own
@@ -29,7 +31,7 @@ KV_DTYPE = "fp16"  # the cache dtype KV bytes per token are reported in (the pap
 HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(MLKVError):
     """Bad evaluation input (model folder, task name, include path); the message names it."""
 
 
@@ -228,26 +230,6 @@ def format_results(result: dict) -> str:
     return "\n".join(lines)
 
 
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` to write; it replaces `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
-    """Write `data` as JSON so that `path` is either complete or untouched."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-    return Path(path)
-
-
 def _load_model(model: str | os.PathLike, device: str, dtype: str = "auto") -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -292,3 +274,22 @@ def _step_of(model_dir: str | os.PathLike) -> int | None:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
+
+
+@torch.no_grad()
+def validation_loss(logits_fn, ds, batch: int = 16, rows: int | None = None, device=None) -> float:
+    """Mean next-token loss over the first `rows` rows of `ds` (all by default; real tokens only) for
+    `logits_fn(ids) -> logits`, the rows collated onto `device`."""
+    from .data import collate
+
+    n = len(ds) if rows is None else min(rows, len(ds))
+    total, count = 0.0, 0
+    for start in range(0, n, batch):
+        b = collate(ds, np.arange(start, min(n, start + batch)), device)
+        logits = logits_fn(b["input_ids"])[:, :-1].float()
+        labels = b["labels"][:, 1:]
+        total += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+        ).item()
+        count += int((labels != -100).sum())
+    return total / count

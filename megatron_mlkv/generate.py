@@ -37,6 +37,9 @@ over the whole preallocated buffer with masked-out positions (about s + max_new_
 minimum when the buffer is full); the triton kernel reads only the filled positions. `eos_token_id`
 pads finished rows with it but does not stop early (that needs a host sync per step). The logits
 `StaticDecoder.step` returns are overwritten by the next step on CUDA.
+
+Why one file of ~540 lines: the cache, the decode step (plain and with the folded layers the
+kernels need) and `generate` change together whenever the step does.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import torch
 
 from .config import MLKVConfig
 from .configuration_mlkv import MLKVGPTNeoXConfig
+from .errors import MLKVError
 from .model import MLKVTransformer
 from .modeling_mlkv import CACHE_FIELD, MLKVForCausalLM
 
@@ -40,7 +41,7 @@ def output_cache(output):
     return getattr(output, CACHE_FIELD)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MLKVError):
     """A checkpoint folder that cannot be read or written; the message names the path."""
 
 

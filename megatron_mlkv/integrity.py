@@ -1,4 +1,5 @@
-"""Fast content checksums of files: the packed data's fingerprint and each checkpoint's manifest.
+"""Files that are whole or absent: fast content checksums (the packed data's fingerprint, each
+checkpoint's manifest) and atomic writes (a temporary sibling renamed over the target).
 
 xxHash's XXH3-128 reads ~30 GB/s per core from memory (`python benchmarks/verify_speed.py`), so a
 check is as fast as the disk: a 12 GB pack verifies in seconds, where SHA-256 would take a minute.
@@ -7,8 +8,11 @@ It finds damage (truncation, flipped bytes, a file from another pack or run), no
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import xxhash
@@ -70,3 +74,30 @@ def manifest_problem(folder: str | os.PathLike, expected: dict, threads: int = 8
         if digest != expected[name][ALGORITHM]:
             return f"{name} does not match its checksum (its content changed after it was saved)"
     return None
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
+    """Write `data` as JSON so that `path` is either complete or untouched."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    return Path(path)
+
+
+def atomic_write(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` so that `path` is either complete or untouched."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)

@@ -27,6 +27,9 @@ one before it drains, and waits for it only before reading what it wrote.
 
 All run under TRITON_INTERPRET=1 on CPU tensors, which is how the tests check them without a GPU
 (without PDL, which the interpreter does not run).
+
+Why one file of ~640 lines: the four kernels share their tile choices, the programmatic-dependent-
+launch protocol and the CPU-interpreter switches, and each is read next to its launcher.
 """
 
 from __future__ import annotations

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import MLKVError
+
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "int8": 1}
 
 
-class LayoutError(ValueError):
+class LayoutError(MLKVError):
     """An invalid KV layout; the message names the offending value and what is allowed."""
 
 

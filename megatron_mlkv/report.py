@@ -15,12 +15,13 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .evaluate import atomic_output, write_json_atomic
+from .errors import MLKVError
+from .integrity import atomic_output, write_json_atomic
 
 METRIC = "acc"  # the paper reports accuracy for every task
 
 
-class ReportError(ValueError):
+class ReportError(MLKVError):
     """An unreadable report source; the message names the path."""
 
 
@@ -66,7 +67,7 @@ def report_rows(sources: Sequence[str | os.PathLike], metric: str = METRIC) -> t
     tasks = list(dict.fromkeys(t for _, r in loaded for t in r.get("tasks", r["results"])))
     rows = []
     for (label, r), source in zip(loaded, sources):
-        scores = {t: _metric(r["results"].get(t, {}), metric) for t in tasks}
+        scores = {t: task_metric(r["results"].get(t, {}), metric) for t in tasks}
         known = [v for v in scores.values() if v is not None]
         rows.append(
             {
@@ -200,8 +201,10 @@ def build_report(sources: Sequence[str | os.PathLike], out_prefix: str | os.Path
     return report
 
 
-def _metric(task_results: dict, metric: str) -> float | None:
-    value = task_results.get(f"{metric},none")
+def task_metric(task_results: dict, metric: str = METRIC) -> float | None:
+    """One task's `metric` from lm-eval's results (`acc,none`; `acc` in older lm-eval), None if absent
+    or not finite. The one reader of accuracies (the report and bench_inference's accuracy plot)."""
+    value = task_results.get(f"{metric},none", task_results.get(metric))
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 

@@ -11,16 +11,20 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from megatron_mlkv.config import MLKVConfig
-from megatron_mlkv.convert import convert_state_dict
+from megatron_mlkv.conversion import convert_state_dict
 from megatron_mlkv.model import MLKVTransformer
 
 
 def tiny_config(**changes) -> MLKVConfig:
+    """l = 4 layers, h = 4 heads, d = 64, vocabulary 101 (odd: exercises TP's vocabulary padding);
+    `kv_layers=m` (with `num_kv_heads=g`) gives the uniform MLKV layout."""
+    kv_layers = changes.pop("kv_layers", None)
     values = dict(
         vocab_size=101, hidden_size=64, num_layers=4, num_heads=4, intermediate_size=96, max_position_embeddings=64
     )
     values.update(changes)
-    return MLKVConfig(**values)
+    config = MLKVConfig(**values)
+    return config if kv_layers is None else config.with_layout(kv_layers, config.num_kv_heads)
 
 
 def gpt_neox(seed=0, std=0.2, **hf_kwargs) -> GPTNeoXForCausalLM:

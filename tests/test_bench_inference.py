@@ -14,9 +14,11 @@ from megatron_mlkv.bench_inference import (
     measure,
     parse_layouts,
     search_batches,
-    to_gpt_neox,
 )
+from megatron_mlkv.config import ConfigError
+from megatron_mlkv.conversion import to_gpt_neox
 from megatron_mlkv.hf import export_pretrained
+from megatron_mlkv.inference_report import summarize
 
 pytestmark = pytest.mark.compat  # transformers' generate as the baseline: also run by `make test-compat`
 
@@ -62,7 +64,7 @@ def bench_main(*args):
     spec = importlib.util.spec_from_file_location("bench_cli", ROOT / "launch" / "bench_inference.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    cli.main([str(a) for a in args])
+    return cli.main([str(a) for a in args])
 
 
 def test_cli_with_batch_sizes_baseline_and_eval_json(folders, tmp_path):
@@ -165,19 +167,20 @@ def test_every_timed_run_follows_a_warm_up_of_the_same_shape(monkeypatch):
     ]
     # the timed run is the second: here twice as fast as the first
     assert [r["tokens_per_s"] for r in records] == [2.0, 2.0, 4.0, 4.0, 16.0, 16.0]
-    rows = {r["engine"]: r for r in bi.summarize(records)}
+    rows = {r["engine"]: r for r in summarize(records)}
     assert rows["mlkv-fast"]["vs_transformers_b8"] == 4.0  # 16 / the static engine's 4, not the dynamic's 2
     assert rows["mlkv-fast"]["vs_transformers_best"] == 4.0 and rows["transformers"]["vs_transformers_b8"] is None
 
 
-def test_cli_searches_the_batch_up_to_max_batch_on_cpu(folders, tmp_path):
+def test_cli_searches_the_batch_up_to_max_batch_on_cpu(folders, tmp_path, capsys):
     out = tmp_path / "out"
     bench_main("--model", folders["mlkv"], "--context", 8, "--new-tokens", 2, "--max-batch", 6, "--out", out)
     records = json.loads((out / "results.json").read_text())
     assert [r["batch_size"] for r in records] == [1, 2, 4, 6]
     assert (out / "memory.png").is_file() and (out / "throughput.png").is_file()
-    with pytest.raises(SystemExit, match="needs --max-batch"):
-        bench_main("--model", folders["mlkv"], "--out", tmp_path / "none", "--device", "cpu")
+    assert bench_main("--model", folders["mlkv"], "--out", tmp_path / "none", "--device", "cpu") == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
+    assert last.startswith("error: ") and "needs --max-batch" in last
 
 
 def test_search_doubles_until_oom_then_bisects():
@@ -210,7 +213,7 @@ def test_gpt_neox_baseline_has_the_same_logits():
     ids = torch.randint(0, 101, (2, 9))
     with torch.no_grad():
         assert torch.allclose(ref(ids).logits, model(ids), atol=1e-5)
-    with pytest.raises(BenchError, match="only an MHA model"):
+    with pytest.raises(ConfigError, match="only an MHA model"):
         to_gpt_neox(random_mlkv(tiny_config().with_layout(2, 1)))
 
 
@@ -223,7 +226,7 @@ def test_bandwidth_bound_counts_every_layers_kv_reads():
 
 
 def test_later_records_replace_earlier_ones_of_the_same_row():
-    from megatron_mlkv.bench_inference import latest
+    from megatron_mlkv.inference_report import latest
 
     row = dict(model="m", engine="mlkv-fast", context=20)
     old8, old16, other = (

@@ -1,10 +1,14 @@
-"""bench_train's memory mode: what a training forward saves for backward, by kind (CPU)."""
+"""bench_train on the CPU: the memory mode (what a training forward saves for backward, by kind)
+and the fresh process each measurement runs in."""
 
+import os
+
+import pytest
 import torch
 from helpers import tiny_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from megatron_mlkv.bench_train import format_memory, saved_memory
+from benchmarks.bench_train import format_memory, format_table, in_fresh_process, saved_memory
 
 CPU, S = torch.device("cpu"), 40  # unlike every width of the model, so shapes tell kinds apart
 
@@ -27,3 +31,18 @@ def test_saved_memory_finds_an_attention_matrix_and_kv_sharing_saves_no_more_tha
     table = format_memory([{"shape": "tiny", **mha}, {"shape": "tiny", **math}])
     assert table.splitlines()[0].count("|") == table.splitlines()[1].count("|") == table.splitlines()[2].count("|")
     assert "attention scores (s x s)" in table.splitlines()[0]
+
+
+def test_each_measurement_runs_in_a_process_of_its_own():
+    first, second = in_fresh_process(os.getpid), in_fresh_process(os.getpid)
+    assert len({first, second, os.getpid()}) == 3
+    with pytest.raises(ZeroDivisionError):  # a failure in the measurement reaches the caller
+        in_fresh_process(divmod, 1, 0)
+
+
+def test_table_ratios_divide_by_the_faster_transformers_engine():
+    row = dict(shape="pythia-1b", layout="MHA", micro_batch=8, mfu=0.5, peak_memory_bytes=2**30, data_wait_share=0.0)
+    speeds = {"hf": 60.0, "hf-compiled": 80.0, "mlkv": 100.0}
+    table = format_table([dict(row, engine=e, tokens_per_s=v) for e, v in speeds.items()])
+    ratios = {line.split(" | ")[2]: line.rstrip(" |").split(" | ")[-1] for line in table.splitlines()[2:]}
+    assert ratios == {e: f"{v / max(speeds['hf'], speeds['hf-compiled']):.2f}x" for e, v in speeds.items()}

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from megatron_mlkv.config import ConfigError, MLKVConfig, preset
-from megatron_mlkv.convert import (
+from megatron_mlkv.conversion import (
     REPORT_NAME,
     convert_checkpoint,
     convert_paper_variants,
@@ -149,25 +149,6 @@ def logits(model, ids):
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    """A byte-level BPE tokenizer trained locally (no hub)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(["the cat sat on the mat", "a dog ran in the park"] * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    out = tmp_path_factory.mktemp("tokenizer")
-    fast.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory, tokenizer_dir):
     """l=4, h=4, d=64 GPT-NeoX with special token ids and a tokenizer, as safetensors."""
     ref = gpt_neox(num_hidden_layers=4, vocab_size=300, bos_token_id=0, eos_token_id=0, pad_token_id=1)
@@ -217,7 +198,7 @@ def test_pythia_160m_on_disk_count_and_streaming_memory(tmp_path):
     code = f"""
 import json
 import torch, transformers, safetensors
-from megatron_mlkv.convert import convert_checkpoint
+from megatron_mlkv.conversion import convert_checkpoint
 def rss(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
@@ -751,7 +732,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(tiny_base, tmp_path, capsys):
 
 
 def test_convert_layer_and_merge_kv_agree_with_convert_state_dict():
-    from megatron_mlkv.convert import convert_layer, merge_kv, split_qkv
+    from megatron_mlkv.conversion import convert_layer, merge_kv, split_qkv
 
     ref = gpt_neox(num_hidden_layers=4)
     base = MLKVConfig.from_hf(ref.config)

@@ -16,7 +16,7 @@ from helpers import overwrite_bytes
 
 from megatron_mlkv import data
 from megatron_mlkv.data import DataError, PackedDataset, RowSampler, collate, pack, rank_slice
-from megatron_mlkv.demo import train_tokenizer
+from megatron_mlkv.data.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 EOD = "<|endoftext|>"
@@ -163,7 +163,7 @@ def reference_packing(docs: list[list[int]], eod: int, seq_len: int, chunk: int)
 
 
 def test_reference_packing_reproduces_the_reference_algorithm(work, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "REFERENCE_CHUNK", 40)  # several chunks in a small corpus
+    monkeypatch.setattr(data.pipeline, "REFERENCE_CHUNK", 40)  # several chunks in a small corpus
     seq_len = 48
     meta = pack(
         [str(work["corpus"])], str(work["tok"]), seq_len, str(tmp_path / "r"), packing="reference", progress=False

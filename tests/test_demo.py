@@ -31,6 +31,7 @@ def test_demo_pipeline_recovers_the_converted_model(tmp_path):
             "30",
         ],
         env=env,
+        cwd=ROOT,  # as `make demo` runs it
         capture_output=True,
         text=True,
         timeout=900,

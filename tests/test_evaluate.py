@@ -15,8 +15,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from megatron_mlkv.convert import convert_checkpoint
-from megatron_mlkv.demo import train_tokenizer, write_corpus
+from megatron_mlkv.conversion import convert_checkpoint
 from megatron_mlkv.evaluate import eval_scalars, try_evaluate_checkpoint
 from megatron_mlkv.report import ReportError, build_report, pareto_front, point_labels
 
@@ -90,10 +89,10 @@ def write_tasks(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, tokenizer_dir):
     """A converted MLKV-2 checkpoint (with tokenizer) and a folder of local tasks."""
     root = tmp_path_factory.mktemp("evaluate")
-    tok_dir = train_tokenizer(write_corpus(root / "corpus.jsonl", 200), root / "tokenizer", vocab_size=300)
+    tok_dir = tokenizer_dir
     tok = AutoTokenizer.from_pretrained(tok_dir)
     torch.manual_seed(0)
     base = GPTNeoXForCausalLM(

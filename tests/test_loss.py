@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from helpers import interpreted, interpreter_parent, random_mlkv, run_interpreted, tiny_config
 
-from megatron_mlkv.loss import FusedLinearCrossEntropy, chunked_cross_entropy, lm_loss_sum
+from megatron_mlkv.training.loss import FusedLinearCrossEntropy, chunked_cross_entropy, lm_loss_sum
 
 
 def head_and_targets():

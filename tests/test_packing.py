@@ -9,8 +9,8 @@ import torch
 from helpers import random_mlkv, tiny_config
 
 from megatron_mlkv.data import Prefetcher
-from megatron_mlkv.packing import PACKS, pack_layers, pieces, unpack_tensors
-from megatron_mlkv.train import param_groups
+from megatron_mlkv.training import param_groups
+from megatron_mlkv.training.packing import PACKS, pack_layers, pieces, unpack_tensors
 
 LAYOUTS = {"mha": tiny_config(), "mlkv": tiny_config().with_layout(2, 2)}
 

@@ -1,4 +1,4 @@
-"""The uptraining study's own steps (megatron_mlkv/study.py): the corpus of installed sources and the
+"""The uptraining study's own steps (benchmarks/uptrain_study/steps.py): the corpus of installed sources and the
 next-line task. The pipeline itself is the user commands, tested in their own files."""
 
 import json
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from megatron_mlkv.study import build_corpus, next_line_docs, write_next_line_task
+from benchmarks.uptrain_study.steps import build_corpus, next_line_docs, write_next_line_task
 
 
 def write_tree(root, seed=0):

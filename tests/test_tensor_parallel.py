@@ -23,26 +23,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import random_mlkv
+from helpers import random_mlkv, tiny_config
 
-from megatron_mlkv import tensor_parallel as tp
+from megatron_mlkv import parallel as tp
 from megatron_mlkv.config import MLKVConfig
 from megatron_mlkv.model import MLKVTransformer
-from megatron_mlkv.train import float32_grad_norm
+from megatron_mlkv.training.deepspeed_patches import float32_grad_norm
 
 RTOL = 1e-5
-
-
-def tiny_config(**changes) -> MLKVConfig:
-    """h = 4 heads, l = 4 layers, vocabulary 101 (odd: exercises vocabulary padding)."""
-    kv_layers = changes.pop("kv_layers", None)
-    kv_owner = changes.pop("kv_owner", None)
-    g = changes.pop("num_kv_heads", None)
-    values = dict(
-        vocab_size=101, hidden_size=64, num_layers=4, num_heads=4, intermediate_size=96, max_position_embeddings=64
-    )
-    values.update(changes)
-    return MLKVConfig(**values).with_layout(kv_layers, g, kv_owner)
 
 
 random_model = random_mlkv  # weights far from uniform attention, identical on every rank for a seed
@@ -218,7 +206,7 @@ def check_groups(world: int) -> None:
         assert mpu.get_data_parallel_world_size() == world // t and mpu.get_data_parallel_rank() == k
         assert mpu.get_tensor_model_parallel_src_rank() == k * t
     if world == 4:  # discovery of all TP groups (used to create the KV replica groups everywhere)
-        assert tp._all_tp_groups_ranks(tp.init_groups(2).tp_group) == [[0, 1], [2, 3]]
+        assert tp.plan._all_tp_groups_ranks(tp.init_groups(2).tp_group) == [[0, 1], [2, 3]]
     try:
         tp.init_groups(3)
     except tp.TensorParallelError as e:
@@ -228,7 +216,7 @@ def check_groups(world: int) -> None:
 
 
 def check_float32_grad_norm(optimizer, params: list) -> None:
-    """`train.float32_grad_norm` against DeepSpeed's own (float64) method on the same gradients:
+    """`deepspeed_patches.float32_grad_norm` against DeepSpeed's own (float64) method on the same gradients:
     different on every rank, TP-sharded and replicated parameters, a ZeRO padding tensor, and a
     non-finite gradient (both give -1)."""
     import inspect
@@ -281,7 +269,7 @@ def check_deepspeed_tp2_dp2(stage: int, workdir: str) -> None:
         model = tp.parallelize(model, groups.tp_group)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config, mpu=groups.mpu())
-        float32_grad_norm(engine.optimizer)  # as train.make_engine: the clipping below goes through it
+        float32_grad_norm(engine.optimizer)  # as engine.make_engine: the clipping below goes through it
         return engine
 
     engine = engine_for(copy.deepcopy(ref))

@@ -9,9 +9,12 @@ of the same sum of token losses:
              `FusedLinearCrossEntropy` for why not through liger's own autograd function)
     chunked  plain PyTorch: the head and the loss per chunk of tokens, recomputed in backward
              (works everywhere; the CPU reference for `fused`)
-    logits   the model's full logits, then cross-entropy (needed for ZeRO-3, whose hooks gather
-             the head's weight only inside the head's own forward, and for tensor parallelism,
-             whose vocabulary-parallel cross-entropy works on each rank's logit columns)
+    logits   the model's full logits, then cross-entropy (needed for tensor parallelism, whose
+             vocabulary-parallel cross-entropy works on each rank's logit columns; `auto` under
+             ZeRO-3, where it was measured faster with compiled layers: `engine.make_engine`)
+
+`fused` and `chunked` read the output layer's weight outside its forward; under ZeRO-3 the
+trainer registers it as an external parameter (`engine.LossModel`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import tensor_parallel as tp
+from .. import parallel as tp
 
 IMPLEMENTATIONS = ("auto", "fused", "chunked", "logits")
 # `fused` holds logits for at most FUSED_CHUNK_MEM · tokens · hidden elements at a time. liger's
@@ -45,7 +48,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """liger's fused forward, which also computes the gradients, with a backward that scales them by
     the upstream gradient on the GPU. liger's own backward first compares that gradient with 1.0 on
     the host (two synchronisations a step, and the trainer's upstream gradient is 1/tokens, so it
-    scales anyway): 1.09-1.14x at Pythia-160M (benchmarks/README.md)."""
+    scales anyway; what it bought: benchmarks/README.md, changelog)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets):

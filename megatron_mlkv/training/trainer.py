@@ -18,16 +18,17 @@ Run folder:
     RUN_DIR/checkpoints/latest       the newest complete checkpoint's tag (DeepSpeed's zero_to_fp32.py reads it)
     RUN_DIR/hf/step_N/               transformers export of each checkpoint
     RUN_DIR/eval/step_N.json         lm-evaluation-harness results (with --eval-tasks)
+
+Why one file of ~580 lines: `Trainer` holds one run's state (engine, data order, run folder), and
+its set-up, loop, validation, checkpoint choice, save, resume and export all read and change it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import random
-import resource
 import shutil
 import signal
 import sys
@@ -37,18 +38,26 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from . import tensor_parallel as tp
-from .config import MLKVConfig
-from .data import DataError, PackedDataset, Prefetcher, RowSampler, collate, rank_slice
-from .hf import CheckpointError, export_pretrained, load_pretrained, remove_partial_exports, special_token_ids
-from .integrity import manifest, manifest_problem
-from .loss import lm_loss_sum
-from .packing import decays, pack_layers, unpack_tensors, unpacked_checkpoint
+from .. import parallel as tp
+from ..config import MLKVConfig
+from ..data import DataError, PackedDataset, Prefetcher, RowSampler, collate, rank_slice
+from ..errors import MLKVError
+from ..hf import CheckpointError, export_pretrained, load_pretrained, remove_partial_exports, special_token_ids
+from ..integrity import atomic_write, manifest
+from .ds_config import UptrainError, load_ds_config
+from .engine import compile_blocks, make_engine
+from .metrics import MetricsLog, matmul_flops_per_s, max_memory_bytes, sync
+from .options import RunOptions
+from .packing import unpack_tensors, unpacked_checkpoint
+from .run_dir import (
+    COMPLETE,
+    LATEST,
+    checkpoint_steps,
+    move_aside,
+    newest_intact_checkpoint,
+)
 
-COMPLETE = "COMPLETE"  # written last into each checkpoint folder, with the manifest of its files
-LATEST = "latest"  # the newest complete checkpoint's tag, as DeepSpeed's own tools (zero_to_fp32.py) read it
 # run_config.json keys a resumed run must share with the run it continues
 RESUME_KEYS = (
     "init",
@@ -66,350 +75,10 @@ RESUME_KEYS = (
 )
 
 
-class UptrainError(ValueError):
-    """Bad input to an uptraining run; the message names the flag, file or value."""
-
-
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(MLKVError):
     """The loss became NaN or infinite; training stops and the last good checkpoint stays."""
 
-
-# --------------------------------------------------------------------------------------------------
-# Configuration: the DeepSpeed JSON and the schedule
-# --------------------------------------------------------------------------------------------------
-
-
-def load_ds_config(path: str, world_size: int, tp_size: int) -> dict:
-    """Read and check a DeepSpeed config; fill `train_batch_size` and the gradient accumulation.
-
-    Returns the dict to hand to `deepspeed.initialize`. A contradiction (batch sizes that do not
-    multiply out, bf16 and fp16 both on, ZeRO-3 with tensor parallelism) is an `UptrainError`.
-    """
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise UptrainError(f"--ds_config {path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise UptrainError(f"--ds_config {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(cfg, dict):
-        raise UptrainError(f"--ds_config {path}: expected a JSON object")
-    if world_size % tp_size:
-        raise UptrainError(f"--tp {tp_size} must divide the number of ranks {world_size}")
-    dp = world_size // tp_size
-    micro = cfg.get("train_micro_batch_size_per_gpu")
-    gas = cfg.get("gradient_accumulation_steps")
-    total = cfg.get("train_batch_size")
-    for key, value in (
-        ("train_micro_batch_size_per_gpu", micro),
-        ("gradient_accumulation_steps", gas),
-        ("train_batch_size", total),
-    ):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise UptrainError(f"--ds_config {path}: {key} = {value!r} must be a positive integer")
-    if micro is None and (total is None or gas is None):
-        if total is None:
-            raise UptrainError(f"--ds_config {path}: set train_micro_batch_size_per_gpu (or train_batch_size)")
-        gas = gas or 1
-    if micro is None:
-        if total % (gas * dp):
-            raise UptrainError(
-                f"--ds_config {path}: train_batch_size {total} is not divisible by "
-                f"gradient_accumulation_steps {gas} x {dp} data-parallel ranks"
-            )
-        micro = total // (gas * dp)
-    if gas is None:
-        gas = 1 if total is None else total // (micro * dp)
-        if gas < 1 or (total is not None and total % (micro * dp)):
-            raise UptrainError(
-                f"--ds_config {path}: train_batch_size {total} is not a multiple of "
-                f"micro-batch {micro} x {dp} data-parallel ranks"
-            )
-    if total is not None and total != micro * gas * dp:
-        raise UptrainError(
-            f"--ds_config {path}: train_batch_size {total} != train_micro_batch_size_per_gpu "
-            f"{micro} x gradient_accumulation_steps {gas} x {dp} data-parallel ranks"
-        )
-    bf16 = cfg.get("bf16", {}).get("enabled", False)
-    fp16 = cfg.get("fp16", {}).get("enabled", False)
-    if bf16 and fp16:
-        raise UptrainError(f"--ds_config {path}: bf16 and fp16 are both enabled; choose one")
-    stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise UptrainError(f"--ds_config {path}: zero_optimization.stage = {stage!r}; allowed 0, 1, 2, 3")
-    if stage == 3 and tp_size > 1:
-        raise UptrainError(
-            f"--ds_config {path}: ZeRO stage 3 cannot be combined with --tp {tp_size}; "
-            f"use zero1.json or zero2.json with tensor parallelism"
-        )
-    if "optimizer" in cfg or "scheduler" in cfg:
-        raise UptrainError(
-            f"--ds_config {path}: remove the 'optimizer'/'scheduler' sections; uptrain.py "
-            f"owns them (--lr, --weight-decay, --warmup-ratio)"
-        )
-    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas, train_batch_size=micro * gas * dp)
-    cfg.setdefault("gradient_clipping", 1.0)
-    cfg.setdefault("steps_per_print", 10**9)
-    return cfg
-
-
-def lr_factor(step: int, total_steps: int, warmup_ratio: float, min_ratio: float) -> float:
-    """Multiplier of the peak lr before optimizer step `step` (0-based): linear warm-up over
-    `warmup_ratio` of the run, then cosine decay to `min_ratio`."""
-    warmup = int(warmup_ratio * total_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on weight matrices and embeddings, none on biases and LayerNorm."""
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            (decay if decays(module, name) else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-# --------------------------------------------------------------------------------------------------
-# The model DeepSpeed wraps
-# --------------------------------------------------------------------------------------------------
-
-
-class LossModel(nn.Module):
-    """What DeepSpeed wraps: the MLKV model plus its next-token loss, computed inside forward so
-    that ZeRO-3 has every weight the loss uses gathered. Returns the float32 sum of token losses."""
-
-    def __init__(self, model: nn.Module, loss_impl: str = "auto"):
-        super().__init__()
-        self.model, self.loss_impl = model, loss_impl
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return lm_loss_sum(self.model, input_ids, labels, self.loss_impl)
-
-
-def compile_blocks(model: nn.Module) -> None:
-    """torch.compile each layer's forward in place: quick to compile, and K/V pass between layers as
-    inputs. The layer's hooks (`packing`'s views) stay outside the compiled code."""
-    for block in model.layers:
-        block.forward = torch.compile(block.forward)
-
-
-def make_engine(
-    model: nn.Module,
-    ds_config: dict,
-    lr: float = 6e-4,
-    weight_decay: float = 0.01,
-    total_steps: int = 1,
-    warmup_ratio: float = 0.2,
-    min_lr_ratio: float = 0.1,
-    loss: str = "auto",
-    mpu=None,
-    pack: bool = True,
-):
-    """`deepspeed.initialize` of `LossModel(model)` with the paper's AdamW and schedule.
-
-    AdamW is torch's fused one on GPUs (DeepSpeed's CPU Adam when the config offloads the
-    optimizer); ZeRO-3 computes the loss from full logits (see loss.py). `pack`: hand DeepSpeed
-    two flat parameters per layer (`packing.pack_layers`) under ZeRO-0/1/2 without tensor
-    parallelism; ZeRO-3 gathers per module, and TP shards per parameter."""
-    import deepspeed
-
-    zero = ds_config.get("zero_optimization", {})
-    stage3 = zero.get("stage", 0) == 3
-    if pack and not stage3 and mpu is None:
-        pack_layers(model)
-    wrapped = LossModel(model, "logits" if stage3 else loss)
-    groups = param_groups(wrapped, weight_decay)
-    adam = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
-    if zero.get("offload_optimizer", {}).get("device") == "cpu":
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **adam)
-    else:
-        optimizer = torch.optim.AdamW(groups, fused=next(model.parameters()).is_cuda, **adam)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup_ratio, min_lr_ratio)
-    )
-    engine, _, _, _ = deepspeed.initialize(
-        model=wrapped, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
-    )
-    float32_grad_norm(engine.optimizer)
-    return engine
-
-
-def float32_grad_norm(optimizer) -> None:
-    """Give a DeepSpeed ZeRO-1/2 optimizer a float32 multi-tensor gradient norm (for clipping).
-
-    DeepSpeed converts each gradient to float64 for its norm (`get_grad_norm_direct`): at the
-    Pythia-1B size that writes 8 GB and reads 10 GB a step, ~3% of an H100 step. Here the norms are
-    one `torch._foreach_norm` over the bf16 gradients, accumulated in float32 (as torch's
-    `clip_grad_norm_` and Megatron do). Same reductions across ranks, the same -1 for a non-finite
-    norm (masked on the GPU, where DeepSpeed reads it on the host). Other norm types, CPU offload and
-    other optimizers keep DeepSpeed's code."""
-    from deepspeed import comm as ds_dist
-    from deepspeed.runtime.utils import is_model_parallel_parameter
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
-        return
-    deepspeed_norm = optimizer.get_grad_norm_direct
-
-    def grad_norm(gradients, params, norm_type=2):
-        if float(norm_type) != 2.0:
-            return deepspeed_norm(gradients, params, norm_type)
-        grads = [
-            g.detach()
-            for g, p in zip((g for g in gradients if not getattr(g, "_zero_padding", False)), params)
-            if not getattr(p, "ds_pipe_replicated", False)
-            and (is_model_parallel_parameter(p) or optimizer.model_parallel_rank == 0)
-        ]
-        if grads:
-            total = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).square().sum()
-        else:
-            total = torch.zeros((), dtype=torch.float32, device=optimizer.device)
-        ds_dist.all_reduce(total, op=ds_dist.ReduceOp.SUM, group=optimizer.dp_process_group)
-        optimizer._model_parallel_all_reduce(tensor=total, op=ds_dist.ReduceOp.SUM)
-        total = total.sqrt()
-        return total.masked_fill_(~torch.isfinite(total), -1.0)
-
-    optimizer.get_grad_norm_direct = grad_norm
-
-
-# --------------------------------------------------------------------------------------------------
-# Run folder: checkpoints, metrics
-# --------------------------------------------------------------------------------------------------
-
-
-def checkpoint_steps(ckpt_dir: Path, complete_only: bool = True) -> list[int]:
-    """Steps of the checkpoint folders `step_N` under `ckpt_dir` (by default only the complete
-    ones), oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted(
-        int(d.name[5:])
-        for d in ckpt_dir.iterdir()
-        if d.is_dir()
-        and d.name.startswith("step_")
-        and d.name[5:].isdigit()
-        and (not complete_only or (d / COMPLETE).is_file())
-    )
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """What is wrong with a complete checkpoint folder (a file missing, resized or changed since its
-    manifest was written), or None. A checkpoint saved without a manifest has nothing to check."""
-    try:
-        marker = json.loads((folder / COMPLETE).read_text())
-    except (OSError, ValueError) as e:
-        return f"its {COMPLETE} marker is unreadable ({e.__class__.__name__})"
-    files = marker.get("files") if isinstance(marker, dict) else None
-    return None if files is None else manifest_problem(folder, files)
-
-
-def newest_intact_checkpoint(ckpt_dir: Path) -> tuple[int | None, list[tuple[int, str]]]:
-    """The newest complete checkpoint that matches its manifest (None if none does), and the newer
-    complete ones that do not, each with its problem."""
-    damaged = []
-    for step in reversed(checkpoint_steps(ckpt_dir)):
-        problem = checkpoint_problem(ckpt_dir / f"step_{step}")
-        if problem is None:
-            return step, damaged
-        damaged.append((step, problem))
-    return None, damaged
-
-
-def move_aside(folder: Path) -> Path:
-    """Rename a damaged checkpoint folder to `step_N.damaged` (`.damaged.2`, ...): kept for inspection,
-    no longer a checkpoint, so neither resumed from nor counted by --keep-last."""
-    aside, n = folder.with_name(f"{folder.name}.damaged"), 1
-    while aside.exists():
-        n += 1
-        aside = folder.with_name(f"{folder.name}.damaged.{n}")
-    os.replace(folder, aside)
-    return aside
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-class MetricsLog:
-    """metrics.jsonl plus TensorBoard scalars (rank 0 only). On resume at step k, records after k
-    (logged by the interrupted run after its last checkpoint) are dropped from both."""
-
-    def __init__(self, run_dir: Path, start_step: int, enabled: bool):
-        self.enabled = enabled
-        if not enabled:
-            return
-        self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():
-            kept = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill
-                    continue
-                if record.get("step", 0) <= start_step:
-                    kept.append(line)
-            atomic_write(self.path, "".join(f"{line}\n" for line in kept))
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-        self.file = open(self.path, "a")
-
-    def log(self, record: dict, prefix: str = "train") -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and value is not None:
-                tag = key if "/" in key else f"{prefix}/{key}"
-                self.tb.add_scalar(tag, value, record["step"])
-        self.tb.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            self.tb.close()
-
-
-# --------------------------------------------------------------------------------------------------
-# Measurements
-# --------------------------------------------------------------------------------------------------
-
-
-def matmul_flops_per_s(device: torch.device, dtype: torch.dtype) -> float:
-    """The dense matrix-multiply rate measured on `device` (the MFU denominator)."""
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    sync(device)
-    reps = 20 if device.type == "cuda" else 3
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def max_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    exit_code = 3
 
 
 def _fault(kind: str, step: int) -> bool:
@@ -421,17 +90,6 @@ def _fault(kind: str, step: int) -> bool:
 # --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
-
-
-def _fail(message: str, rank: int, code: int = 2) -> None:
-    """Print the one line (rank 0) and exit with `code`. A process group still open is closed first:
-    left to the interpreter's exit, gloo's threads can abort the process ("terminate called without
-    an active exception", exit code 250 or 134) after the line was printed."""
-    if rank == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    sys.exit(code)
 
 
 def _open_data(prefix: str, flag: str, config: MLKVConfig) -> PackedDataset:
@@ -462,8 +120,9 @@ def _open_data(prefix: str, flag: str, config: MLKVConfig) -> PackedDataset:
     return ds
 
 
-def _distributed_env() -> None:
-    """Environment for a single process started without the deepspeed launcher."""
+def single_process_env() -> None:
+    """Environment for a single process started without the deepspeed launcher (rank 0 of 1, a free
+    port); unchanged when a launcher set it."""
     if "RANK" not in os.environ:
         import socket
 
@@ -476,7 +135,7 @@ def _distributed_env() -> None:
 class Trainer:
     """One uptraining run; `Trainer(args).run()` on every rank."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: RunOptions):
         self.args = args
         self.run_dir = Path(args.out)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -489,7 +148,7 @@ class Trainer:
         init = Path(args.init)
         if not (init / "config.json").is_file():
             raise UptrainError(f"--init {init}: no config.json; expected a folder written by launch/convert.py")
-        from .configuration_mlkv import MLKVGPTNeoXConfig
+        from ..configuration_mlkv import MLKVGPTNeoXConfig
 
         try:
             self.hf_config = MLKVGPTNeoXConfig.from_pretrained(init)
@@ -755,7 +414,7 @@ class Trainer:
                 shutil.rmtree(self.ckpt_dir / f"step_{step}", ignore_errors=True)
 
     def _evaluate(self, step: int, model_dir: Path) -> None:
-        from .evaluate import eval_scalars, try_evaluate_checkpoint
+        from ..evaluate import eval_scalars, try_evaluate_checkpoint
 
         out = self.run_dir / "eval" / f"step_{step}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -915,14 +574,7 @@ class Trainer:
         return 0
 
 
-def main(args: argparse.Namespace) -> int:
-    """Entry point for launch/uptrain.py: errors become one line and an exit code."""
-    _distributed_env()
-    rank = int(os.environ.get("RANK", 0))
-    try:
-        return Trainer(args).run()
-    except (UptrainError, CheckpointError, tp.TensorParallelError) as e:
-        _fail(str(e), rank)
-    except NonFiniteLoss as e:
-        _fail(str(e), rank, code=3)
-    return 1
+def main(args: RunOptions) -> int:
+    """Entry point for launch/uptrain.py (its errors become one line through `cli.entry_point`)."""
+    single_process_env()
+    return Trainer(args).run()

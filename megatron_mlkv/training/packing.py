@@ -6,7 +6,7 @@ so at the Pythia-160M size the host, not the GPU, sets the step time. `pack_laye
 each layer two parameters instead: `packed_decay` (its weight matrices) and `packed_no_decay` (its
 biases and LayerNorm scales and shifts; see `decays`). The layer's modules keep their attributes
 (`attention.query.weight`, ...) as views into those two, made again by a forward pre-hook at each
-call of the layer, so the model's code and its compiled forward are unchanged (`train.compile_blocks`
+call of the layer, so the model's code and its compiled forward are unchanged (`engine.compile_blocks`
 compiles `forward` only, leaving the hook eager). Made there, the views' backward (one concatenation
 into the flat gradient) runs as soon as the layer's backward is done, so DeepSpeed's gradient hook
 overlaps the next layer's backward. The state dict keeps the original names, so checkpoints load into
