@@ -1,4 +1,4 @@
-"""The study's own steps (megatron_mlkv/study.py); run.sh calls them between the user commands.
+"""The study's own steps (steps.py, beside this file); run.sh calls them between the user commands.
 
 python benchmarks/uptrain_study/study.py corpus OUT/corpus [--max-mb N]
 python benchmarks/uptrain_study/study.py tokenizer OUT/corpus/train.jsonl OUT/tokenizer [--vocab 16384]
@@ -12,9 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from megatron_mlkv import study  # noqa: E402
+import steps as study  # beside this script, whose folder Python puts first on sys.path
 
 
 def main() -> int:
@@ -48,7 +46,7 @@ def main() -> int:
     if a.cmd == "corpus":
         print(json.dumps(study.build_corpus(a.out, max_mb=a.max_mb, valid_share=a.valid_share), indent=2))
     elif a.cmd == "tokenizer":
-        from megatron_mlkv.demo import train_tokenizer
+        from megatron_mlkv.data.tokenizer import train_tokenizer
 
         print(train_tokenizer(Path(a.train_jsonl), Path(a.out), a.vocab, max_chars=int(a.sample_mb * 1e6)))
     elif a.cmd == "task":

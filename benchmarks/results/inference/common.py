@@ -7,7 +7,7 @@ import torch
 
 from megatron_mlkv.bench_inference import copy_bandwidth, parse_layouts, random_model
 from megatron_mlkv.config import preset
-from megatron_mlkv.convert import target_config
+from megatron_mlkv.conversion import target_config
 
 SHAPE = preset("pythia-160m")
 

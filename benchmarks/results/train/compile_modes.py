@@ -41,9 +41,11 @@ import warnings
 import torch
 import torch._inductor.config
 
-from megatron_mlkv import bench_train, loss
+from benchmarks import bench_train
+from megatron_mlkv.training import loss
 from megatron_mlkv.model import MLKVTransformer
-from megatron_mlkv.train import make_engine, matmul_flops_per_s
+from megatron_mlkv.training.engine import make_engine
+from megatron_mlkv.training.metrics import matmul_flops_per_s
 
 ORIGINAL_APPLY = loss.FusedLinearCrossEntropy.apply
 
@@ -148,7 +150,7 @@ def main():
     p.add_argument("--out")
     p.add_argument("--trace", metavar="DIR", help="also save a chrome trace of two steps per variant there")
     args = p.parse_args()
-    device = bench_train.single_gpu_process(master_port="29512")
+    device = bench_train.single_gpu_process()
     peak = matmul_flops_per_s(device, torch.bfloat16)
     micro, seq = args.micro_batch, args.seq_len
     config = bench_train.layout_config(args.shape, args.layout)
@@ -176,7 +178,11 @@ def main():
         except Exception as exc:  # noqa: BLE001 - an experiment: a variant that fails is a result
             record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
             traceback.print_exc(limit=-6)
-        bench_train._release(e)
+        if e is not None:  # not entirely freed in-process; bench_train.py now measures in fresh processes
+            e.destroy()
+        e = None
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
         records.append(record)
         if args.out:  # after each variant: a run stopped at its time limit keeps what it measured
             with open(args.out, "w") as f:

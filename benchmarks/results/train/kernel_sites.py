@@ -11,7 +11,7 @@ import collections
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from megatron_mlkv import bench_train
+from benchmarks import bench_train
 
 SKIPPED = ("nvjet", "sdpa_sm90", "cudnn::")  # matmuls and attention
 
@@ -23,7 +23,7 @@ def main():
     p.add_argument("--layout", default="mha", choices=sorted(bench_train.LAYOUTS))
     p.add_argument("--steps", type=int, default=2)
     args = p.parse_args()
-    device = bench_train.single_gpu_process(master_port="29513")
+    device = bench_train.single_gpu_process()
     b = args.micro_batch
     config = bench_train.layout_config(args.shape, args.layout)
     ds = bench_train.RandomRows(b * (7 + args.steps), 2048, config.vocab_size)

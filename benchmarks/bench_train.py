@@ -1,0 +1,637 @@
+"""Training throughput on one GPU, side by side: our uptraining path against transformers' GPTNeoXForCausalLM,
+both under the same DeepSpeed config (ZeRO-2, bf16 mixed precision) and micro-batch.
+
+For each (shape, layout) it times optimizer steps of
+    mlkv   `training.make_engine` on `MLKVTransformer` (compiled blocks, fused linear cross-entropy,
+           each layer's parameters packed into two for DeepSpeed: `packing.pack_layers`)
+    mlkv-unpacked  the same without the packing (to measure what it buys)
+    mlkv-eager     the same without compiled layers (under ZeRO-3, compiled layers recompile its hooks)
+    hf     transformers' `GPTNeoXForCausalLM` (SDPA attention) with the same optimizer (MHA only:
+           transformers has no cross-layer KV sharing), eager, as users run it under DeepSpeed
+    hf-compiled  the same with each layer compiled, as ours are: transformers at its best
+The "vs transformers" ratio divides by the faster of the two transformers engines at that shape.
+and reports tokens/s, MFU (6·N + 12·l·d·s FLOPs per token over the bf16 matrix rate measured in the
+same run), peak memory and the share of step time spent waiting for data. A short loss curve of the
+optimised path is compared with the eager path (no compile, full logits) from the same weights.
+
+python benchmarks/bench_train.py --shapes pythia-1b,pythia-2.8b --layouts mha,mqa-12,mlkv-6 --max-micro-batch \
+    --out benchmarks/results/train/h200.json
+python benchmarks/bench_train.py --memory --shapes pythia-160m --seq-len 128 --micro-batch 160m=2 --out /tmp/m.json
+
+Run from the repository root (the default --ds-config is ds_configs/zero2.json). Results:
+benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import multiprocessing
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_mlkv.config import MLKVConfig, preset
+from megatron_mlkv.data import Prefetcher, RowSampler, collate
+from megatron_mlkv.training.engine import compile_blocks, make_engine
+from megatron_mlkv.training.metrics import matmul_flops_per_s
+from megatron_mlkv.training.trainer import single_process_env
+
+LAYOUTS = {"mha": None, "gqa-48": ("l", "h/3"), "mqa-12": ("l", 1), "mlkv-6": ("l/2", 1), "mlkv-2": ("l/6", 1)}
+DEFAULT_MICRO = {"pythia-160m": 12, "pythia-410m": 16, "pythia-1b": 8}
+ENGINES = ("mlkv", "mlkv-unpacked", "mlkv-eager", "hf", "hf-compiled")
+
+
+def layout_config(shape: str, layout: str) -> MLKVConfig:
+    """The preset shape with one of `LAYOUTS` (m and g as functions of l and h)."""
+    base = preset(shape)
+    if LAYOUTS[layout] is None:
+        return base
+    m, g = LAYOUTS[layout]
+    value = {
+        "l": base.num_layers,
+        "l/2": base.num_layers // 2,
+        "l/6": base.num_layers // 6,
+        "h": base.num_heads,
+        "h/3": base.num_heads // 3,
+    }
+    return base.with_layout(value.get(m, m), value.get(g, g))
+
+
+class RandomRows:
+    """A PackedDataset stand-in of random rows (same interface: `ds[i]`, `loss_mask`, `seq_len`)."""
+
+    def __init__(self, rows: int, seq_len: int, vocab: int, seed: int = 0):
+        self.tokens = np.random.default_rng(seed).integers(0, vocab, (rows, seq_len), dtype=np.uint16)
+        self.seq_len = seq_len
+        self._mask = np.ones(seq_len, dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i):
+        return self.tokens[i]
+
+    def loss_mask(self, i):
+        return self._mask
+
+
+DS_CONFIG = Path("ds_configs/zero2.json")  # as the user commands name it, from the repository root
+
+
+def ds_config(micro_batch: int, path=DS_CONFIG) -> dict:
+    cfg = json.loads(Path(path).read_text())
+    cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1, train_batch_size=micro_batch)
+    return cfg
+
+
+class HFLoss(torch.nn.Module):
+    """transformers' model and its own loss, as users run it under DeepSpeed."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels):
+        return self.model(input_ids=input_ids, labels=labels).loss
+
+
+def _hf_engine(config: MLKVConfig, cfg: dict, compiled: bool = False):
+    import deepspeed
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    kwargs = {k: v for k, v in config.to_hf_kwargs().items() if k not in ("num_kv_heads", "kv_owner")}
+    hf = GPTNeoXForCausalLM(GPTNeoXConfig(**kwargs, attn_implementation="sdpa")).cuda()
+    if compiled:
+        for layer in hf.gpt_neox.layers:
+            layer.forward = torch.compile(layer.forward)
+    wrapped = HFLoss(hf)
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, fused=True)
+    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=opt, config=cfg)
+    return engine
+
+
+def _mlkv_engine(config: MLKVConfig, cfg: dict, compiled: bool, loss: str, seed: int = 0, pack: bool = True):
+    from megatron_mlkv.model import MLKVTransformer
+
+    torch.manual_seed(seed)
+    model = MLKVTransformer(config).cuda()
+    if compiled:
+        compile_blocks(model)
+    return make_engine(model, cfg, total_steps=1000, loss=loss, pack=pack)
+
+
+def _engine(kind: str, config: MLKVConfig, cfg: dict, loss: str = "auto"):
+    """The engine `kind` names (see the module's docstring); `loss` for ours (`training.loss`)."""
+    if kind.startswith("hf"):
+        return _hf_engine(config, cfg, compiled=kind == "hf-compiled")
+    return _mlkv_engine(config, cfg, compiled=kind != "mlkv-eager", loss=loss, pack=kind != "mlkv-unpacked")
+
+
+def time_steps(engine, ds, micro: int, steps: int, warmup: int, device, summed: bool = True, window: int = 5) -> dict:
+    """Run warmup + steps optimizer steps; time the last `steps`, and the data loading within them.
+    `summed`: the engine returns the sum of token losses (ours), made a mean as transformers' is.
+
+    The timed steps run in windows of `window` (the host waits for the GPU at each window's end).
+    tokens/s comes from the median window's step time, which a passing stall of the host does not
+    move (the 160M step is bound by the host); `tokens_per_s_mean` is over all timed steps."""
+    sampler = RowSampler(len(ds), micro)
+    batches = Prefetcher(lambda step: collate(ds, sampler.batch(step), device), warmup + steps)
+    losses, data_wait, windows = [], 0.0, []
+    torch.cuda.reset_peak_memory_stats(device)
+    for step in range(warmup + steps):
+        if step == warmup:
+            torch.cuda.synchronize(device)
+            start = mark = time.perf_counter()
+            data_wait = 0.0
+        t0 = time.perf_counter()
+        batch = batches.get(step)
+        ids, labels = batch["input_ids"], batch["labels"]
+        data_wait += time.perf_counter() - t0
+        loss = engine(ids, labels)
+        if summed:
+            loss = loss / (labels[:, 1:] != -100).sum()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+        done = step + 1 - warmup  # timed steps done
+        if done > 0 and (done % window == 0 or done == steps):
+            torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            windows.append((now - mark) / ((done - 1) % window + 1))
+            mark = now
+    elapsed = mark - start
+    batches.close()
+    step_time = float(np.median(windows))
+    return {
+        "step_time_s": step_time,
+        "tokens_per_s": micro * ds.seq_len / step_time,
+        "tokens_per_s_mean": micro * ds.seq_len * steps / elapsed,
+        "window_step_times_s": windows,
+        "data_wait_share": data_wait / elapsed,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device),
+        "losses": [float(x) for x in losses],
+    }
+
+
+def single_gpu_process() -> torch.device:
+    """This process as the one rank of a DeepSpeed world on GPU 0 (no launcher needed); its device."""
+    single_process_env()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl")
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    return device
+
+
+def in_fresh_process(fn, *args):
+    """fn(*args) in a new process, its result (or exception) returned here. Each measurement gets
+    one: its CUDA memory starts empty and is all given back at exit. In one process, DeepSpeed
+    engines and compiled graphs are not entirely freed, even after `engine.destroy()`,
+    `torch._dynamo.reset()` and `gc.collect()` (on an H200, 13 GiB of a Pythia-1B engine stayed
+    allocated), which added to the peak of whichever engine came next."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _matmul_rate() -> float:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    return matmul_flops_per_s(torch.device("cuda", 0), torch.bfloat16)
+
+
+def measure(
+    kind: str,
+    shape: str,
+    layout: str,
+    micro: int,
+    seq_len: int,
+    steps: int,
+    warmup: int,
+    ds_path=DS_CONFIG,
+    search: bool = False,
+    loss: str = "auto",
+) -> dict:
+    """One row of the table, in this process (run it through `in_fresh_process`): tokens/s and peak
+    memory of `kind`'s engine, and with `search` the largest micro-batch (`largest_micro_batch`)."""
+    device = single_gpu_process()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    config, cfg = layout_config(shape, layout), ds_config(micro, ds_path)
+    summed = not kind.startswith("hf")  # ours returns the sum of token losses, transformers the mean
+    record = {
+        "shape": shape,
+        "layout": config.layout.name,
+        "engine": kind,
+        "micro_batch": micro,
+        "seq_len": seq_len,
+        "ds_config": Path(ds_path).name,
+        "zero_stage": cfg.get("zero_optimization", {}).get("stage", 0),
+        "precision": "bf16 mixed",
+        "loss": loss,
+        "device": torch.cuda.get_device_name(device),
+    }
+    try:
+        engine = _engine(kind, config, cfg, loss)
+        ds = RandomRows(micro * (warmup + steps), seq_len, config.vocab_size)
+        record.update(time_steps(engine, ds, micro, steps, warmup, device, summed=summed))
+        if search:
+            record.update(largest_micro_batch(engine, config.vocab_size, seq_len, micro, device, summed))
+    except torch.cuda.OutOfMemoryError:
+        record["oom"] = True
+    return record
+
+
+def _step_peak(engine, vocab: int, micro: int, seq_len: int, device, summed: bool) -> tuple[int, int] | None:
+    """(bytes allocated before, peak bytes during) one optimizer step at `micro`; None if out of memory."""
+    ids = torch.randint(0, vocab, (micro, seq_len), device=device)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    try:
+        loss = engine(ids, ids)
+        engine.backward(loss / ids.numel() if summed else loss)
+        engine.step()
+        torch.cuda.synchronize(device)
+    except torch.cuda.OutOfMemoryError:
+        return None
+    finally:
+        loss = None
+    return before, torch.cuda.max_memory_allocated(device)
+
+
+def largest_micro_batch(engine, vocab: int, seq_len: int, micro: int, device, summed: bool = True) -> dict:
+    """The largest micro-batch whose optimizer step runs on this device.
+
+    Steps at micro/2 and micro give the memory at rest and per sequence (the peak grows linearly with
+    the micro-batch); the micro-batch that line puts at the device's memory is tried, then one more
+    while it fits, or one fewer while it does not. The line is close where activations set the peak
+    (Pythia-1B at micro-batch 4-8: 62 predicted, 60 found) and too optimistic where they do not yet
+    (2.8B at 2-4: 36 predicted, 19 found). A step that ran out of memory may leave the engine's
+    gradient buckets partly filled; the searches above found their answer going down from there."""
+    lo, hi = (micro // 2, micro) if micro > 1 else (1, 2)
+    small = _step_peak(engine, vocab, lo, seq_len, device, summed)
+    full = _step_peak(engine, vocab, hi, seq_len, device, summed)
+    if small is None or full is None:
+        return {"max_micro_batch": None}
+    per_sequence = (full[1] - small[1]) / (hi - lo)
+    fixed = full[1] - hi * per_sequence
+    capacity = torch.cuda.mem_get_info(device)[1]
+    b = max(micro, int((capacity * 0.97 - fixed) / per_sequence))
+    fits = _step_peak(engine, vocab, b, seq_len, device, summed) is not None
+    while fits and _step_peak(engine, vocab, b + 1, seq_len, device, summed) is not None:
+        b += 1
+    while not fits and b > micro:
+        b -= 1
+        fits = _step_peak(engine, vocab, b, seq_len, device, summed) is not None
+    return {
+        "max_micro_batch": b,
+        "memory_at_rest_bytes": full[0],
+        "activation_bytes_per_sequence": per_sequence,
+        "peak_fixed_bytes": fixed,
+        "device_memory_bytes": capacity,
+    }
+
+
+def run(
+    shapes,
+    layouts,
+    micro: dict,
+    seq_len: int = 2048,
+    steps: int = 30,
+    warmup: int = 8,
+    engines=("mlkv", "hf", "hf-compiled"),
+    out: str | None = None,
+    loss_check_steps: int = 30,
+    ds_path=DS_CONFIG,
+    search: bool = False,
+    loss: str = "auto",
+) -> list[dict]:
+    """The benchmark table (a list of records), printed and saved to `out` as JSON. Every
+    measurement runs in a fresh process (`in_fresh_process`)."""
+    peak = in_fresh_process(_matmul_rate)
+    records = []
+    for shape in shapes:
+        b = micro[shape]
+        for layout in layouts:
+            config = layout_config(shape, layout)
+            for kind in engines:
+                if kind.startswith("hf") and layout != "mha":
+                    continue
+                record = in_fresh_process(
+                    measure, kind, shape, layout, b, seq_len, steps, warmup, ds_path, search, loss
+                )
+                record["matmul_flops_per_s"] = peak
+                if not record.get("oom"):
+                    record["mfu"] = record["tokens_per_s"] * config.flops_per_token(seq_len) / peak
+                records.append(record)
+                _print_row(record)
+    if loss_check_steps:
+        records.append(loss_check(shapes[0], micro[shapes[0]], seq_len, loss_check_steps, ds_path))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(records, indent=2) + "\n")
+    return records
+
+
+def _loss_curve(shape: str, micro: int, seq_len: int, steps: int, compiled: bool, loss: str, ds_path) -> list[float]:
+    device = single_gpu_process()
+    config = layout_config(shape, "mlkv-6")
+    ds = RandomRows(micro * steps, seq_len, config.vocab_size, seed=1)
+    engine = _mlkv_engine(config, ds_config(micro, ds_path), compiled, loss, seed=0)
+    return time_steps(engine, ds, micro, steps, 0, device)["losses"]
+
+
+def loss_check(shape: str, micro: int, seq_len: int, steps: int, ds_path=DS_CONFIG) -> dict:
+    """The loss curves of the optimised path under `ds_path` (compiled, fused loss) and of the eager
+    path under ZeRO-2 (full logits), same weights and rows."""
+    curves = {
+        "eager": in_fresh_process(_loss_curve, shape, micro, seq_len, steps, False, "logits", DS_CONFIG),
+        "optimised": in_fresh_process(_loss_curve, shape, micro, seq_len, steps, True, "auto", ds_path),
+    }
+    diff = max(abs(a - b) for a, b in zip(curves["eager"], curves["optimised"]))
+    name = Path(ds_path).name
+    print(f"loss check ({shape} MLKV, {steps} steps): max |eager ZeRO-2 - optimised {name}| = {diff:.4f}")
+    return {
+        "loss_check": True,
+        "shape": shape,
+        "layout": layout_config(shape, "mlkv-6").layout.name,
+        "ds_config": name,
+        "curves": curves,
+        "max_abs_diff": diff,
+    }
+
+
+def profile(shape: str, layout: str, micro: int, seq_len: int = 2048, steps: int = 4, kind: str = "mlkv") -> str:
+    """torch.profiler table of a few steps (after warm-up): where a step's time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    device = single_gpu_process()
+    config = layout_config(shape, layout)
+    ds = RandomRows(micro * (steps + 6), seq_len, config.vocab_size)
+    engine = _engine(kind, config, ds_config(micro))
+    time_steps(engine, ds, micro, 1, 5, device, summed=not kind.startswith("hf"))
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        time_steps(engine, ds, micro, steps, 0, device, summed=not kind.startswith("hf"))
+    table = prof.key_averages()
+    return "\n".join(
+        table.table(sort_by=key, row_limit=rows, max_name_column_width=60)
+        for key, rows in (("self_cuda_time_total", 30), ("self_cpu_time_total", 20))
+    )
+
+
+def _memory_kind(t: torch.Tensor, config: MLKVConfig, seq_len: int) -> str:
+    """What a tensor saved for backward is, from its shape."""
+    shape = tuple(t.shape)
+    if t.dim() == 4 and shape[-2:] == (seq_len, seq_len):
+        return "attention scores (s x s)"
+    if t.dim() == 4:
+        return "attention q/k/v/output (b, heads, s, d)"
+    if t.dim() >= 2 and shape[-1] >= config.vocab_size:
+        return "logits"
+    last = shape[-1] if shape else 0
+    if last == config.hidden_size:
+        return "hidden states (b, s, d)"
+    if last == config.intermediate_size:
+        return "MLP (b, s, intermediate)"
+    return "other (projections, norms' statistics, ids)"
+
+
+def saved_memory(
+    config: MLKVConfig, micro: int, seq_len: int, device: torch.device, dtype: torch.dtype, loss: str = "auto"
+) -> dict:
+    """What one training forward keeps for its backward, by kind (`_memory_kind`), in bytes: every
+    tensor autograd saves, each storage counted once, the weights left out (eager: compiled code
+    saves its tensors out of the hooks' sight). On CUDA also the peak allocated above the weights
+    over forward and backward, eager and with the layers compiled as training compiles them
+    (`train.compile_blocks`). Weights in `dtype`, as DeepSpeed's bf16 module holds them; no optimizer."""
+    from megatron_mlkv.model import MLKVTransformer
+    from megatron_mlkv.training.loss import lm_loss_sum
+
+    torch.manual_seed(0)
+    model = MLKVTransformer(config).to(device=device, dtype=dtype)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    ids = torch.randint(0, config.vocab_size, (micro, seq_len), device=device)
+    kinds, seen = {}, set()
+
+    def pack(t):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in weights and key not in seen:
+            seen.add(key)
+            kind = _memory_kind(t, config, seq_len)
+            kinds[kind] = kinds.get(kind, 0) + storage.nbytes()
+        return t
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        total = lm_loss_sum(model, ids, ids, loss)
+    total.backward()
+    record = {
+        "layout": config.layout.name,
+        "kv_heads": config.layout.kv_heads_total(),
+        "micro_batch": micro,
+        "seq_len": seq_len,
+        "dtype": str(dtype).removeprefix("torch."),
+        "loss": loss,
+        "saved_bytes": kinds,
+        "saved_total_bytes": sum(kinds.values()),
+        "peak_above_weights_bytes": (torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None),
+        "peak_compiled_above_weights_bytes": None,
+    }
+    del total
+    if device.type == "cuda":
+        model.zero_grad(set_to_none=True)
+        compile_blocks(model)
+        for _ in range(2):  # the first call compiles; the second is measured
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            lm_loss_sum(model, ids, ids, loss).backward()
+            model.zero_grad(set_to_none=True)
+        record["peak_compiled_above_weights_bytes"] = torch.cuda.max_memory_allocated(device) - base
+    del model
+    gc.collect()
+    return record
+
+
+def format_memory(records: list[dict]) -> str:
+    """Markdown: saved bytes by kind per layout (GiB), and the total against the first row's."""
+    kinds = sorted({k for r in records for k in r["saved_bytes"]})
+    lines = [
+        "| shape | layout | micro-batch | "
+        + " | ".join(kinds)
+        + " | saved in all | vs first | peak above weights | compiled: peak above weights |",
+        "|---" * (len(kinds) + 7) + "|",
+    ]
+    first = records[0]["saved_total_bytes"] if records else 1
+    for r in records:
+        cells = [f"{r['saved_bytes'].get(k, 0) / 2**30:.2f}" for k in kinds]
+        peaks = [
+            "" if r.get(key) is None else f"{r[key] / 2**30:.1f} GiB"
+            for key in ("peak_above_weights_bytes", "peak_compiled_above_weights_bytes")
+        ]
+        lines.append(
+            f"| {r.get('shape', '')} | {r['layout']} | {r['micro_batch']} | "
+            + " | ".join(cells)
+            + f" | {r['saved_total_bytes'] / 2**30:.2f} GiB | {r['saved_total_bytes'] / first:.2f}x | "
+            + " | ".join(peaks)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def _print_row(r: dict) -> None:
+    if r.get("oom"):
+        print(f"{r['shape']:12s} {r['layout']:8s} {r['engine']:5s} b={r['micro_batch']:3d}  OOM", flush=True)
+        return
+    print(
+        f"{r['shape']:12s} {r['layout']:8s} {r['engine']:5s} b={r['micro_batch']:3d} "
+        f"{r['tokens_per_s']:>10,.0f} tok/s  MFU {r['mfu']:6.1%}  peak {r['peak_memory_bytes'] / 2**30:5.1f} GiB  "
+        f"data wait {r['data_wait_share']:.2%}",
+        flush=True,
+    )
+
+
+def format_table(records: list[dict]) -> str:
+    """Markdown: one row per measurement, with the speed-up over the faster transformers engine at the
+    same shape."""
+    base = {}
+    for r in records:
+        if r.get("engine", "").startswith("hf") and not r.get("oom"):
+            base[r["shape"]] = max(base.get(r["shape"], 0.0), r["tokens_per_s"])
+    lines = [
+        "| shape | layout | engine | micro-batch | tokens/s | MFU | peak memory | data wait | vs transformers |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        if r.get("loss_check"):
+            continue
+        if r.get("oom"):
+            lines.append(f"| {r['shape']} | {r['layout']} | {r['engine']} | {r['micro_batch']} | OOM | | | | |")
+            continue
+        ratio = f"{r['tokens_per_s'] / base[r['shape']]:.2f}x" if r["shape"] in base else ""
+        lines.append(
+            f"| {r['shape']} | {r['layout']} | {r['engine']} | {r['micro_batch']} | {r['tokens_per_s']:,.0f} | "
+            f"{r['mfu']:.1%} | {r['peak_memory_bytes'] / 2**30:.1f} GiB | {r['data_wait_share']:.2%} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="pythia-160m,pythia-410m,pythia-1b", help="Pythia presets, comma-separated")
+    p.add_argument("--layouts", default="mha,mqa-12,mlkv-6", help=f"comma-separated, from {', '.join(LAYOUTS)}")
+    p.add_argument(
+        "--micro-batch",
+        action="append",
+        default=[],
+        metavar="SHAPE=B",
+        help="micro-batch per shape (default 160m 12, 410m 16, 1b 8)",
+    )
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement (in windows of 5)")
+    p.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--engines", default="mlkv,hf,hf-compiled", help=f"comma-separated, from {', '.join(ENGINES)}")
+    p.add_argument("--loss-check-steps", type=int, default=30, help="steps of the eager-vs-optimised loss curve")
+    p.add_argument("--ds-config", help="DeepSpeed config for both engines (default ds_configs/zero2.json)")
+    p.add_argument(
+        "--loss",
+        choices=("auto", "fused", "chunked", "logits"),
+        default="auto",
+        help="our engines' loss (training.loss); auto keeps full logits under ZeRO-3",
+    )
+    p.add_argument(
+        "--max-micro-batch",
+        action="store_true",
+        help="also find the largest micro-batch each engine fits on this GPU (and its memory at rest and per sequence)",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="print a torch.profiler table for the first shape/layout instead"
+    )
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="instead: what a training forward saves for backward, by kind, per shape and layout "
+        "(and the peak on a GPU); runs on the CPU too",
+    )
+    p.add_argument("--out", default="bench_train.json", help="JSON output")
+    args = p.parse_args(argv)
+    micro = dict(DEFAULT_MICRO)
+    for item in args.micro_batch:
+        shape, _, value = item.partition("=")
+        micro[shape if shape.startswith("pythia-") else f"pythia-{shape}"] = int(value)
+    if args.memory:
+        return memory_mode(args, micro)
+    ds_path = Path(args.ds_config or DS_CONFIG)
+    if not ds_path.is_file():
+        print(
+            f"error: --ds-config {ds_path} not found; run from the repository root or pass --ds-config FILE",
+            file=sys.stderr,
+        )
+        return 2
+    if not torch.cuda.is_available():
+        print("error: bench_train.py measures GPU throughput; no CUDA device found", file=sys.stderr)
+        return 2
+    shapes = args.shapes.split(",")
+    unknown = [l for l in args.layouts.split(",") if l not in LAYOUTS]
+    if unknown:
+        print(f"error: --layouts {','.join(unknown)} unknown; allowed: {', '.join(LAYOUTS)}", file=sys.stderr)
+        return 2
+    unknown = [e for e in args.engines.split(",") if e not in ENGINES]
+    if unknown:
+        print(f"error: --engines {','.join(unknown)} unknown; allowed: {', '.join(ENGINES)}", file=sys.stderr)
+        return 2
+    if args.profile:
+        shape, layout = shapes[0], args.layouts.split(",")[0]
+        print(profile(shape, layout, micro[shape], args.seq_len, kind=args.engines.split(",")[0]))
+        return 0
+    records = run(
+        shapes,
+        args.layouts.split(","),
+        micro,
+        args.seq_len,
+        args.steps,
+        args.warmup,
+        tuple(args.engines.split(",")),
+        args.out,
+        args.loss_check_steps,
+        ds_path,
+        args.max_micro_batch,
+        args.loss,
+    )
+    print(format_table(records))
+    return 0
+
+
+def memory_mode(args, micro: dict) -> int:
+    """--memory: `bench_train.saved_memory` per shape and layout, a table, and OUT_memory.json."""
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    records = []
+    for shape in args.shapes.split(","):
+        for layout in args.layouts.split(","):
+            record = saved_memory(layout_config(shape, layout), micro.get(shape, 1), args.seq_len, device, dtype)
+            records.append({"shape": shape, **record})
+            print(format_memory(records[-1:]), flush=True)
+    print(format_memory(records))
+    out = Path(args.out).with_name(Path(args.out).stem + "_memory.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
