@@ -46,11 +46,15 @@ def batch(config: MLKVConfig, rows: int = 2, seq: int = 9, seed: int = 1, ignore
     return inputs, targets
 
 
-def close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = RTOL) -> None:
+def close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = RTOL, scale: float | None = None):
+    """max |actual - expected| <= rtol × scale, scale max |expected| unless given. Gradients pass a
+    floor of 1% of the largest gradient: one that sums to nearly nothing keeps the rounding of the
+    larger terms it summed (float32 rounding follows their size, not the sum's)."""
     actual, expected = actual.detach().float(), expected.detach().float()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    err, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
-    assert err <= rtol * scale + 1e-12, f"{what}: max error {err:.3g} > {rtol} × max |expected| {scale:.3g}"
+    err = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item() if scale is None else scale
+    assert err <= rtol * scale + 1e-12, f"{what}: max error {err:.3g} > {rtol} × scale {scale:.3g}"
 
 
 def reference_step(model: MLKVTransformer, inputs, targets, max_norm: float, lr: float):
@@ -121,8 +125,9 @@ def check_against_tp1(
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert grads.keys() == ref_grads.keys()
     full_grads = tp.gather_full_tensors(grads, config, tp_group, dst=None)
+    grad_scale = max(g.abs().max().item() for g in ref_grads.values())
     for n in ref_grads:
-        close(full_grads[n], ref_grads[n], f"grad {n}")
+        close(full_grads[n], ref_grads[n], f"grad {n}", scale=max(ref_grads[n].abs().max().item(), 1e-2 * grad_scale))
     specs = tp.shard_specs(config, T)
     for n, g in grads.items():  # every copy of a replicated tensor is the same on all its ranks
         copies = [torch.empty_like(g) for _ in range(T)]
