@@ -25,6 +25,12 @@ class MLKVConfig:
 
     `num_kv_heads` (g) defaults to `num_heads` and `kv_owner` to every layer owning its K/V, which
     is plain GPT-NeoX.
+
+    `unrotated_shared_keys` reproduces the reference code of the MLKV paper (pythia-mlkv): an owner
+    attends with its rotated keys but hands its keys *before* the rotary embedding to the layers it
+    serves, which rotate only their queries. Checkpoints trained that way (the paper's released
+    models) are only faithful under that arithmetic. A cache then keeps the unrotated keys of each
+    serving owner beside its rotated ones (`cached_key_slots`).
     """
 
     vocab_size: int = 50304
@@ -43,6 +49,7 @@ class MLKVConfig:
     attention_bias: bool = True
     hidden_act: str = "gelu"
     initializer_range: float = 0.02
+    unrotated_shared_keys: bool = False
     layout: KVLayout = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -83,6 +90,19 @@ class MLKVConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def cached_key_slots(self) -> int:
+        """Key slots of a cache: the m owners', plus one of unrotated keys per serving owner under
+        `unrotated_shared_keys` (`KVLayout.unrotated_key_slot`). Values always take m slots."""
+        extra = len(self.layout.serving_owners) if self.unrotated_shared_keys else 0
+        return self.layout.kv_layers + extra
+
+    def cache_elements(self, batch: int, seq: int) -> int:
+        """Elements a cache of `batch` rows of `seq` tokens holds: `KVLayout.cache_elements` plus the
+        unrotated keys of `unrotated_shared_keys`."""
+        per_slot = batch * seq * self.num_kv_heads * self.head_dim
+        return (self.cached_key_slots + self.layout.kv_layers) * per_slot
 
     def with_layout(
         self, kv_layers: int | None = None, kv_groups: int | None = None, kv_owner: list[int] | None = None, **changes
@@ -145,6 +165,7 @@ class MLKVConfig:
             attention_bias=getattr(hf_config, "attention_bias", True),
             hidden_act=hf_config.hidden_act,
             initializer_range=getattr(hf_config, "initializer_range", 0.02),
+            unrotated_shared_keys=bool(getattr(hf_config, "unrotated_shared_keys", False)),
         )
         for name in ("attention_dropout", "hidden_dropout"):
             if getattr(hf_config, name, 0.0):
@@ -174,6 +195,7 @@ class MLKVConfig:
             attention_bias=self.attention_bias,
             hidden_act=self.hidden_act,
             initializer_range=self.initializer_range,
+            unrotated_shared_keys=self.unrotated_shared_keys,
         )
 
 

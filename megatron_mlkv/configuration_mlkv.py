@@ -1,4 +1,5 @@
-"""transformers config for MLKV GPT-NeoX: GPTNeoXConfig plus the KV layout (`num_kv_heads`, `kv_owner`).
+"""transformers config for MLKV GPT-NeoX: GPTNeoXConfig plus the KV layout (`num_kv_heads`, `kv_owner`)
+and `unrotated_shared_keys` (see `MLKVConfig`).
 
 Copied next to exported checkpoints (transformers remote code).
 """
@@ -15,6 +16,7 @@ class MLKVGPTNeoXConfig(GPTNeoXConfig):
     _auto_class = "AutoConfig"
     num_kv_heads: int | None = None
     kv_owner: list[int] | None = None
+    unrotated_shared_keys: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -57,10 +57,12 @@ from .model import MLKVTransformer, rotary_cos_sin
 
 
 class StaticKVCache:
-    """K/V of the m owner layers, preallocated: `keys` and `values`, each (m, b, g, max_len, d_k).
+    """K/V of the m owner layers, preallocated: `keys` (k, b, g, max_len, d_k) and `values` (m, ...),
+    where k = `MLKVConfig.cached_key_slots` (m, plus the unrotated keys of `unrotated_shared_keys`).
 
     It is also a `cache` for `MLKVTransformer.forward` (the interface of transformers' DynamicCache):
-    `update(k, v, slot)` writes after the slot's current length and returns the slot's K/V so far.
+    `update(k, v, slot)` writes after the slot's current length and returns the slot's K/V so far;
+    a zero-width `v` writes keys only (the unrotated key slots).
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, lengths: list[int] | None = None):
@@ -77,10 +79,11 @@ class StaticKVCache:
         device: torch.device | str | None = None,
     ) -> StaticKVCache:
         """An empty cache for `batch_size` rows of up to `max_len` tokens."""
-        shape = (config.layout.kv_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
+        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
         # zeros, not empty: decode attends over the whole buffer with masked positions, and a masked
         # position's weight 0 times an uninitialised NaN would still be NaN
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        keys = torch.zeros(config.cached_key_slots, *shape, dtype=dtype, device=device)
+        return cls(keys, torch.zeros(config.layout.kv_layers, *shape, dtype=dtype, device=device))
 
     @property
     def max_len(self) -> int:
@@ -88,7 +91,7 @@ class StaticKVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the cache tensors: 2·b·max_len·m·g·d_k·dtype size."""
+        """Bytes of the cache tensors: 2·b·max_len·m·g·d_k·dtype size (`MLKVConfig.cache_elements`)."""
         return self.keys.nbytes + self.values.nbytes
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -103,8 +106,10 @@ class StaticKVCache:
                 f"overflows it: allocate a larger max_len"
             )
         self.keys[slot, :, :, start:end] = k
-        self.values[slot, :, :, start:end] = v
         self.lengths[slot] = end
+        if v.shape[-1] == 0:
+            return self.keys[slot, :, :, :end], v
+        self.values[slot, :, :, start:end] = v
         return self.keys[slot, :, :, :end], self.values[slot, :, :, :end]
 
 
@@ -322,15 +327,28 @@ class StaticDecoder:
         cfg = self.config
         b, h, g, dk, rot = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim
         proj = F.linear(x, weight, bias).view(b, -1, dk)  # (b, h [+ 2g], d_k): q heads [, k heads, v heads]
+        self._write_unrotated_keys(attn, proj[:, h : h + g])
         rotated = proj[:, : h + g if attn.owns_kv else h, :rot]  # q and k, rotated in place
         halves_swapped = torch.cat((rotated[..., rot // 2 :], rotated[..., : rot // 2]), -1)
         rotated.mul_(cos).addcmul_(halves_swapped, sin)
-        keys, values = self.cache.keys[attn.cache_slot], self.cache.values[attn.cache_slot]  # (b, g, L, d_k)
+        keys, values = self._keys(attn), self.cache.values[attn.cache_slot]  # (b, g, L, d_k)
         if attn.owns_kv:
             keys.index_copy_(2, self.position, proj[:, h : h + g, None])
             values.index_copy_(2, self.position, proj[:, h + g :, None])
         q = proj[:, :h].view(b, g, h // g, dk)  # query head i -> group i // (h/g), row i % (h/g)
         return attn.dense(self.attention(q, keys, values, self.bias).reshape(b, h * dk))
+
+    def _keys(self, attn) -> torch.Tensor:
+        """The keys (b, g, L, d_k) layer `attn` attends with: its owner's slot, or under
+        `unrotated_shared_keys` a served layer's unrotated slot."""
+        slot = attn.cache_slot if attn.owns_kv or attn.unrotated_slot is None else attn.unrotated_slot
+        return self.cache.keys[slot]
+
+    def _write_unrotated_keys(self, attn, k: torch.Tensor) -> None:
+        """Under `unrotated_shared_keys`, an owner's new keys k (b, g, d_k), not yet rotated, into the
+        slot its served layers read (before the step rotates them)."""
+        if attn.owns_kv and attn.unrotated_slot is not None:
+            self.cache.keys[attn.unrotated_slot].index_copy_(2, self.position, k[:, :, None])
 
     def _fused_step(self, greedy: bool) -> torch.Tensor:
         """`_step` with the triton kernels. A parallel-residual layer is one matrix product for
@@ -389,10 +407,14 @@ class StaticDecoder:
     def _attend(
         self, attn, proj: torch.Tensor, out: torch.Tensor | None = None, activation=None, kv_first: bool = False
     ) -> torch.Tensor:
-        """decode_attention of one layer over its cache slot; proj (b, >= (h [+ 2g])·d_k)."""
+        """decode_attention of one layer over its cache slot; proj (b, >= (h [+ 2g])·d_k), its k columns
+        first when `kv_first`, else after q."""
+        g, dk = self.config.num_kv_heads, self.config.head_dim
+        k0 = 0 if kv_first else self.config.num_heads * dk
+        self._write_unrotated_keys(attn, proj[:, k0 : k0 + g * dk].view(-1, g, dk))
         return kernels.decode_attention(
             proj,
-            self.cache.keys[attn.cache_slot],
+            self._keys(attn),
             self.cache.values[attn.cache_slot],
             self.rotary,
             self.position,

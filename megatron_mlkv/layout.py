@@ -111,6 +111,19 @@ class KVLayout:
         """Index of the owner of `layer` among the owners: where its K/V live in a cache of m slots."""
         return self.owners.index(self.kv_owner[layer])
 
+    @property
+    def serving_owners(self) -> tuple[int, ...]:
+        """The owner layers whose K/V other layers reuse (owners that serve only themselves excluded)."""
+        return tuple(o for o in self.owners if self.kv_owner.count(o) > 1)
+
+    def unrotated_key_slot(self, layer: int) -> int | None:
+        """Where the unrotated keys of `layer`'s owner live in a cache that keeps them
+        (`MLKVConfig.unrotated_shared_keys`): after the m slots, one per serving owner; None when the
+        owner serves no other layer."""
+        owner = self.kv_owner[layer]
+        serving = self.serving_owners
+        return self.kv_layers + serving.index(owner) if owner in serving else None
+
     def served_layers(self, owner: int) -> tuple[int, ...]:
         """The layers (the owner included) that attend with `owner`'s K/V."""
         return tuple(i for i, o in enumerate(self.kv_owner) if o == owner)

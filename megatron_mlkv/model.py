@@ -2,7 +2,8 @@
 
 Owner layers project `g` key/value heads; every other layer has no key/value projection at all and
 attends with the (rotated) keys and values of its owner, so K/V compute, activations and cache exist
-only in the m owner layers. With m = l and g = h this is exactly GPT-NeoX.
+only in the m owner layers. With m = l and g = h this is exactly GPT-NeoX. `unrotated_shared_keys`
+(the paper's reference code) hands the served layers the owner's keys before rotation instead.
 
 The model knows nothing of parallelism: reshapes use -1 for the head count, so a tensor-parallel plan
 that shards the projections simply gives each rank fewer local heads.
@@ -84,6 +85,9 @@ class Attention(nn.Module):
         self.head_dim = dk
         self.owns_kv = layout.owns_kv(layer)
         self.cache_slot = layout.cache_slot(layer)
+        # under `unrotated_shared_keys`, the slot of the unrotated keys that the layers of this
+        # layer's owner (other than the owner itself) attend with; None: every layer uses cache_slot
+        self.unrotated_slot = layout.unrotated_key_slot(layer) if config.unrotated_shared_keys else None
         self.query = nn.Linear(d, config.num_heads * dk, bias=bias)
         if self.owns_kv:
             self.key = nn.Linear(d, config.num_kv_heads * dk, bias=bias)
@@ -95,20 +99,24 @@ class Attention(nn.Module):
         return x.view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, heads, s, d_k)
 
     def forward(self, x, cos, sin, shared_kv=None, attn_mask=None, is_causal=True, cache=None):
-        """x (b, s, d) -> (out (b, s, d), (k, v) each (b, g, s_total, d_k))."""
+        """x (b, s, d) -> (out (b, s, d), the (k, v) the layers this one serves attend with, each
+        (b, g, s_total, d_k): its own rotated keys, or under `unrotated_shared_keys` the unrotated ones)."""
         q = apply_rotary(self._heads(self.query(x)), cos, sin)
         if self.owns_kv:
-            k = apply_rotary(self._heads(self.key(x)), cos, sin)
-            v = self._heads(self.value(x))
+            raw = self._heads(self.key(x))
+            k, v = apply_rotary(raw, cos, sin), self._heads(self.value(x))
             if cache is not None:
                 k, v = cache.update(k, v, self.cache_slot)
+                if self.unrotated_slot is not None:  # keys only: a zero-width value
+                    raw = cache.update(raw, raw[..., :0], self.unrotated_slot)[0]
+            shared_kv = (k, v) if self.unrotated_slot is None else (raw, v)
         else:
             k, v = shared_kv
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1]
         )
         b, _, s, _ = out.shape
-        return self.dense(out.transpose(1, 2).reshape(b, s, -1)), (k, v)
+        return self.dense(out.transpose(1, 2).reshape(b, s, -1)), shared_kv
 
 
 class MLP(nn.Module):

@@ -240,6 +240,23 @@ def test_triton_decoder_equals_sdpa_decoder(layout, parallel):
 
 
 @interpreted
+@pytest.mark.parametrize("parallel", [True, False])
+def test_triton_decoder_with_unrotated_shared_keys(parallel):
+    """The paper's reference arithmetic (served layers read the owner's unrotated keys from their own
+    cache slot), in the folded and the per-layer path."""
+    from helpers import random_mlkv, tiny_config
+
+    config = tiny_config(max_position_embeddings=128, use_parallel_residual=parallel, unrotated_shared_keys=True)
+    model = random_mlkv(config.with_layout(**LAYOUTS["mlkv-m<l-g<h"]), std=0.3)
+    expected = decode_logits(model, "sdpa")
+    for splits in (None, 2):
+        torch.testing.assert_close(decode_logits(model, "triton", splits), expected, atol=2e-5, rtol=1e-5)
+    for layer in model.layers:  # the option ignored: shared keys rotated, another function
+        layer.attention.unrotated_slot = None
+    assert (decode_logits(model, "triton") - expected).abs().max() > 1e-2
+
+
+@interpreted
 @pytest.mark.parametrize("act", ["gelu_new", "relu"])
 def test_triton_decoder_other_activations(act):
     model = model_for("mlkv-m<l-g<h", hidden_act=act)

@@ -351,6 +351,7 @@ TP2_CASES = {
     "gradient_checkpointing_m2_g2": dict(kv_layers=2, num_kv_heads=2, checkpointing=True),
     "vocab_divisible_g1": dict(num_kv_heads=1, vocab_size=128),
     "mlp_width_padded_m2_g1": dict(kv_layers=2, num_kv_heads=1, intermediate_size=97),
+    "unrotated_shared_keys_m2_g2": dict(kv_layers=2, num_kv_heads=2, unrotated_shared_keys=True),
 }
 
 TP4_CASES = {

@@ -27,7 +27,8 @@ def gpt_neox_config(config: MLKVConfig):
     from transformers import GPTNeoXConfig
 
     kwargs = config.to_hf_kwargs()
-    kwargs.pop("num_kv_heads"), kwargs.pop("kv_owner")
+    for name in ("num_kv_heads", "kv_owner", "unrotated_shared_keys"):
+        kwargs.pop(name)
     return GPTNeoXConfig(**kwargs)
 
 
