@@ -3,6 +3,9 @@
 python launch/convert.py --base EleutherAI/pythia-160m-deduped --kv-layers 6 --kv-groups 1 --out ckpt/mlkv-6
 python launch/convert.py --base BASE --kv-owner-map 0,0,0,3 --kv-groups 2 --out ckpt/custom
 python launch/convert.py --base EleutherAI/pythia-160m-deduped --paper-variants --out-root ckpt
+python launch/convert.py --base faridlazuarda/pythia-160m-mlkv-6-b12-g2-v1 --revision master --out ckpt/paper-mlkv-6
+
+A checkpoint of the MLKV paper's own code (pythia-mlkv) is recognised and converted as it is.
 
 All logic lives in megatron_mlkv/conversion/ (convert_checkpoint, convert_paper_variants); docs/convert.md.
 """
@@ -24,7 +27,12 @@ from megatron_mlkv.conversion import (
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="hub model name or local transformers folder of a GPT-NeoX model")
+    p.add_argument(
+        "--base",
+        required=True,
+        help="hub model name or local transformers folder of a GPT-NeoX model (or of the paper's pythia-mlkv code)",
+    )
+    p.add_argument("--revision", help="hub branch, tag or commit of --base (default: the hub's default)")
     p.add_argument("--out", help="output folder (one layout)")
     p.add_argument("--kv-layers", type=int, help="m, layers that own K/V (default: all)")
     p.add_argument("--kv-groups", type=int, help="g, KV heads per owner layer (default: all h heads)")
@@ -95,6 +103,7 @@ def main(argv=None) -> int:
         max_shard_size=args.max_shard_size,
         report_path=args.report,
         progress=args.progress,
+        revision=args.revision,
     )
     if args.paper_variants:
         print(format_variants_table(convert_paper_variants(args.base, args.out_root, **common)))

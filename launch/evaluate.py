@@ -2,6 +2,7 @@
 
 python launch/evaluate.py --model runs/mlkv-6/hf/step_1000 --out runs/mlkv-6/eval/step_1000.json
 python launch/evaluate.py --model ckpt/mlkv-6 --tasks my_task --include-path my_tasks --limit 100 --out e.json
+python launch/evaluate.py --model faridlazuarda/pythia-160m-mlkv-6-b12-g2-v1 --revision master --out eval/p-6.json
 
 FILE.json holds lm-eval's `results` mapping plus the model's KV layout and KV bytes per token; a
 markdown table is printed. The logic lives in megatron_mlkv/evaluate.py; docs/evaluate.md.
@@ -24,8 +25,12 @@ from megatron_mlkv.evaluate import (
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--model", required=True, help="transformers folder (launch/convert.py, RUN_DIR/hf/step_N) or hub name"
+        "--model",
+        required=True,
+        help="transformers folder (launch/convert.py, RUN_DIR/hf/step_N) or hub name; the MLKV paper's "
+        "released pythia-mlkv checkpoints too",
     )
+    p.add_argument("--revision", help="hub branch, tag or commit of --model (default: the hub's default)")
     p.add_argument(
         "--tasks",
         default=",".join(DEFAULT_TASKS),
@@ -60,6 +65,7 @@ def main(argv=None) -> int:
             out_path=args.out,
             device=args.device,
             dtype=args.dtype,
+            revision=args.revision,
         )
     except MLKVError:
         raise  # one line through cli.entry_point

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .config import MLKVConfig
+from .conversion.reference import FORMAT
 from .errors import MLKVError
 from .integrity import write_json_atomic
 
@@ -49,9 +50,12 @@ def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
     return names
 
 
-def read_model_config(model: str | os.PathLike) -> MLKVConfig:
-    """The `MLKVConfig` (shape and KV layout) of a transformers folder or hub name, or EvaluationError."""
+def read_model_config(model: str | os.PathLike, revision: str | None = None) -> tuple[MLKVConfig, bool]:
+    """The `MLKVConfig` (shape and KV layout) of a transformers folder or hub name, and whether it is a
+    checkpoint of the MLKV paper's reference code (`conversion.reference`); or EvaluationError."""
     from transformers import AutoConfig
+
+    from .conversion.reference import is_reference_config, reference_config
 
     path = Path(model)
     if not path.is_dir() and not HUB_NAME.match(str(model)):
@@ -61,9 +65,15 @@ def read_model_config(model: str | os.PathLike) -> MLKVConfig:
         )
     if path.is_dir() and not (path / "config.json").is_file():
         raise EvaluationError(f"{model} has no config.json; expected a transformers folder")
+    if path.is_dir() and revision is not None:
+        raise EvaluationError(f"{model}: --revision applies to hub names, not to a local folder")
     try:
-        hf_config = AutoConfig.from_pretrained(str(model), trust_remote_code=True)
-        return MLKVConfig.from_hf(hf_config)
+        hf_config = AutoConfig.from_pretrained(str(model), revision=revision, trust_remote_code=True)
+        if is_reference_config(hf_config):
+            return reference_config(hf_config, str(model)), True
+        return MLKVConfig.from_hf(hf_config), False
+    except MLKVError as e:
+        raise EvaluationError(str(e)) from None
     except Exception as e:  # hub errors, a damaged config, a model that is not GPT-NeoX-like
         raise EvaluationError(f"cannot read the model config of {model}: {_first_line(e)}") from None
 
@@ -105,6 +115,7 @@ def evaluate_checkpoint(
     out_path: str | os.PathLike | None = None,
     device: str | None = None,
     dtype: str = "auto",
+    revision: str | None = None,
 ) -> dict:
     """Evaluate one checkpoint with lm-eval and return (and write to `out_path`) the result dict.
 
@@ -112,15 +123,17 @@ def evaluate_checkpoint(
     `n-samples`, `versions`, `n-shot` and `config`, plus the model's `layout` (name, m, g, owner map)
     and `kv_bytes_per_token`. `limit` caps documents per task (a fraction if < 1); `batch_size` may be
     'auto'; `device` defaults to `default_device()`; `dtype` (one of DTYPES) is what the model computes
-    in, 'auto' (lm-eval's default) the checkpoint's own. The caller's random states are left as they were
-    (lm-eval reseeds them). Raises EvaluationError for a missing model or unknown task; lm-eval's and
-    datasets' own errors (e.g. data that cannot be downloaded) propagate.
+    in, 'auto' (lm-eval's default) the checkpoint's own; `revision` the hub revision of a hub name. A
+    checkpoint of the MLKV paper's reference code is converted in memory (its result says `format`).
+    The caller's random states are left as they were (lm-eval reseeds them). Raises EvaluationError for
+    a missing model or unknown task; lm-eval's and datasets' own errors (e.g. data that cannot be
+    downloaded) propagate.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import handle_non_serializable
 
-    config = read_model_config(model_dir)
+    config, reference = read_model_config(model_dir, revision)
     names = parse_tasks(tasks)
     manager = make_task_manager(names, include_path)
     device = device or default_device()
@@ -130,10 +143,10 @@ def evaluate_checkpoint(
             # The model is loaded here, not by HFLM from the path: HFLM would then start an accelerate
             # Accelerator, which under a distributed training launcher sees WORLD_SIZE > 1 and waits
             # for ranks that are not evaluating. The load is the one HFLM does (`dtype`, remote code).
-            model = _load_model(model_dir, device, dtype)
+            model = _load_model(model_dir, device, dtype, revision, reference)
             loaded_dtype = str(model.dtype).removeprefix("torch.")
             with _quiet("lm_eval.models.huggingface"):  # its warnings about being passed a loaded model
-                lm = HFLM(pretrained=model, batch_size=batch_size, trust_remote_code=True)
+                lm = HFLM(pretrained=model, batch_size=batch_size, trust_remote_code=True, revision=revision or "main")
             output = lm_eval.simple_evaluate(
                 model=lm, tasks=names, task_manager=manager, limit=limit, device=device, log_samples=False
             )
@@ -146,6 +159,8 @@ def evaluate_checkpoint(
     result = {
         "model": str(model_dir),
         "step": _step_of(model_dir),
+        "revision": revision,
+        "format": FORMAT if reference else "mlkv",
         "tasks": names,
         **layout_summary(config),
         **{
@@ -230,13 +245,23 @@ def format_results(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _load_model(model: str | os.PathLike, device: str, dtype: str = "auto") -> torch.nn.Module:
+def _load_model(
+    model: str | os.PathLike, device: str, dtype: str = "auto", revision: str | None = None, reference: bool = False
+) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
+
+    from .conversion.reference import load_reference_model
 
     if dtype not in DTYPES:
         raise EvaluationError(f"--dtype {dtype}: allowed {', '.join(DTYPES)}")
+    if reference:  # transformers would read it as GPT-NeoX with random attention
+        loaded = load_reference_model(str(model), revision, None if dtype == "auto" else getattr(torch, dtype))
+        return loaded.to(device)
     loaded = AutoModelForCausalLM.from_pretrained(
-        str(model), dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=True
+        str(model),
+        dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+        revision=revision,
+        trust_remote_code=True,
     )
     return loaded.to(device).eval()
 

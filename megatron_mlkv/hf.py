@@ -110,9 +110,14 @@ def remove_partial_exports(parent: str | os.PathLike) -> list[Path]:
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MLKVTransformer:
-    """Load an exported folder into the plain PyTorch model (for training and benchmarks)."""
+    """Load an exported folder into the plain PyTorch model (for training and benchmarks). A folder of
+    the MLKV paper's reference code (`conversion.reference`) is converted in memory."""
     if not (Path(path) / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json; expected a folder written by launch/convert.py")
+    from .conversion.reference import is_reference_folder, load_reference_model
+
+    if is_reference_folder(path):
+        return load_reference_model(str(path), dtype=dtype).model
     try:
         hf_model = MLKVForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:  # transformers/safetensors raise many types for a damaged folder

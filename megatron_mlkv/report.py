@@ -213,8 +213,10 @@ def _fmt(value: float | None) -> str:
 
 
 def _model_label(result: dict, path: Path) -> str:
-    """'RUN @ step N' for an uptraining export RUN/hf/step_N, else the model folder's name."""
+    """'RUN @ step N' for an uptraining export RUN/hf/step_N, else the model folder's (or hub) name, with
+    the checkpoint format when it is not ours (the paper's released 'pythia-mlkv' models)."""
     model = Path(result.get("model") or path.stem)
     if result.get("step") is not None and model.parent.name == "hf":
         return f"{model.parent.parent.name} @ step {result['step']}"
-    return model.name or path.stem
+    fmt = result.get("format", "mlkv")
+    return (model.name or path.stem) + ("" if fmt == "mlkv" else f" ({fmt})")

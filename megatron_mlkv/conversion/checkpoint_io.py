@@ -21,7 +21,7 @@ from ..config import ConfigError, MLKVConfig
 from ..errors import first_line
 from ..hf import TOKENIZER_FILES, CheckpointError, special_token_ids
 
-SUPPORTED = "GPTNeoXForCausalLM (model_type 'gpt_neox': Pythia, GPT-NeoX)"
+SUPPORTED = "GPTNeoXForCausalLM (model_type 'gpt_neox': Pythia, GPT-NeoX, the MLKV paper's pythia-mlkv models)"
 # Weight files in the order transformers prefers them: safetensors over pickles, index over single.
 WEIGHT_FILES = (
     "model.safetensors.index.json",
@@ -247,26 +247,26 @@ def _looks_local(base: str) -> bool:
     )
 
 
-def _resolve(base: str, filename: str, local: bool) -> Path | None:
-    """The local path of `filename` in the base (downloaded for hub names), or None if absent."""
+def _resolve(base: str, filename: str, local: bool, revision: str | None = None) -> Path | None:
+    """The local path of `filename` in the base (downloaded for hub names at `revision`), or None if absent."""
     if local:
         path = Path(base).expanduser() / filename
         return path if path.is_file() else None
     from transformers.utils import cached_file
 
     try:
-        found = cached_file(base, filename, _raise_exceptions_for_missing_entries=False)
+        found = cached_file(base, filename, revision=revision, _raise_exceptions_for_missing_entries=False)
     except Exception as e:  # no network, gated or unknown repository
         raise CheckpointError(f"{base}: cannot fetch {filename} from the hub ({first_line(e)})") from None
     return Path(found) if found else None
 
 
-def weight_files(base: str, local: bool | None = None) -> list[Path]:
+def weight_files(base: str, local: bool | None = None, revision: str | None = None) -> list[Path]:
     """The base's weight files, in transformers' order of preference: sharded or single safetensors,
     then sharded or single `pytorch_model.bin`. A shard listed in an index must exist."""
     local = _looks_local(base) if local is None else local
     for filename in WEIGHT_FILES:
-        path = _resolve(base, filename, local)
+        path = _resolve(base, filename, local, revision)
         if path is None:
             continue
         if not filename.endswith(".index.json"):
@@ -277,7 +277,7 @@ def weight_files(base: str, local: bool | None = None) -> list[Path]:
             raise CheckpointError(f"{path}: corrupt index file ({first_line(e)})") from None
         files = []
         for shard in shards:
-            found = _resolve(base, shard, local)
+            found = _resolve(base, shard, local, revision)
             if found is None:
                 missing = Path(base) / shard if local else f"{base}/{shard}"
                 raise CheckpointError(f"{missing}: missing weight file (listed in {filename})")
@@ -286,18 +286,19 @@ def weight_files(base: str, local: bool | None = None) -> list[Path]:
     raise CheckpointError(f"{base}: no weight file; expected one of {', '.join(WEIGHT_FILES)}")
 
 
-def _peek_model_type(base: str, local: bool) -> str | None:
+def _peek_model_type(base: str, local: bool, revision: str | None = None) -> str | None:
     """`model_type` from config.json read as plain JSON, before transformers (which refuses unknown
     types and asks about remote code) sees it; None if it cannot be read."""
     try:
-        path = _resolve(base, "config.json", local)
+        path = _resolve(base, "config.json", local, revision)
         return json.loads(path.read_text()).get("model_type") if path else None
     except (CheckpointError, OSError, ValueError, AttributeError):
         return None
 
 
-def load_base_config(base: str, local: bool | None = None):
-    """`AutoConfig.from_pretrained(base)`, refusing anything but GPT-NeoX with a one-line error."""
+def load_base_config(base: str, local: bool | None = None, revision: str | None = None):
+    """`AutoConfig.from_pretrained(base)`, refusing anything but GPT-NeoX (plain, or the MLKV paper's
+    reference format: `reference.is_reference_config`) with a one-line error."""
     from transformers import AutoConfig
 
     local = _looks_local(base) if local is None else local
@@ -305,12 +306,14 @@ def load_base_config(base: str, local: bool | None = None):
         raise CheckpointError(f"{base}: no such folder (and not a hub model name)")
     if local and not (Path(base).expanduser() / "config.json").is_file():
         raise CheckpointError(f"{base}: no config.json; expected a transformers folder of {SUPPORTED}")
-    model_type = _peek_model_type(base, local)
+    model_type = _peek_model_type(base, local, revision)
     if model_type not in (None, "gpt_neox"):
-        _refuse(base, model_type, _peek_architectures(base, local))
+        _refuse(base, model_type, _peek_architectures(base, local, revision))
     try:
         # trust_remote_code=False: a folder with custom code is refused, never run or prompted for
-        hf_config = AutoConfig.from_pretrained(str(Path(base).expanduser()) if local else base, trust_remote_code=False)
+        hf_config = AutoConfig.from_pretrained(
+            str(Path(base).expanduser()) if local else base, revision=revision, trust_remote_code=False
+        )
     except Exception as e:  # no network, unknown repository, damaged config.json
         where = "" if local else "not a local folder, and the hub cannot provide it: "
         raise CheckpointError(f"{base}: {where}cannot read the config ({first_line(e)})") from None
@@ -319,9 +322,9 @@ def load_base_config(base: str, local: bool | None = None):
     return hf_config
 
 
-def _peek_architectures(base: str, local: bool) -> list[str] | None:
+def _peek_architectures(base: str, local: bool, revision: str | None = None) -> list[str] | None:
     try:
-        archs = json.loads(_resolve(base, "config.json", local).read_text()).get("architectures")
+        archs = json.loads(_resolve(base, "config.json", local, revision).read_text()).get("architectures")
         return archs if isinstance(archs, list) else None
     except (CheckpointError, OSError, ValueError, AttributeError):
         return None
@@ -333,7 +336,7 @@ def _refuse(base: str, model_type: str, archs: list[str] | None):
     raise CheckpointError(f"{base}: {found} is not supported{hint}; supported: {SUPPORTED}")
 
 
-def _tokenizer_source(base: str, local: bool, tmp: Path | None) -> Path | None:
+def _tokenizer_source(base: str, local: bool, tmp: Path | None, revision: str | None = None) -> Path | None:
     """A folder holding the base's tokenizer files: the base folder itself, or for hub names the
     files fetched into `tmp`. None (not an error) when the base has none.
 
@@ -347,7 +350,7 @@ def _tokenizer_source(base: str, local: bool, tmp: Path | None) -> Path | None:
     found = []
     for name in TOKENIZER_FILES:
         try:
-            path = _resolve(base, name, local=False)
+            path = _resolve(base, name, local=False, revision=revision)
         except CheckpointError:  # a tokenizer that cannot be fetched does not stop the conversion
             path = None
         if path is not None:
@@ -359,9 +362,10 @@ def _tokenizer_source(base: str, local: bool, tmp: Path | None) -> Path | None:
 @dataclass
 class BaseCheckpoint:
     """A GPT-NeoX base resolved once for one or more conversions: its transformers config, the
-    `MLKVConfig` read from it, its weight files and where its tokenizer files are.
+    `MLKVConfig` read from it, its weight files and where its tokenizer files are. `reference`: the
+    MLKV paper's own format (`reference.py`), whose config already holds its layout.
 
-    Open with `BaseCheckpoint.open(name_or_folder)` (a context manager: closing removes the
+    Open with `BaseCheckpoint.open(name_or_folder, revision)` (a context manager: closing removes the
     temporary folder of a tokenizer fetched from the hub).
     """
 
@@ -372,20 +376,26 @@ class BaseCheckpoint:
     local: bool
     tokenizer_dir: Path | None = None
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    reference: bool = False
 
     @classmethod
-    def open(cls, base: str | os.PathLike) -> BaseCheckpoint:
+    def open(cls, base: str | os.PathLike, revision: str | None = None) -> BaseCheckpoint:
+        from .reference import is_reference_config, reference_config
+
         name = str(base)
         local = _looks_local(name)
-        hf_config = load_base_config(name, local)
+        if local and revision is not None:
+            raise CheckpointError(f"{name}: --revision applies to hub names, not to a local folder")
+        hf_config = load_base_config(name, local, revision)
+        reference = is_reference_config(hf_config)
         try:
-            config = MLKVConfig.from_hf(hf_config)
+            config = reference_config(hf_config, name) if reference else MLKVConfig.from_hf(hf_config)
         except ConfigError as e:
-            raise ConfigError(f"{name}: {e}") from None
-        files = weight_files(name, local)
+            raise ConfigError(str(e) if reference else f"{name}: {e}") from None
+        files = weight_files(name, local, revision)
         tmp = None if local else tempfile.TemporaryDirectory(prefix="mlkv-tokenizer-")
-        tokenizer = _tokenizer_source(name, local, Path(tmp.name) if tmp else None)
-        return cls(name, hf_config, config, files, local, tokenizer, tmp)
+        tokenizer = _tokenizer_source(name, local, Path(tmp.name) if tmp else None, revision)
+        return cls(name, hf_config, config, files, local, tokenizer, tmp, reference)
 
     @property
     def path(self) -> Path | None:
@@ -416,12 +426,12 @@ class BaseCheckpoint:
 
 
 @contextmanager
-def _opened(base) -> Iterator[BaseCheckpoint]:
+def _opened(base, revision: str | None = None) -> Iterator[BaseCheckpoint]:
     """`base` as a BaseCheckpoint: opened (and closed) here unless the caller passed one."""
     if isinstance(base, BaseCheckpoint):
         yield base
         return
-    with BaseCheckpoint.open(base) as ckpt:
+    with BaseCheckpoint.open(base, revision) as ckpt:
         yield ckpt
 
 

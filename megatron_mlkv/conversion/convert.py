@@ -17,6 +17,7 @@ from ..layout import KVLayout
 from ..model import MLKVTransformer
 from .checkpoint_io import BaseCheckpoint, _opened, _weights_prefix
 from .core import MERGE_MODES, MLP_INITS, convert_tensors, target_config
+from .reference import FORMAT, reference_tensors
 
 DTYPES = {
     "float32": torch.float32,
@@ -130,7 +131,9 @@ def format_report(report: dict) -> str:
         f"{report['base']} -> {report['out']}",
         f"layout {report['base_layout']} -> {report['layout']} (m = {report['kv_layers']}, "
         f"g = {report['kv_groups']}), owner map {','.join(map(str, owners))}",
-        f"merge {report['merge']}, mlp init {report['mlp_init']}, match params {report['match_params']}"
+        f"{report['format']} checkpoint: its weights as trained, with its arithmetic (unrotated_shared_keys)"
+        if report.get("format")
+        else f"merge {report['merge']}, mlp init {report['mlp_init']}, match params {report['match_params']}"
         if report.get("init", "converted") == "converted"
         else f"weights {report['init']} (the base's are not used), match params {report['match_params']}",
         "",
@@ -212,8 +215,9 @@ def convert_checkpoint(
     progress: bool = True,
     random_init: bool = False,
     seed: int = 0,
+    revision: str | None = None,
 ) -> dict:
-    """Convert a GPT-NeoX checkpoint (hub name or local folder) into a transformers folder `out`.
+    """Convert a GPT-NeoX checkpoint (hub name at `revision`, or local folder) into a transformers folder `out`.
 
     Layout: `kv_layers` (m) owner layers with `kv_groups` (g) KV heads each, at the paper's uniform
     positions, or an explicit `kv_owner` map (list or '0,0,2,2'); unset values keep the base's (MHA).
@@ -225,15 +229,21 @@ def convert_checkpoint(
     option and CheckpointError for an unreadable base or an existing `out` without `overwrite`.
     `random_init`: the same layout and parameter count with GPT-NeoX's initialisation (`seed`) instead
     of the base's weights, the train-from-scratch baseline that uptraining is measured against.
+    A checkpoint of the MLKV paper's reference code (`reference.py`) converts as it is: its own
+    layout, weights and arithmetic (`unrotated_shared_keys`); layout options are then an error.
     """
     for value, allowed, what in ((merge, MERGE_MODES, "merge"), (mlp_init, MLP_INITS, "mlp_init")):
         if value not in allowed:
             raise ConfigError(f"{what} = '{value}' is not supported; allowed: {', '.join(allowed)}")
     out, out_dtype = Path(out), resolve_dtype(dtype)
     kv_owner = parse_owner_map(kv_owner)
-    with _opened(base) as ckpt:
+    with _opened(base, revision) as ckpt:
         _check_out(out, ckpt, overwrite)
-        target = target_config(ckpt.config, kv_layers, kv_groups, kv_owner, match_params)
+        if ckpt.reference:
+            _check_reference_options(ckpt, kv_layers, kv_groups, kv_owner, random_init)
+            target = ckpt.config
+        else:
+            target = target_config(ckpt.config, kv_layers, kv_groups, kv_owner, match_params)
         with ckpt.tensors() as reader:
             prefix = _weights_prefix(reader)
             base_dtype = reader.dtype(f"{prefix}embed_in.weight")
@@ -246,7 +256,17 @@ def convert_checkpoint(
                 leave=False,
                 disable=not progress,
             )
-            if random_init:
+            if ckpt.reference:
+                sd = reference_tensors(
+                    reader.get,
+                    target,
+                    prefix,
+                    has=reader.__contains__,
+                    dtype=out_dtype,
+                    layers=layers,
+                    release=reader.release,
+                )
+            elif random_init:
                 torch.manual_seed(seed)
                 sd = MLKVTransformer(target).state_dict()
                 sd = {k: v.to(out_dtype or base_dtype) for k, v in sd.items()}
@@ -280,10 +300,30 @@ def convert_checkpoint(
         )
         report["weight_files"] = [f.name for f in ckpt.files]
         report["init"] = f"random (seed {seed})" if random_init else "converted"
+        if ckpt.reference:
+            report.update(format=FORMAT, merge=None, mlp_init=None, match_params=None)
         _write_folder(sd, target, out, ckpt, out_dtype, max_shard_size, report, overwrite)
     if report_path is not None:
         Path(report_path).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _check_reference_options(ckpt: BaseCheckpoint, kv_layers, kv_groups, kv_owner, random_init: bool) -> None:
+    given = [
+        flag
+        for flag, value in (
+            ("--kv-layers", kv_layers),
+            ("--kv-groups", kv_groups),
+            ("--kv-owner-map", kv_owner),
+            ("--random-init", random_init or None),
+        )
+        if value is not None
+    ]
+    if given:
+        raise ConfigError(
+            f"{ckpt.name} is a {FORMAT} checkpoint ({ckpt.config.layout.name}); it converts as it is, "
+            f"so {', '.join(given)} do not apply (they are for GPT-NeoX bases)"
+        )
 
 
 def paper_variants(num_layers: int, num_heads: int) -> list[tuple[str, int, int]]:
@@ -319,6 +359,7 @@ def convert_paper_variants(
     max_shard_size: str = "2GB",
     report_path: str | os.PathLike | None = None,
     progress: bool = True,
+    revision: str | None = None,
 ) -> list[dict]:
     """Convert `base` into each of `paper_variants(l, h)`, as `out_root/<name>` (e.g. `mlkv-6`).
 
@@ -326,7 +367,12 @@ def convert_paper_variants(
     converting anything; writes `out_root/paper_variants.json` (and `report_path`) with the reports.
     """
     out_root = Path(out_root)
-    with _opened(base) as ckpt:
+    with _opened(base, revision) as ckpt:
+        if ckpt.reference:
+            raise ConfigError(
+                f"{ckpt.name} is a {FORMAT} checkpoint ({ckpt.config.layout.name}), not a multi-head base: "
+                f"convert it with --out, without --paper-variants"
+            )
         variants = paper_variants(ckpt.config.num_layers, ckpt.config.num_heads)
         for name, _, _ in variants:
             _check_out(out_root / name, ckpt, overwrite)
