@@ -509,7 +509,7 @@ def test_data_changed_after_packing_is_refused_before_the_first_step(workdir, tm
 def test_a_batch_damaged_after_start_up_stops_the_run_with_one_line(workdir, tmp_path):
     """The host checks each global batch's ids before they reach the model (on a GPU an id beyond the
     embedding is a device-side assert): here the file is damaged after the start-up verification."""
-    from megatron_mlkv.training import Trainer, UptrainError
+    from megatron_mlkv.training import RunPlan, UptrainError
 
     data = tmp_path / "data"
     pack([str(workdir / "train.jsonl")], str(workdir / "tok"), 64, str(data), progress=False)
@@ -523,17 +523,17 @@ def test_a_batch_damaged_after_start_up_stops_the_run_with_one_line(workdir, tmp
         "--out",
         str(tmp_path / "run"),
     ]
-    trainer = Trainer(RunOptions.from_argv(argv))
-    trainer.groups, trainer.device = types.SimpleNamespace(dp_rank=0, dp_size=1), torch.device("cpu")
-    batches, _ = trainer._micro_batches(2)
-    row = int(trainer.sampler.batch(2)[3])
+    plan = RunPlan(RunOptions.from_argv(argv))
+    cpu = torch.device("cpu")
+    plan.micro_batches(2, 0, 1, cpu)
+    row = int(plan.sampler.batch(2)[3])
     overwrite_bytes(f"{data}.bin", row * 64 * 2 + 10, b"\xff\xff")
-    trainer._micro_batches(1)  # other rows: fine
+    plan.micro_batches(1, 0, 1, cpu)  # other rows: fine
     with pytest.raises(
         UptrainError,
         match=f"^--data: step 3: {data}.bin: row {row} holds token id 65535, beyond the model's vocabulary of",
     ):
-        trainer._micro_batches(2)
+        plan.micro_batches(2, 0, 1, cpu)
 
 
 def test_resuming_on_repacked_data_is_refused(workdir, tmp_path):
@@ -552,9 +552,9 @@ def test_resuming_on_repacked_data_is_refused(workdir, tmp_path):
         "--train-iters",
         "8",
     ]
-    from megatron_mlkv.training import Trainer
+    from megatron_mlkv.training import RunPlan
 
-    Trainer(RunOptions.from_argv(argv))._check_resumable()  # what the first start records
+    RunPlan(RunOptions.from_argv(argv)).check_resumable()  # what the first start records
     pack([str(workdir / "valid.jsonl")], str(workdir / "tok"), 64, str(data), progress=False, overwrite=True)
     assert_one_line_error(
         run_single(workdir, tmp_path, "--train-iters", 8, data=data),

@@ -19,7 +19,11 @@ Run folder:
     RUN_DIR/hf/step_N/               transformers export of each checkpoint
     RUN_DIR/eval/step_N.json         lm-evaluation-harness results (with --eval-tasks)
 
-Why one file of ~580 lines: `Trainer` holds one run's state (engine, data order, run folder), and
+`RunPlan(args)` is what the options decide before any process group exists (DeepSpeed config,
+model config, data, row order, step count); `Trainer(args)` builds on it everything a run needs
+(process groups, the resumed engine, metrics, the data prefetcher), and `Trainer.train()` only loops.
+
+Why one file of ~600 lines: `Trainer` holds one run's state (engine, data order, run folder), and
 its set-up, loop, validation, checkpoint choice, save, resume and export all read and change it.
 """
 
@@ -132,8 +136,11 @@ def single_process_env() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-class Trainer:
-    """One uptraining run; `Trainer(args).run()` on every rank."""
+class RunPlan:
+    """What a run's options decide before any process group exists: the DeepSpeed config checked
+    against the world and TP sizes, the model's config, the opened and verified data, the order of
+    the rows (`sampler`), the validation rows and the number of steps. Bad options fail here, on
+    every rank alike, with one line."""
 
     def __init__(self, args: RunOptions):
         self.args = args
@@ -192,9 +199,20 @@ class Trainer:
             )
         self.total_steps = total
 
-    # --- set-up -----------------------------------------------------------------------------------
+    def micro_batches(self, step: int, dp_rank: int, dp_size: int, device: torch.device):
+        """Data-parallel rank `dp_rank`'s `gas` micro-batches of step `step` on `device`, and the global
+        batch's real-token count."""
+        rows = self.sampler.batch(step)
+        try:  # every rank checks the whole global batch, so all of them stop with the same line
+            self.data.check_ids(rows, self.config.vocab_size)
+        except DataError as e:
+            raise UptrainError(f"--data: step {step + 1}: {e}") from None
+        n_tokens = sum(int(self.data.loss_mask(r)[1:].sum()) for r in rows)
+        mine = rank_slice(rows, dp_rank, dp_size)
+        batches = [collate(self.data, mine[i * self.micro : (i + 1) * self.micro], device) for i in range(self.gas)]
+        return batches, max(1, n_tokens)
 
-    def _run_config(self) -> dict:
+    def run_config(self) -> dict:
         a = self.args
         return {
             "init": str(Path(a.init).resolve()),
@@ -219,9 +237,10 @@ class Trainer:
             "layout": self.config.layout.to_dict(),
         }
 
-    def _check_resumable(self) -> None:
+    def check_resumable(self) -> None:
+        """Refuse a run folder that holds a run with other settings or data; record them (rank 0) in a new one."""
         path = self.run_dir / "run_config.json"
-        current = self._run_config()
+        current = self.run_config()
         if path.exists():
             saved = json.loads(path.read_text())
             # the data's content first (data that changed also changes the step count); runs started
@@ -244,6 +263,46 @@ class Trainer:
         elif self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(path, json.dumps(current, indent=2) + "\n")
+
+
+class Trainer(RunPlan):
+    """One uptraining run on this rank: `Trainer(args)` builds it (the plan, process groups, the engine
+    resumed from the newest intact checkpoint, metrics, the prefetcher), `train()` runs the remaining
+    steps; `close()` (also on failure) stops the prefetcher and flushes the metrics."""
+
+    def __init__(self, args: RunOptions):
+        import deepspeed
+
+        super().__init__(args)
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.check_resumable()
+        if self.rank == 0:
+            for partial in remove_partial_exports(self.run_dir / "hf"):
+                print(f"removed {partial}, an export a killed run left unfinished", flush=True)
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.groups = tp.init_groups(args.tp)
+        dist.barrier()
+        resume_from = self._choose_checkpoint()
+        self.engine = self._build_engine()
+        self.start = self._resume(resume_from)
+        self.metrics = MetricsLog(self.run_dir, self.start, enabled=self.rank == 0)
+        dtype = (
+            torch.bfloat16
+            if self.ds_config.get("bf16", {}).get("enabled")
+            else torch.float16
+            if self.ds_config.get("fp16", {}).get("enabled")
+            else torch.float32
+        )
+        self.peak_flops = matmul_flops_per_s(self.device, torch.float32 if self.device.type == "cpu" else dtype)
+        # the next step's batches are collated while this one runs
+        self.batches = Prefetcher(self._micro_batches, self.total_steps)
+
+    def close(self) -> None:
+        self.batches.close()
+        self.metrics.close()
 
     def _build_engine(self):
         torch.manual_seed(self.args.seed)
@@ -275,18 +334,7 @@ class Trainer:
     # --- steps ------------------------------------------------------------------------------------
 
     def _micro_batches(self, step: int):
-        """This rank's `gas` micro-batches of step `step`, and the global batch's real-token count."""
-        rows = self.sampler.batch(step)
-        try:  # every rank checks the whole global batch, so all of them stop with the same line
-            self.data.check_ids(rows, self.config.vocab_size)
-        except DataError as e:
-            raise UptrainError(f"--data: step {step + 1}: {e}") from None
-        n_tokens = sum(int(self.data.loss_mask(r)[1:].sum()) for r in rows)
-        mine = rank_slice(rows, self.groups.dp_rank, self.groups.dp_size)
-        batches = [
-            collate(self.data, mine[i * self.micro : (i + 1) * self.micro], self.device) for i in range(self.gas)
-        ]
-        return batches, max(1, n_tokens)
+        return self.micro_batches(step, self.groups.dp_rank, self.groups.dp_size, self.device)
 
     def train_step(self, step: int) -> float:
         """One optimizer step; returns the global mean token loss."""
@@ -475,41 +523,16 @@ class Trainer:
 
     # --- main loop --------------------------------------------------------------------------------
 
-    def run(self) -> int:
-        import deepspeed
+    def train(self) -> int:
+        """The steps from `start` to the end: train, log, validate and save."""
         from tqdm import tqdm
 
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self._check_resumable()
-        if self.rank == 0:
-            for partial in remove_partial_exports(self.run_dir / "hf"):
-                print(f"removed {partial}, an export a killed run left unfinished", flush=True)
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
-        self.groups = tp.init_groups(self.args.tp)
-        dist.barrier()
-        resume_from = self._choose_checkpoint()
-        self.engine = self._build_engine()
-        start = self._resume(resume_from)
-        self.metrics = MetricsLog(self.run_dir, start, enabled=self.rank == 0)
+        start = self.start
         if start >= self.total_steps:
             if self.rank == 0:
                 print(f"{self.run_dir}: already complete ({start} of {self.total_steps} steps)")
             return 0
         seq = self.data.seq_len
-        dtype = (
-            torch.bfloat16
-            if self.ds_config.get("bf16", {}).get("enabled")
-            else torch.float16
-            if self.ds_config.get("fp16", {}).get("enabled")
-            else torch.float32
-        )
-        if self.device.type == "cpu" and dtype != torch.float32:
-            peak = matmul_flops_per_s(self.device, torch.float32)
-        else:
-            peak = matmul_flops_per_s(self.device, dtype)
         flops_per_token = self.config.flops_per_token(seq)
         bar = tqdm(
             total=self.total_steps,
@@ -520,7 +543,6 @@ class Trainer:
             dynamic_ncols=True,
         )
         last_valid = None
-        self.batches = Prefetcher(self._micro_batches, self.total_steps)  # the next step's, while this one runs
         try:
             for step in range(start, self.total_steps):
                 t0 = time.perf_counter()
@@ -550,7 +572,7 @@ class Trainer:
                             "grad_norm": float(norm) if norm is not None else None,
                             "tokens_per_s": tokens,
                             "tokens_per_s_per_device": tokens / self.world,
-                            "mfu": tokens / self.world * flops_per_token / self.args.tp / peak,
+                            "mfu": tokens / self.world * flops_per_token / self.args.tp / self.peak_flops,
                             "max_memory_bytes": max_memory_bytes(self.device),
                             "step_time_s": dt,
                             "rows_consumed": done * self.global_batch,
@@ -563,9 +585,7 @@ class Trainer:
                         bar.write(f"step {done}: validation loss {last_valid:.4f}") if self.rank == 0 else None
                     self.save(done, last_valid)
         finally:
-            self.batches.close()
             bar.close()
-            self.metrics.close()
         if self.rank == 0:
             print(
                 f"done: {self.total_steps} steps; TensorBoard: tensorboard --logdir {self.run_dir / 'tensorboard'}; "
@@ -577,4 +597,8 @@ class Trainer:
 def main(args: RunOptions) -> int:
     """Entry point for launch/uptrain.py (its errors become one line through `cli.entry_point`)."""
     single_process_env()
-    return Trainer(args).run()
+    trainer = Trainer(args)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
