@@ -256,33 +256,15 @@ def convert_checkpoint(
                 leave=False,
                 disable=not progress,
             )
+            stream = dict(has=reader.__contains__, dtype=out_dtype, layers=layers, release=reader.release)
             if ckpt.reference:
-                sd = reference_tensors(
-                    reader.get,
-                    target,
-                    prefix,
-                    has=reader.__contains__,
-                    dtype=out_dtype,
-                    layers=layers,
-                    release=reader.release,
-                )
+                sd = reference_tensors(reader.get, target, prefix, **stream)
             elif random_init:
                 torch.manual_seed(seed)
                 sd = MLKVTransformer(target).state_dict()
                 sd = {k: v.to(out_dtype or base_dtype) for k, v in sd.items()}
             else:
-                sd = convert_tensors(
-                    reader.get,
-                    ckpt.config,
-                    target,
-                    merge,
-                    mlp_init,
-                    prefix,
-                    has=reader.__contains__,
-                    dtype=out_dtype,
-                    layers=layers,
-                    release=reader.release,
-                )
+                sd = convert_tensors(reader.get, ckpt.config, target, merge, mlp_init, prefix, **stream)
         counted = _count_parameters(sd)
         if counted != target.num_parameters():  # the converted tensors must build exactly `target`
             raise RuntimeError(f"converted {counted} parameters, config expects {target.num_parameters()}")

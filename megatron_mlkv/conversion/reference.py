@@ -22,6 +22,7 @@ import torch
 from ..config import ConfigError, MLKVConfig
 from ..hf import CheckpointError
 from ..layout import KVLayout, LayoutError
+from .core import _expect_shape
 
 FORMAT = "pythia-mlkv"  # the name reports give the format
 LAYER_KEYS = "num_key_value_layers"
@@ -61,13 +62,6 @@ def reference_config(hf_config, name: str = "") -> MLKVConfig:
         raise ConfigError(f"{where}{e}") from None
 
 
-def _expect(get: Callable[[str], torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    t = get(name)
-    if tuple(t.shape) != shape:
-        raise CheckpointError(f"tensor '{name}' has shape {tuple(t.shape)}, but the config implies {shape}")
-    return t
-
-
 def reference_tensors(
     get: Callable[[str], torch.Tensor],
     config: MLKVConfig,
@@ -83,9 +77,10 @@ def reference_tensors(
     `dtype` casts (default: the embedding's); `release()` runs after each layer."""
     release = release or (lambda: None)
     has = has or (lambda name: True)
+    fetch = lambda name, shape: _expect_shape(name, get(name), shape)
     d, dk, h, g = config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads
     inter, v = config.intermediate_size, config.vocab_size
-    embed = _expect(get, f"{prefix}embed_in.weight", (v, d))
+    embed = fetch(f"{prefix}embed_in.weight", (v, d))
     dtype = dtype or embed.dtype
     cast = lambda t: t.to(dtype, copy=True)
     sd = {"embed_in.weight": cast(embed)}
@@ -93,9 +88,9 @@ def reference_tensors(
         sd["embed_out.weight"] = sd["embed_in.weight"]
     else:
         head = next((n for n in ("embed_out.weight", "lm_head.weight") if has(n)), "embed_out.weight")
-        sd["embed_out.weight"] = cast(_expect(get, head, (v, d)))
+        sd["embed_out.weight"] = cast(fetch(head, (v, d)))
     for kind in ("weight", "bias"):
-        sd[f"final_layer_norm.{kind}"] = cast(_expect(get, f"{prefix}final_layer_norm.{kind}", (d,)))
+        sd[f"final_layer_norm.{kind}"] = cast(fetch(f"{prefix}final_layer_norm.{kind}", (d,)))
     release()
     shapes = {
         "input_layernorm": ((d,), (d,)),
@@ -118,7 +113,7 @@ def reference_tensors(
             for kind, shape in (("weight", w_shape), ("bias", b_shape)):
                 if kind == "bias" and not config.attention_bias and module.startswith("attention."):
                     continue
-                sd[f"layers.{i}.{module}.{kind}"] = cast(_expect(get, f"{p}{module}.{kind}", shape))
+                sd[f"layers.{i}.{module}.{kind}"] = cast(fetch(f"{p}{module}.{kind}", shape))
         release()
     return sd
 
