@@ -43,13 +43,21 @@ from megatron_mlkv.training.metrics import matmul_flops_per_s
 from megatron_mlkv.training.trainer import single_process_env
 
 LAYOUTS = {"mha": None, "gqa-48": ("l", "h/3"), "mqa-12": ("l", 1), "mlkv-6": ("l/2", 1), "mlkv-2": ("l/6", 1)}
+MATCHED = "@matched"  # a layout name's suffix: the MLP widened to the base's parameter count, as convert.py does
 DEFAULT_MICRO = {"pythia-160m": 12, "pythia-410m": 16, "pythia-1b": 8}
 ENGINES = ("mlkv", "mlkv-unpacked", "mlkv-eager", "hf", "hf-compiled")
 
 
+def known_layout(layout: str) -> bool:
+    return layout.removesuffix(MATCHED) in LAYOUTS
+
+
 def layout_config(shape: str, layout: str) -> MLKVConfig:
-    """The preset shape with one of `LAYOUTS` (m and g as functions of l and h)."""
+    """The preset shape with one of `LAYOUTS` (m and g as functions of l and h), its MLP at the MHA
+    width, or with the suffix `@matched` widened as a converted checkpoint's (`target_config`)."""
     base = preset(shape)
+    matched = layout.endswith(MATCHED)
+    layout = layout.removesuffix(MATCHED)
     if LAYOUTS[layout] is None:
         return base
     m, g = LAYOUTS[layout]
@@ -60,7 +68,12 @@ def layout_config(shape: str, layout: str) -> MLKVConfig:
         "h": base.num_heads,
         "h/3": base.num_heads // 3,
     }
-    return base.with_layout(value.get(m, m), value.get(g, g))
+    m, g = value.get(m, m), value.get(g, g)
+    if matched:
+        from megatron_mlkv.conversion import target_config
+
+        return target_config(base, m, g)
+    return base.with_layout(m, g)
 
 
 class RandomRows:
@@ -531,7 +544,11 @@ def format_table(records: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="pythia-160m,pythia-410m,pythia-1b", help="Pythia presets, comma-separated")
-    p.add_argument("--layouts", default="mha,mqa-12,mlkv-6", help=f"comma-separated, from {', '.join(LAYOUTS)}")
+    p.add_argument(
+        "--layouts",
+        default="mha,mqa-12,mlkv-6",
+        help=f"comma-separated, from {', '.join(LAYOUTS)}; a suffix {MATCHED} widens the MLP as convert.py does",
+    )
     p.add_argument(
         "--micro-batch",
         action="append",
@@ -584,7 +601,7 @@ def main(argv=None) -> int:
         print("error: bench_train.py measures GPU throughput; no CUDA device found", file=sys.stderr)
         return 2
     shapes = args.shapes.split(",")
-    unknown = [l for l in args.layouts.split(",") if l not in LAYOUTS]
+    unknown = [l for l in args.layouts.split(",") if not known_layout(l)]
     if unknown:
         print(f"error: --layouts {','.join(unknown)} unknown; allowed: {', '.join(LAYOUTS)}", file=sys.stderr)
         return 2

@@ -46,3 +46,15 @@ def test_table_ratios_divide_by_the_faster_transformers_engine():
     table = format_table([dict(row, engine=e, tokens_per_s=v) for e, v in speeds.items()])
     ratios = {line.split(" | ")[2]: line.rstrip(" |").split(" | ")[-1] for line in table.splitlines()[2:]}
     assert ratios == {e: f"{v / max(speeds['hf'], speeds['hf-compiled']):.2f}x" for e, v in speeds.items()}
+
+
+def test_matched_layouts_widen_the_mlp_as_conversion_does():
+    """`mlkv-6@matched` is the converted checkpoint's shape (parameters of the MHA base, a wider MLP),
+    so the benchmark can measure the widened MLP's share of memory; `mlkv-6` keeps the MHA width."""
+    from benchmarks.bench_train import known_layout, layout_config
+
+    mha, plain, matched = (layout_config("pythia-160m", name) for name in ("mha", "mlkv-6", "mlkv-6@matched"))
+    assert plain.layout == matched.layout and plain.layout.name == "MLKV-6"
+    assert plain.intermediate_size == mha.intermediate_size < matched.intermediate_size == 3809
+    assert abs(matched.num_parameters() / mha.num_parameters() - 1) < 1e-4
+    assert known_layout("mqa-12@matched") and not known_layout("mlkv-7") and not known_layout("mha@other")
