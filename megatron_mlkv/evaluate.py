@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .config import MLKVConfig
-from .conversion.reference import FORMAT
+from .conversion.reference import FORMAT, is_reference_config, load_reference_model, reference_config
 from .errors import MLKVError
 from .integrity import write_json_atomic
 
@@ -54,8 +54,6 @@ def read_model_config(model: str | os.PathLike, revision: str | None = None) -> 
     """The `MLKVConfig` (shape and KV layout) of a transformers folder or hub name, and whether it is a
     checkpoint of the MLKV paper's reference code (`conversion.reference`); or EvaluationError."""
     from transformers import AutoConfig
-
-    from .conversion.reference import is_reference_config, reference_config
 
     path = Path(model)
     if not path.is_dir() and not HUB_NAME.match(str(model)):
@@ -249,8 +247,6 @@ def _load_model(
     model: str | os.PathLike, device: str, dtype: str = "auto", revision: str | None = None, reference: bool = False
 ) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
-
-    from .conversion.reference import load_reference_model
 
     if dtype not in DTYPES:
         raise EvaluationError(f"--dtype {dtype}: allowed {', '.join(DTYPES)}")

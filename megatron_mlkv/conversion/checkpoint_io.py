@@ -20,6 +20,7 @@ import torch
 from ..config import ConfigError, MLKVConfig
 from ..errors import first_line
 from ..hf import TOKENIZER_FILES, CheckpointError, special_token_ids
+from .reference import is_reference_config, reference_config
 
 SUPPORTED = "GPTNeoXForCausalLM (model_type 'gpt_neox': Pythia, GPT-NeoX, the MLKV paper's pythia-mlkv models)"
 # Weight files in the order transformers prefers them: safetensors over pickles, index over single.
@@ -380,8 +381,6 @@ class BaseCheckpoint:
 
     @classmethod
     def open(cls, base: str | os.PathLike, revision: str | None = None) -> BaseCheckpoint:
-        from .reference import is_reference_config, reference_config
-
         name = str(base)
         local = _looks_local(name)
         if local and revision is not None:
