@@ -38,7 +38,7 @@ minimum when the buffer is full); the triton kernel reads only the filled positi
 pads finished rows with it but does not stop early (that needs a host sync per step). The logits
 `StaticDecoder.step` returns are overwritten by the next step on CUDA.
 
-Why one file of ~540 lines: the cache, the decode step (plain and with the folded layers the
+Why one file of ~570 lines: the cache, the decode step (plain and with the folded layers the
 kernels need) and `generate` change together whenever the step does.
 """
 
