@@ -316,8 +316,11 @@ def test_revision_is_for_hub_names(tmp_path):
     write_reference(tmp_path / "ref", 2, 1)
     with pytest.raises(CheckpointError, match="--revision applies to hub names"):
         convert_checkpoint(tmp_path / "ref", tmp_path / "out", revision="master", progress=False)
+
+
+def test_loaders_refuse_the_key_value_mlp_variant(tmp_path):
+    write_reference(tmp_path / "mlp", 2, 1, use_key_value_mlp=True)
     with pytest.raises(ConfigError, match="use_key_value_mlp"):
-        write_reference(tmp_path / "mlp", 2, 1, use_key_value_mlp=True)
         load_pretrained(tmp_path / "mlp")
 
 
