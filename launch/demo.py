@@ -45,7 +45,7 @@ def pretrain_base(
     """
     from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from megatron_mlkv.data import PackedDataset
+    from megatron_mlkv.data import PackedDataset, collate
 
     torch.manual_seed(seed)
     ds = PackedDataset(data_prefix)
@@ -68,10 +68,8 @@ def pretrain_base(
     )
     rows = np.random.default_rng(seed).permutation(len(ds))
     for step in tqdm(range(steps), desc="pre-train base", unit="step"):
-        idx = rows[(step * batch + np.arange(batch)) % len(ds)]
-        ids = torch.from_numpy(np.stack([ds[i] for i in idx]).astype(np.int64))
-        labels = ids.masked_fill(~torch.from_numpy(np.stack([ds.loss_mask(i) for i in idx])), -100)
-        loss = model(ids, labels=labels).loss
+        b = collate(ds, rows[(step * batch + np.arange(batch)) % len(ds)])
+        loss = model(b["input_ids"], labels=b["labels"]).loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -67,6 +67,32 @@ def _spec(full_size: int, dim: int, num_shards: int, padded: bool = False) -> Sh
 # --------------------------------------------------------------------------------------------------
 
 
+def _shaped_like(cls, linear: nn.Linear, group, **kwargs):
+    """An uninitialised `cls` (a parallel Linear) of `linear`'s shape, dtype and device."""
+    w = linear.weight
+    return cls(
+        linear.in_features,
+        linear.out_features,
+        linear.bias is not None,
+        group,
+        device=w.device,
+        dtype=w.dtype,
+        **kwargs,
+    )
+
+
+def _copy_from(module: nn.Module, linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None):
+    """`module` holding this rank's `weight` and `bias` of `linear`, with `linear`'s requires_grad."""
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        if linear.bias is not None:
+            module.bias.copy_(bias)
+    module.weight.requires_grad_(linear.weight.requires_grad)
+    if module.bias is not None:
+        module.bias.requires_grad_(linear.bias.requires_grad)
+    return module
+
+
 class ColumnParallelLinear(nn.Module):
     """y_local = x W_localᵀ + b_local: the output features of a full `nn.Linear(in, out)` cut into
     `num_shards` row blocks (after zero-padding `out` to `padded_out` if `pad`).
@@ -136,25 +162,9 @@ class ColumnParallelLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, group=None, **kwargs) -> ColumnParallelLinear:
         """This rank's block of `linear` (weights copied, same dtype/device and requires_grad)."""
-        w = linear.weight
-        module = cls(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            group,
-            device=w.device,
-            dtype=w.dtype,
-            **kwargs,
-        )
-        tp, rank = group_size(group), group_rank(group)
-        with torch.no_grad():
-            module.weight.copy_(module.spec.local(w, rank, tp))
-            if linear.bias is not None:
-                module.bias.copy_(module.spec.local(linear.bias, rank, tp))
-        module.weight.requires_grad_(w.requires_grad)
-        if module.bias is not None:
-            module.bias.requires_grad_(linear.bias.requires_grad)
-        return module
+        module = _shaped_like(cls, linear, group, **kwargs)
+        local = lambda t: module.spec.local(t, group_rank(group), group_size(group))
+        return _copy_from(module, linear, local(linear.weight), None if linear.bias is None else local(linear.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.copy_input:
@@ -213,24 +223,10 @@ class RowParallelLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group=None, **kwargs) -> RowParallelLinear:
-        w = linear.weight
-        module = cls(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            group,
-            device=w.device,
-            dtype=w.dtype,
-            **kwargs,
-        )
-        with torch.no_grad():
-            module.weight.copy_(module.spec.local(w, group_rank(group), group_size(group)))
-            if linear.bias is not None:
-                module.bias.copy_(linear.bias)
-        module.weight.requires_grad_(w.requires_grad)
-        if module.bias is not None:
-            module.bias.requires_grad_(linear.bias.requires_grad)
-        return module
+        """This rank's columns of `linear`'s weight, its whole bias (copied, as `ColumnParallelLinear`)."""
+        module = _shaped_like(cls, linear, group, **kwargs)
+        weight = module.spec.local(linear.weight, group_rank(group), group_size(group))
+        return _copy_from(module, linear, weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
