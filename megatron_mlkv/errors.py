@@ -2,7 +2,7 @@
 
 Each concern raises its own subclass (`LayoutError`, `ConfigError`, `DataError`, ...) with one line
 naming the value, what is allowed and what to do; the entry points catch `MLKVError` in one place
-(`cli.main`) and print that line instead of a traceback.
+(`cli.entry_point`) and print that line instead of a traceback.
 
 This file is copied next to exported checkpoints with the modules that import it (transformers
 remote code): standard library only.

@@ -23,7 +23,7 @@ import torch
 
 from .config import MLKVConfig
 from .conversion.reference import FORMAT, is_reference_config, load_reference_model, reference_config
-from .errors import MLKVError
+from .errors import MLKVError, first_line
 from .integrity import write_json_atomic
 
 DEFAULT_TASKS = ("arc_easy", "lambada_openai", "piqa", "sciq")
@@ -73,7 +73,7 @@ def read_model_config(model: str | os.PathLike, revision: str | None = None) -> 
     except MLKVError as e:
         raise EvaluationError(str(e)) from None
     except Exception as e:  # hub errors, a damaged config, a model that is not GPT-NeoX-like
-        raise EvaluationError(f"cannot read the model config of {model}: {_first_line(e)}") from None
+        raise EvaluationError(f"cannot read the model config of {model}: {first_line(e)}") from None
 
 
 def layout_summary(config: MLKVConfig) -> dict:
@@ -202,7 +202,7 @@ def try_evaluate_checkpoint(
 
 def format_error(e: BaseException) -> str:
     """One line for a failed evaluation: the message, prefixed by the exception type unless it is ours."""
-    return _first_line(e) if isinstance(e, EvaluationError) else f"{type(e).__name__}: {_first_line(e)}"
+    return first_line(e) if isinstance(e, EvaluationError) else f"{type(e).__name__}: {first_line(e)}"
 
 
 def eval_scalars(result: dict) -> dict[str, float]:
@@ -290,11 +290,6 @@ def _step_of(model_dir: str | os.PathLike) -> int | None:
     """N for a training export folder `.../step_N`, else None."""
     match = re.fullmatch(r"step_(\d+)", Path(model_dir).name)
     return int(match.group(1)) if match else None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
 
 
 @torch.no_grad()

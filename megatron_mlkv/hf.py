@@ -11,7 +11,7 @@ import torch
 
 from .config import MLKVConfig
 from .configuration_mlkv import MLKVGPTNeoXConfig
-from .errors import MLKVError
+from .errors import MLKVError, first_line
 from .model import MLKVTransformer
 from .modeling_mlkv import CACHE_FIELD, MLKVForCausalLM
 
@@ -121,5 +121,5 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     try:
         hf_model = MLKVForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:  # transformers/safetensors raise many types for a damaged folder
-        raise CheckpointError(f"{path}: cannot load the checkpoint ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: cannot load the checkpoint ({first_line(e)})") from None
     return hf_model.model

@@ -12,6 +12,11 @@ def _flag(help: str, type=None, flag: str | None = None, **kwargs) -> dict:
     return dict(help=help, type=type, flag=flag, **kwargs)
 
 
+def _flag_name(f: dataclasses.Field) -> str:
+    """A field's flag: its `flag`, else `--field-name`."""
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
 @dataclass
 class RunOptions:
     """An uptraining run. The paper's recipe by default: AdamW at peak lr 6e-4, linear warm-up over 20%
@@ -82,7 +87,7 @@ class RunOptions:
         p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
         for f in dataclasses.fields(cls):
             meta = f.metadata
-            name = meta["flag"] or "--" + f.name.replace("_", "-")
+            name = _flag_name(f)
             if f.default is False or f.default is True:
                 action = "store_true" if f.default is False else "store_false"
                 p.add_argument(name, dest=f.name, action=action, help=meta["help"])
@@ -107,5 +112,5 @@ class RunOptions:
         for f in dataclasses.fields(cls):
             minimum = f.metadata.get("minimum")
             if minimum is not None and getattr(args, f.name) < minimum:
-                p.error(f"{f.metadata['flag'] or '--' + f.name.replace('_', '-')} must be >= {minimum}")
+                p.error(f"{_flag_name(f)} must be >= {minimum}")
         return cls(**vars(args))

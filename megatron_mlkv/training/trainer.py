@@ -46,7 +46,7 @@ import torch.distributed as dist
 from .. import parallel as tp
 from ..config import MLKVConfig
 from ..data import DataError, PackedDataset, Prefetcher, RowSampler, collate, rank_slice
-from ..errors import MLKVError
+from ..errors import MLKVError, first_line
 from ..hf import CheckpointError, export_pretrained, load_pretrained, remove_partial_exports, special_token_ids
 from ..integrity import atomic_write, manifest
 from .ds_config import UptrainError, load_ds_config
@@ -161,7 +161,7 @@ class RunPlan:
             self.hf_config = MLKVGPTNeoXConfig.from_pretrained(init)
             self.config = self.hf_config.model_config()
         except Exception as e:
-            raise UptrainError(f"--init {init}: cannot read config.json ({str(e).splitlines()[0]})") from None
+            raise UptrainError(f"--init {init}: cannot read config.json ({first_line(e)})") from None
         if args.tp > 1:
             try:
                 tp.check_tp_config(self.config, args.tp)
