@@ -5,7 +5,7 @@ For each (shape, layout) it times optimizer steps of
     mlkv   `training.make_engine` on `MLKVTransformer` (compiled blocks, fused linear cross-entropy,
            each layer's parameters packed into two for DeepSpeed: `packing.pack_layers`)
     mlkv-unpacked  the same without the packing (to measure what it buys)
-    mlkv-eager     the same without compiled layers (under ZeRO-3, compiled layers recompile its hooks)
+    mlkv-eager     the same without compiled layers
     hf     transformers' `GPTNeoXForCausalLM` (SDPA attention) with the same optimizer (MHA only:
            transformers has no cross-layer KV sharing), eager, as users run it under DeepSpeed
     hf-compiled  the same with each layer compiled, as ours are: transformers at its best
@@ -566,7 +566,7 @@ def main(argv=None) -> int:
         "--loss",
         choices=("auto", "fused", "chunked", "logits"),
         default="auto",
-        help="our engines' loss (training.loss); auto keeps full logits under ZeRO-3",
+        help="our engines' loss (training.loss)",
     )
     p.add_argument(
         "--max-micro-batch",

@@ -33,7 +33,8 @@ class LossModel(nn.Module):
 
 def compile_blocks(model: nn.Module) -> None:
     """torch.compile each layer's forward in place: quick to compile, and K/V pass between layers as
-    inputs. The layer's hooks (`packing`'s views) stay outside the compiled code."""
+    inputs. The layer's own hooks (`packing`'s views, ZeRO-3's gathers) stay outside the compiled
+    code; under ZeRO-3, `make_engine` makes each layer one unit so that none of its children has any."""
     for block in model.layers:
         block.forward = torch.compile(block.forward)
 
@@ -53,18 +54,24 @@ def make_engine(
     """`deepspeed.initialize` of `LossModel(model)` with the paper's AdamW and schedule.
 
     AdamW is torch's fused one on GPUs (DeepSpeed's CPU Adam when the config offloads the
-    optimizer); ZeRO-3 takes the loss from full logits unless `loss` names another. `pack`: hand DeepSpeed
-    two flat parameters per layer (`packing.pack_layers`) under ZeRO-0/1/2 without tensor
-    parallelism; ZeRO-3 gathers per module, and TP shards per parameter."""
+    optimizer). `pack`: hand DeepSpeed two flat parameters per layer (`packing.pack_layers`) under
+    ZeRO-0/1/2 without tensor parallelism (ZeRO-3 gathers per module, and TP shards per parameter).
+
+    Under ZeRO-3 each layer is a leaf module (`deepspeed.utils.set_z3_leaf_modules`): its parameters
+    are gathered together by the layer's own hooks, and its children (LayerNorm, Linear) get none.
+    Hooks on the children would run inside the compiled layer, where dynamo compiles ZeRO-3's
+    backward hook once per child until its recompilation limit and the step falls back to eager."""
     import deepspeed
 
     zero = ds_config.get("zero_optimization", {})
     stage3 = zero.get("stage", 0) == 3
     if pack and not stage3 and mpu is None:
         pack_layers(model)
-    # ZeRO-3's `auto` keeps full logits: with the fused loss, dynamo recompiles ZeRO-3's module hooks
-    # inside the compiled layers and the step is slower (benchmarks/README.md)
-    wrapped = LossModel(model, "logits" if stage3 and loss == "auto" else loss, zero3=stage3)
+    if stage3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, list({type(block) for block in model.layers}))
+    wrapped = LossModel(model, loss, zero3=stage3)
     groups = param_groups(wrapped, weight_decay)
     adam = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
     if zero.get("offload_optimizer", {}).get("device") == "cpu":

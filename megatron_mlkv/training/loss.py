@@ -10,8 +10,7 @@ of the same sum of token losses:
     chunked  plain PyTorch: the head and the loss per chunk of tokens, recomputed in backward
              (works everywhere; the CPU reference for `fused`)
     logits   the model's full logits, then cross-entropy (needed for tensor parallelism, whose
-             vocabulary-parallel cross-entropy works on each rank's logit columns; `auto` under
-             ZeRO-3, where it was measured faster with compiled layers: `engine.make_engine`)
+             vocabulary-parallel cross-entropy works on each rank's logit columns)
 
 `fused` and `chunked` read the output layer's weight outside its forward; under ZeRO-3 the
 trainer registers it as an external parameter (`engine.LossModel`).
