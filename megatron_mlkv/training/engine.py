@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from .deepspeed_patches import float32_grad_norm
+from .ds_config import UptrainError
 from .loss import lm_loss_sum
 from .optim import lr_factor, param_groups
-from .packing import pack_layers
+from .packing import ALIGN, pack_layers
 
 
 class LossModel(nn.Module):
@@ -39,6 +40,31 @@ def compile_blocks(model: nn.Module) -> None:
         block.forward = torch.compile(block.forward)
 
 
+def aligned_zero_config(model: nn.Module, zero: dict) -> dict:
+    """`zero` with DeepSpeed's `parameter_alignment` on when ZeRO-1/2 would misalign a parameter.
+
+    ZeRO-1/2 lay all 16-bit parameters back to back in one flat buffer and point each parameter at
+    its slice; one whose size is no multiple of 8 (a converted model's widened MLP can be 9,985
+    wide) puts every parameter after it at an address that is not 16-byte aligned, and the compiled
+    layers' kernels fail on the GPU with "misaligned address". DeepSpeed >= 0.19.7 pads between
+    parameters when asked; older versions cannot, which is refused on GPUs."""
+    if zero.get("stage", 0) not in (1, 2) or "parameter_alignment" in zero:
+        return zero
+    odd = next(((n, p.numel()) for n, p in model.named_parameters() if p.numel() % ALIGN), None)
+    if odd is None:
+        return zero
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    if "parameter_alignment" in DeepSpeedZeroConfig.model_fields:
+        return {**zero, "parameter_alignment": True}
+    if next(model.parameters()).is_cuda:
+        raise UptrainError(
+            f"parameter {odd[0]} has {odd[1]:,} elements, no multiple of {ALIGN}: ZeRO-1/2 would misalign the "
+            "parameters after it on the GPU; install deepspeed>=0.19.7 (zero_optimization.parameter_alignment)"
+        )
+    return zero
+
+
 def make_engine(
     model: nn.Module,
     ds_config: dict,
@@ -56,11 +82,14 @@ def make_engine(
     AdamW is torch's fused one on GPUs (DeepSpeed's CPU Adam when the config offloads the
     optimizer). `pack`: hand DeepSpeed two flat parameters per layer (`packing.pack_layers`) under
     ZeRO-0/1/2 without tensor parallelism (ZeRO-3 gathers per module, and TP shards per parameter).
+    Under ZeRO-1/2 every parameter starts 16-byte aligned (`aligned_zero_config`).
 
     Under ZeRO-3 each layer is a leaf module (`deepspeed.utils.set_z3_leaf_modules`): its parameters
     are gathered together by the layer's own hooks, and its children (LayerNorm, Linear) get none.
     Hooks on the children would run inside the compiled layer, where dynamo compiles ZeRO-3's
-    backward hook once per child until its recompilation limit and the step falls back to eager."""
+    backward hook once per child until its recompilation limit and the step falls back to eager.
+    For the same reason ZeRO-3's `memory_efficient_linear` (a process-wide replacement of
+    `F.linear` whose backward reads each weight's ZeRO id, a guard per layer) is turned off."""
     import deepspeed
 
     zero = ds_config.get("zero_optimization", {})
@@ -71,6 +100,10 @@ def make_engine(
         from deepspeed.utils import set_z3_leaf_modules
 
         set_z3_leaf_modules(model, list({type(block) for block in model.layers}))
+        zero = {**zero, "memory_efficient_linear": False}
+    else:
+        zero = aligned_zero_config(model, zero)
+    ds_config = {**ds_config, "zero_optimization": zero}
     wrapped = LossModel(model, loss, zero3=stage3)
     groups = param_groups(wrapped, weight_decay)
     adam = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)

@@ -12,6 +12,11 @@ into the flat gradient) runs as soon as the layer's backward is done, so DeepSpe
 overlaps the next layer's backward. The state dict keeps the original names, so checkpoints load into
 packed and unpacked models alike, and so do the names DeepSpeed records for its flat fp32 weights
 (`unpacked_checkpoint`), so its `zero_to_fp32.py` writes the model's own parameters.
+
+Every piece starts at a multiple of `ALIGN` elements of its pack: compiled kernels assume 16-byte
+aligned inputs, and a view at an odd offset fails on the GPU with a misaligned address. A parameter
+whose size is not a multiple of `ALIGN` (the odd MLP width a conversion can give, as its bias) would
+shift every piece after it, so it stays a parameter of its own.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from torch import nn
 
 PACKS = {True: "packed_decay", False: "packed_no_decay"}
+ALIGN = 8  # elements: 16 bytes in bf16/fp16, 32 in fp32
 
 
 def decays(module: nn.Module, name: str) -> bool:
@@ -36,6 +42,8 @@ def pack_layers(model: nn.Module) -> None:
         groups = {True: [], False: []}
         for path, module in block.named_modules():
             for name, p in list(module.named_parameters(recurse=False)):
+                if p.numel() % ALIGN:
+                    continue  # left unpacked: it would misalign the pieces after it
                 groups[decays(module, name)].append((f"{path}.{name}".lstrip("."), module, name, p.shape))
         block._packed = {}
         for decay, entries in groups.items():
