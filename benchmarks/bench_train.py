@@ -104,14 +104,15 @@ def ds_config(micro_batch: int, path=DS_CONFIG) -> dict:
 
 
 class HFLoss(torch.nn.Module):
-    """transformers' model and its own loss, as users run it under DeepSpeed."""
+    """transformers' model and its own loss, as users run it under DeepSpeed (without a KV cache:
+    transformers' default builds one in training, whose per-layer state recompiles compiled layers)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, labels):
-        return self.model(input_ids=input_ids, labels=labels).loss
+        return self.model(input_ids=input_ids, labels=labels, use_cache=False).loss
 
 
 def _hf_engine(config: MLKVConfig, cfg: dict, compiled: bool = False):
