@@ -1,8 +1,9 @@
-"""`training.make_engine` with compiled layers under ZeRO-3: the same losses as ZeRO-2, and no layer
-recompiled for ZeRO-3's hooks (on a GPU that recompilation cost half the step's speed).
+"""`training.make_engine`: compiled layers under ZeRO-3 train as under ZeRO-2 and are not recompiled
+for ZeRO-3's hooks (on a GPU that cost half the step's speed); under ZeRO-1/2 every parameter starts
+16-byte aligned, also with an MLP width that is no multiple of 8.
 
-Runs in one spawned gloo rank, so that its process group and DeepSpeed's state stay out of the
-pytest process."""
+The training runs share one spawned gloo rank, so that its process group and DeepSpeed's state stay
+out of the pytest process."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from megatron_mlkv.training.ds_config import UptrainError
 
 pytestmark = pytest.mark.compat  # DeepSpeed's ZeRO-3 hooks under torch.compile: also run by `make test-compat`
 
@@ -121,3 +124,30 @@ def test_zero2_starts_every_parameter_aligned_with_an_odd_mlp_width(runs):
         pytest.skip("this DeepSpeed has no parameter_alignment (make_engine refuses odd widths on GPUs)")
     assert _losses(runs, "2-odd")
     assert runs["2-odd"]["misaligned"] == [] and runs["2-chunked"]["misaligned"] == []
+
+
+@pytest.mark.parametrize("pads", [True, False])
+def test_odd_widths_get_parameter_alignment_or_a_one_line_refusal(monkeypatch, pads):
+    """The ZeRO config make_engine hands DeepSpeed. A DeepSpeed that cannot pad is refused for a model
+    off the CPU (here on the meta device, standing in for a GPU); on the CPU nothing needs aligning."""
+    from helpers import random_mlkv, tiny_config
+
+    from megatron_mlkv.model import MLKVTransformer
+    from megatron_mlkv.training import engine
+
+    monkeypatch.setattr(engine, "deepspeed_pads_parameters", lambda: pads)
+    even, odd = (random_mlkv(tiny_config(intermediate_size=w)) for w in (96, 97))
+    assert engine.aligned_zero_config(even, {"stage": 2}) == {"stage": 2}
+    assert engine.aligned_zero_config(odd, {"stage": 3}) == {"stage": 3}  # ZeRO-3 does not flatten
+    assert engine.aligned_zero_config(odd, {"stage": 2, "parameter_alignment": False})["parameter_alignment"] is False
+    with torch.device("meta"):
+        odd_gpu = MLKVTransformer(tiny_config(intermediate_size=97))
+    if pads:
+        assert engine.aligned_zero_config(odd, {"stage": 1}) == {"stage": 1, "parameter_alignment": True}
+        assert engine.aligned_zero_config(odd_gpu, {"stage": 2}) == {"stage": 2, "parameter_alignment": True}
+    else:
+        assert engine.aligned_zero_config(odd, {"stage": 1}) == {"stage": 1}
+        with pytest.raises(
+            UptrainError, match=r"^parameter layers\.0\.mlp\.dense_h_to_4h\.bias has 97 elements.*0\.19\.7"
+        ):
+            engine.aligned_zero_config(odd_gpu, {"stage": 2})

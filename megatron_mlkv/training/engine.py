@@ -40,6 +40,13 @@ def compile_blocks(model: nn.Module) -> None:
         block.forward = torch.compile(block.forward)
 
 
+def deepspeed_pads_parameters() -> bool:
+    """Whether this DeepSpeed has ZeRO-1/2's `parameter_alignment` (0.19.7 and later)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    return "parameter_alignment" in DeepSpeedZeroConfig.model_fields
+
+
 def aligned_zero_config(model: nn.Module, zero: dict) -> dict:
     """`zero` with DeepSpeed's `parameter_alignment` on when ZeRO-1/2 would misalign a parameter.
 
@@ -47,17 +54,15 @@ def aligned_zero_config(model: nn.Module, zero: dict) -> dict:
     its slice; one whose size is no multiple of 8 (a converted model's widened MLP can be 9,985
     wide) puts every parameter after it at an address that is not 16-byte aligned, and the compiled
     layers' kernels fail on the GPU with "misaligned address". DeepSpeed >= 0.19.7 pads between
-    parameters when asked; older versions cannot, which is refused on GPUs."""
+    parameters when asked; older versions cannot, which is refused off the CPU."""
     if zero.get("stage", 0) not in (1, 2) or "parameter_alignment" in zero:
         return zero
     odd = next(((n, p.numel()) for n, p in model.named_parameters() if p.numel() % ALIGN), None)
     if odd is None:
         return zero
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-    if "parameter_alignment" in DeepSpeedZeroConfig.model_fields:
+    if deepspeed_pads_parameters():
         return {**zero, "parameter_alignment": True}
-    if next(model.parameters()).is_cuda:
+    if next(model.parameters()).device.type != "cpu":  # where the alignment matters
         raise UptrainError(
             f"parameter {odd[0]} has {odd[1]:,} elements, no multiple of {ALIGN}: ZeRO-1/2 would misalign the "
             "parameters after it on the GPU; install deepspeed>=0.19.7 (zero_optimization.parameter_alignment)"
