@@ -6,6 +6,8 @@ For each (shape, layout) it times optimizer steps of
            each layer's parameters packed into two for DeepSpeed: `packing.pack_layers`)
     mlkv-unpacked  the same without the packing (to measure what it buys)
     mlkv-eager     the same without compiled layers
+    mlkv-distill   `mlkv` distilled from a teacher (`--distill-from`): the MHA model of the same shape,
+                   frozen in bf16, its layers compiled; what distillation costs in speed and memory
     hf     transformers' `GPTNeoXForCausalLM` (SDPA attention) with the same optimizer (MHA only:
            transformers has no cross-layer KV sharing), eager, as users run it under DeepSpeed
     hf-compiled  the same with each layer compiled, as ours are: transformers at its best
@@ -45,7 +47,7 @@ from megatron_mlkv.training.trainer import single_process_env
 LAYOUTS = {"mha": None, "gqa-48": ("l", "h/3"), "mqa-12": ("l", 1), "mlkv-6": ("l/2", 1), "mlkv-2": ("l/6", 1)}
 MATCHED = "@matched"  # a layout name's suffix: the MLP widened to the base's parameter count, as convert.py does
 DEFAULT_MICRO = {"pythia-160m": 12, "pythia-410m": 16, "pythia-1b": 8}
-ENGINES = ("mlkv", "mlkv-unpacked", "mlkv-eager", "hf", "hf-compiled")
+ENGINES = ("mlkv", "mlkv-unpacked", "mlkv-eager", "mlkv-distill", "hf", "hf-compiled")
 
 
 def known_layout(layout: str) -> bool:
@@ -130,21 +132,40 @@ def _hf_engine(config: MLKVConfig, cfg: dict, compiled: bool = False):
     return engine
 
 
-def _mlkv_engine(config: MLKVConfig, cfg: dict, compiled: bool, loss: str, seed: int = 0, pack: bool = True):
+def _mlkv_engine(
+    config: MLKVConfig, cfg: dict, compiled: bool, loss: str, seed: int = 0, pack: bool = True, distill: bool = False
+):
+    """Our engine; `distill`: with the multi-head model of the same shape as a frozen bf16 teacher
+    (default A and T of `--distill-from`)."""
     from megatron_mlkv.model import MLKVTransformer
+    from megatron_mlkv.training.distill import Distillation
 
     torch.manual_seed(seed)
     model = MLKVTransformer(config).cuda()
     if compiled:
         compile_blocks(model)
-    return make_engine(model, cfg, total_steps=1000, loss=loss, pack=pack)
+    teacher = None
+    if distill:
+        mha = config.with_layout(config.num_layers, config.num_heads, intermediate_size=4 * config.hidden_size)
+        teacher = MLKVTransformer(mha).to(device="cuda", dtype=torch.bfloat16).requires_grad_(False).eval()
+        if compiled:
+            compile_blocks(teacher)
+        teacher = Distillation(teacher)
+    return make_engine(model, cfg, total_steps=1000, loss=loss, pack=pack, distill=teacher)
 
 
 def _engine(kind: str, config: MLKVConfig, cfg: dict, loss: str = "auto"):
     """The engine `kind` names (see the module's docstring); `loss` for ours (`training.loss`)."""
     if kind.startswith("hf"):
         return _hf_engine(config, cfg, compiled=kind == "hf-compiled")
-    return _mlkv_engine(config, cfg, compiled=kind != "mlkv-eager", loss=loss, pack=kind != "mlkv-unpacked")
+    return _mlkv_engine(
+        config,
+        cfg,
+        compiled=kind != "mlkv-eager",
+        loss=loss,
+        pack=kind != "mlkv-unpacked",
+        distill=kind == "mlkv-distill",
+    )
 
 
 def time_steps(engine, ds, micro: int, steps: int, warmup: int, device, summed: bool = True, window: int = 5) -> dict:
@@ -542,6 +563,25 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_distill_cost(records: list[dict]) -> str:
+    """Markdown: what distillation costs per shape and layout, `mlkv-distill` against `mlkv`."""
+    plain = {(r["shape"], r["layout"]): r for r in records if r.get("engine") == "mlkv" and not r.get("oom")}
+    lines = [
+        "| shape | layout | micro-batch | tokens/s | distilled | distilled / plain | peak memory | distilled |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        p = plain.get((r.get("shape"), r.get("layout")))
+        if r.get("engine") != "mlkv-distill" or p is None or r.get("oom"):
+            continue
+        lines.append(
+            f"| {r['shape']} | {r['layout']} | {r['micro_batch']} | {p['tokens_per_s']:,.0f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / p['tokens_per_s']:.2f}x | "
+            f"{p['peak_memory_bytes'] / 2**30:.1f} GiB | {r['peak_memory_bytes'] / 2**30:.1f} GiB |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="pythia-160m,pythia-410m,pythia-1b", help="Pythia presets, comma-separated")
@@ -629,6 +669,9 @@ def main(argv=None) -> int:
         args.loss,
     )
     print(format_table(records))
+    cost = format_distill_cost(records)
+    if cost:
+        print("\nDistillation (mlkv-distill against mlkv):\n" + cost)
     return 0
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .config import MLKVConfig
-from .conversion.reference import FORMAT, is_reference_config, load_reference_model, reference_config
+from .conversion.reference import FORMAT, is_reference_config, reference_config
 from .errors import MLKVError, first_line
 from .integrity import write_json_atomic
 
@@ -251,7 +251,9 @@ def _load_model(
     if dtype not in DTYPES:
         raise EvaluationError(f"--dtype {dtype}: allowed {', '.join(DTYPES)}")
     if reference:  # transformers would read it as GPT-NeoX with random attention
-        loaded = load_reference_model(str(model), revision, None if dtype == "auto" else getattr(torch, dtype))
+        from .conversion import load_base_model
+
+        loaded = load_base_model(str(model), revision, None if dtype == "auto" else getattr(torch, dtype))
         return loaded.to(device)
     loaded = AutoModelForCausalLM.from_pretrained(
         str(model),
@@ -292,20 +294,40 @@ def _step_of(model_dir: str | os.PathLike) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _validation_batches(ds, batch: int, rows: int | None, device):
+    """(input_ids, the targets of positions :-1 with -100 on padding) of the first `rows` rows of `ds`."""
+    from .data import collate
+
+    n = len(ds) if rows is None else min(rows, len(ds))
+    for start in range(0, n, batch):
+        b = collate(ds, np.arange(start, min(n, start + batch)), device)
+        yield b["input_ids"], b["labels"][:, 1:]
+
+
 @torch.no_grad()
 def validation_loss(logits_fn, ds, batch: int = 16, rows: int | None = None, device=None) -> float:
     """Mean next-token loss over the first `rows` rows of `ds` (all by default; real tokens only) for
     `logits_fn(ids) -> logits`, the rows collated onto `device`."""
-    from .data import collate
-
-    n = len(ds) if rows is None else min(rows, len(ds))
     total, count = 0.0, 0
-    for start in range(0, n, batch):
-        b = collate(ds, np.arange(start, min(n, start + batch)), device)
-        logits = logits_fn(b["input_ids"])[:, :-1].float()
-        labels = b["labels"][:, 1:]
+    for ids, labels in _validation_batches(ds, batch, rows, device):
+        logits = logits_fn(ids)[:, :-1].float()
         total += torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
         ).item()
+        count += int((labels != -100).sum())
+    return total / count
+
+
+@torch.no_grad()
+def validation_kl(logits_fn, reference_fn, ds, batch: int = 16, rows: int | None = None, device=None) -> float:
+    """Mean KL(reference || model) over the real next-token positions of the first `rows` rows of `ds`,
+    at temperature 1: how far `logits_fn`'s model is from `reference_fn`'s (a distillation's teacher)."""
+    from .parallel import vocab_parallel_distillation
+
+    total, count = 0.0, 0
+    for ids, labels in _validation_batches(ds, batch, rows, device):
+        logits, reference = logits_fn(ids)[:, :-1], reference_fn(ids)[:, :-1]
+        _, kl = vocab_parallel_distillation(logits.flatten(0, 1), reference.flatten(0, 1), labels.flatten())
+        total += kl.sum().item()
         count += int((labels != -100).sum())
     return total / count

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -110,16 +111,35 @@ def remove_partial_exports(parent: str | os.PathLike) -> list[Path]:
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MLKVTransformer:
-    """Load an exported folder into the plain PyTorch model (for training and benchmarks). A folder of
-    the MLKV paper's reference code (`conversion.reference`) is converted in memory."""
-    if not (Path(path) / "config.json").is_file():
+    """Load a folder into the plain PyTorch model (for training and benchmarks): ours (launch/convert.py,
+    an export), or a GPT-NeoX checkpoint (Pythia, or the MLKV paper's format) converted in memory to
+    its own layout (`conversion.load_base_model`). Strict: another model family, or weights that do not
+    all map onto the model, is a CheckpointError naming them."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
         raise CheckpointError(f"{path}: no config.json; expected a folder written by launch/convert.py")
-    from .conversion.reference import is_reference_folder, load_reference_model
-
-    if is_reference_folder(path):
-        return load_reference_model(str(path), dtype=dtype).model
     try:
-        hf_model = MLKVForCausalLM.from_pretrained(path, dtype=dtype)
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{config}: unreadable ({first_line(e)})") from None
+    if model_type == "gpt_neox":
+        from .conversion import load_base_model
+
+        return load_base_model(str(path), dtype=dtype).model
+    if model_type != MLKVGPTNeoXConfig.model_type:
+        raise CheckpointError(
+            f"{path}: model_type '{model_type}' is not supported; expected a folder written by "
+            f"launch/convert.py ('{MLKVGPTNeoXConfig.model_type}') or a GPT-NeoX checkpoint ('gpt_neox')"
+        )
+    try:
+        hf_model, info = MLKVForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except Exception as e:  # transformers/safetensors raise many types for a damaged folder
         raise CheckpointError(f"{path}: cannot load the checkpoint ({first_line(e)})") from None
+    problems = [
+        f"{what} {', '.join(str(k) for k in keys[:3])}{' ...' if len(keys) > 3 else ''}"
+        for what, keys in (("missing", info["missing_keys"]), ("unexpected", info["unexpected_keys"]))
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(f"{path}: its weights do not match its config: {'; '.join(problems)}")
     return hf_model.model

@@ -58,3 +58,24 @@ def test_matched_layouts_widen_the_mlp_as_conversion_does():
     assert plain.intermediate_size == mha.intermediate_size < matched.intermediate_size == 3809
     assert abs(matched.num_parameters() / mha.num_parameters() - 1) < 1e-4
     assert known_layout("mqa-12@matched") and not known_layout("mlkv-7") and not known_layout("mha@other")
+
+
+def test_distillation_cost_divides_by_the_plain_engine_of_the_same_shape_and_layout():
+    from benchmarks.bench_train import format_distill_cost
+
+    row = dict(micro_batch=8, mfu=0.5, data_wait_share=0.0)
+    records = [
+        dict(row, shape="pythia-1b", layout="MLKV-8", engine="mlkv", tokens_per_s=100.0, peak_memory_bytes=2 * 2**30),
+        dict(row, shape="pythia-1b", layout="MHA", engine="mlkv", tokens_per_s=50.0, peak_memory_bytes=2**30),
+        dict(
+            row,
+            shape="pythia-1b",
+            layout="MLKV-8",
+            engine="mlkv-distill",
+            tokens_per_s=80.0,
+            peak_memory_bytes=3 * 2**30,
+        ),
+    ]
+    rows = format_distill_cost(records).splitlines()[2:]
+    assert rows == ["| pythia-1b | MLKV-8 | 8 | 100 | 80 | 0.80x | 2.0 GiB | 3.0 GiB |"]
+    assert format_distill_cost(records[:2]) == ""  # nothing distilled, no table

@@ -1,6 +1,7 @@
 """`training.make_engine`: compiled layers under ZeRO-3 train as under ZeRO-2 and are not recompiled
 for ZeRO-3's hooks (on a GPU that cost half the step's speed); under ZeRO-1/2 every parameter starts
-16-byte aligned, also with an MLP width that is no multiple of 8.
+16-byte aligned, also with an MLP width that is no multiple of 8; a teacher (distillation) trains
+alike under ZeRO-2 and ZeRO-3, stays out of DeepSpeed's hands, and with A = 0 changes nothing.
 
 The training runs share one spawned gloo rank, so that its process group and DeepSpeed's state stay
 out of the pytest process."""
@@ -27,27 +28,38 @@ MICRO = 2
 SEQ = 16
 
 
-# case: (ZeRO stage, loss, MLP width); 97 is no multiple of 8, as a converted model's widened MLP can be
+# case: (ZeRO stage, loss, MLP width, distillation weight A or None); 97 is no multiple of 8, as a
+# converted model's widened MLP can be
 CASES = {
-    "2-chunked": (2, "chunked", 96),
-    "3-chunked": (3, "chunked", 96),
-    "3-logits": (3, "logits", 96),
-    "2-odd": (2, "chunked", 97),
-    "3-odd": (3, "chunked", 97),
+    "2-chunked": (2, "chunked", 96, None),
+    "3-chunked": (3, "chunked", 96, None),
+    "3-logits": (3, "logits", 96, None),
+    "2-odd": (2, "chunked", 97, None),
+    "3-odd": (3, "chunked", 97, None),
+    "2-distill-A0": (2, "chunked", 96, 0.0),
+    "2-distill": (2, "chunked", 96, 0.5),
+    "3-distill": (3, "chunked", 96, 0.5),
 }
 
 
-def _run(stage: int, loss: str, width: int) -> dict:
+def _run(stage: int, loss: str, width: int, distill_weight: float | None) -> dict:
     """Losses of STEPS optimizer steps of a tiny MLKV model (owner and served layers) with compiled
     layers, and the parameters that do not start 16-byte aligned; any dynamo recompilation beyond one
-    per kind of layer raises."""
+    per kind of layer raises. With `distill_weight`, distilled from a multi-head teacher (compiled)."""
     from helpers import random_mlkv, tiny_config
 
+    from megatron_mlkv.training.distill import Distillation
     from megatron_mlkv.training.engine import compile_blocks, make_engine
 
     torch._dynamo.reset()
     model = random_mlkv(tiny_config(kv_layers=2, num_kv_heads=2, intermediate_size=width), std=0.05)
     compile_blocks(model)
+    distill = None
+    if distill_weight is not None:
+        teacher = random_mlkv(tiny_config(), seed=3, std=0.2).requires_grad_(False)
+        compile_blocks(teacher)
+        distill = Distillation(teacher, distill_weight, 2.0)
+        teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     zero = {"stage": stage}
     if stage == 3:  # partition every weight of the tiny model, as on a GPU the large ones are
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
@@ -58,7 +70,7 @@ def _run(stage: int, loss: str, width: int) -> dict:
         "zero_optimization": zero,
         "steps_per_print": 10**9,
     }
-    engine = make_engine(model, ds_config, lr=1e-2, total_steps=STEPS, loss=loss)
+    engine = make_engine(model, ds_config, lr=1e-2, total_steps=STEPS, loss=loss, distill=distill)
     # DeepSpeed's process-wide F.linear of ZeRO-3 guards on each weight's id inside compiled code
     assert torch.nn.functional.linear.__module__ == "torch._C._nn", torch.nn.functional.linear
     misaligned = [n for n, p in engine.module.named_parameters() if p.data_ptr() % 16]
@@ -69,8 +81,15 @@ def _run(stage: int, loss: str, width: int) -> dict:
         engine.backward(total)
         engine.step()
         losses.append(total.item())
+    result = {"losses": losses, "misaligned": misaligned}
+    if distill is not None:  # the teacher is nothing DeepSpeed partitions, optimises or saves
+        result["teacher_unchanged"] = all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
+        wrapped = {id(p) for p in engine.module.parameters()}
+        result["teacher_wrapped"] = any(id(p) in wrapped for p in teacher.parameters())
+        result["only_student_saved"] = set(engine.module.state_dict()) == {f"model.{k}" for k in model.state_dict()}
+        result["kl"] = engine.module.terms["kl"].item()
     engine.destroy()
-    return {"losses": losses, "misaligned": misaligned}
+    return result
 
 
 def _worker(rank: int, workdir: str) -> None:
@@ -78,9 +97,10 @@ def _worker(rank: int, workdir: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{workdir}/store", rank=0, world_size=1, timeout=timedelta(seconds=180)
     )
-    # the owner layer and the served layer compile once each; ZeRO-3's per-module hooks inside a
-    # compiled layer would be compiled once per module, hit this limit and raise
-    torch._dynamo.config.recompile_limit = 2
+    # the owner layer and the served layer compile once each (and a teacher's layers, without
+    # gradients); ZeRO-3's per-module hooks inside a compiled layer would be compiled once per module,
+    # hit this limit and raise
+    torch._dynamo.config.recompile_limit = 3
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     results = {}
     try:
@@ -124,6 +144,19 @@ def test_zero2_starts_every_parameter_aligned_with_an_odd_mlp_width(runs):
         pytest.skip("this DeepSpeed has no parameter_alignment (make_engine refuses odd widths on GPUs)")
     assert _losses(runs, "2-odd")
     assert runs["2-odd"]["misaligned"] == [] and runs["2-chunked"]["misaligned"] == []
+
+
+@pytest.mark.slow
+def test_distillation_trains_alike_under_zero2_and_zero3_and_a_zero_weight_changes_nothing(runs):
+    """The teacher is replicated (no submodule of what DeepSpeed wraps): ZeRO-3 equals ZeRO-2; it never
+    changes, is not among the parameters DeepSpeed wraps and in no checkpoint. A = 0 is the plain run,
+    the KL still measured."""
+    assert _losses(runs, "3-distill") == pytest.approx(_losses(runs, "2-distill"), rel=1e-5)
+    assert _losses(runs, "2-distill-A0") == pytest.approx(_losses(runs, "2-chunked"), rel=1e-6)
+    for case in ("2-distill", "3-distill", "2-distill-A0"):
+        r = runs[case]
+        assert r["teacher_unchanged"] and not r["teacher_wrapped"] and r["only_student_saved"], case
+        assert r["kl"] > 0.1, case
 
 
 @pytest.mark.parametrize("pads", [True, False])

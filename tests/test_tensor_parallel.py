@@ -164,6 +164,36 @@ def check_against_tp1(
         assert torch.all(model.embed_out.weight[config.vocab_size - plan.vocab_start :] == 0)
 
 
+def check_distillation_against_tp1(tp_group) -> None:
+    """Distillation with student and teacher sharded by the same plan (the student's K/V head
+    replicated, the odd vocabulary padded): the loss, its terms and the student's gradients equal
+    TP=1's, for the full-logits and the chunked (several chunks, recomputed) implementations."""
+    from megatron_mlkv.training import loss as loss_impls
+
+    loss_impls.DISTILL_CHUNK_ELEMENTS = 5 * 51  # 5 tokens of the 51 local vocabulary columns a chunk
+    config = tiny_config(kv_layers=2, num_kv_heads=1)
+    ref, ref_teacher = random_model(config, seed=7), random_model(tiny_config(), seed=9).requires_grad_(False)
+    inputs, _ = batch(config, rows=3, seq=11)
+    labels = inputs.clone()  # position t predicts labels[:, t + 1]
+    labels[0, 3] = labels[-1, -1] = -100
+    teacher = tp.parallelize(copy.deepcopy(ref_teacher), tp_group)
+    for impl in ("logits", "chunked"):
+        ref.zero_grad(set_to_none=True)
+        want = loss_impls.distill_loss_sums(ref, ref_teacher, inputs, labels, 0.4, 2.0, impl)
+        want[0].backward()
+        model = tp.parallelize(copy.deepcopy(ref), tp_group)
+        got = loss_impls.distill_loss_sums(model, teacher, inputs, labels, 0.4, 2.0, impl)
+        for g, w, what in zip(got, want, ("loss", "ce", "kl")):
+            close(g, w, f"{impl}: {what}")
+        assert want[2].item() > 1.0, "the teacher should differ from the student"
+        got[0].backward()
+        grads = tp.gather_full_tensors({n: p.grad for n, p in model.named_parameters()}, config, tp_group, dst=None)
+        scale = max(p.grad.abs().max().item() for p in ref.parameters())
+        for n, p in ref.named_parameters():
+            close(grads[n], p.grad, f"{impl}: grad {n}", scale=max(p.grad.abs().max().item(), 1e-2 * scale))
+        assert all(p.grad is None for p in teacher.parameters())
+
+
 def check_standalone_modules(tp_group) -> None:
     """The paths the plan does not use: gathered column output, scattered row input, own input copy."""
     T, rank = tp.group_size(tp_group), tp.group_rank(tp_group)
@@ -381,11 +411,13 @@ def _suite(name: str) -> dict:
         cases = {k: _tp_case(k, v) for k, v in TP2_CASES.items()}
         cases["invalid_h_g_T"] = lambda group, workdir: check_invalid_plans(group)
         cases["standalone_modules"] = lambda group, workdir: check_standalone_modules(group)
+        cases["distillation"] = lambda group, workdir: check_distillation_against_tp1(group)
         return cases
     if name == "tp4":
         cases = {"groups_layout": lambda group, workdir: check_groups(4)}
         cases.update({k: _tp_case(k, v) for k, v in TP4_CASES.items()})
         cases["invalid_h_g_T_t4"] = lambda group, workdir: check_invalid_plans(group)
+        cases["distillation_t4"] = lambda group, workdir: check_distillation_against_tp1(group)
         return cases
     if name == "deepspeed":
         return {
@@ -449,7 +481,7 @@ def deepspeed_results(tmp_path_factory):
     return run_suite("deepspeed", 4, tmp_path_factory.mktemp("deepspeed"))
 
 
-@pytest.mark.parametrize("case", [*TP2_CASES, "invalid_h_g_T", "standalone_modules"])
+@pytest.mark.parametrize("case", [*TP2_CASES, "invalid_h_g_T", "standalone_modules", "distillation"])
 def test_tp2_matches_tp1(tp2_results, case):
     assert_case(tp2_results, case)
 
@@ -471,7 +503,7 @@ def test_tp2_export_is_identical_to_tp1_export(tp2_results, tmp_path, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["groups_layout", *TP4_CASES, "invalid_h_g_T_t4"])
+@pytest.mark.parametrize("case", ["groups_layout", *TP4_CASES, "invalid_h_g_T_t4", "distillation_t4"])
 def test_tp4_matches_tp1(tp4_results, case):
     assert_case(tp4_results, case)
 

@@ -397,6 +397,124 @@ def load_file_dir(folder: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# distillation from the base (--distill-from): logged terms, exact resume, TP=2
+# --------------------------------------------------------------------------------------------------
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def teacher(workdir):
+    """A GPT-NeoX of the base's shape and tokenizer whose weights (std 0.2, not the base's 0.02) make
+    sharp predictions, far from the student's: a teacher the KL term must pull the student towards."""
+    from transformers import GPTNeoXForCausalLM
+
+    from megatron_mlkv.hf import copy_tokenizer_files
+
+    torch.manual_seed(1)
+    model = GPTNeoXForCausalLM.from_pretrained(workdir / "base")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(workdir / "teacher")
+    copy_tokenizer_files(workdir / "base", workdir / "teacher")
+    return workdir / "teacher"
+
+
+@pytest.fixture(scope="module")
+def distill_run(workdir, teacher):
+    """The uninterrupted distilled run: ZeRO-2, 2 ranks, default A and T."""
+    run = workdir / "runs" / "distill"
+    ok(uptrain(workdir, run, ds_config(workdir, "zero2.json"), "--save-interval", 4, "--distill-from", teacher))
+    return run
+
+
+@pytest.mark.slow
+def validation_ce_and_kl(student: Path, teacher: Path, prefix: Path) -> tuple[float, float]:
+    """Mean token CE of `student` and KL(teacher || student) on every row of a pack, with transformers'
+    own classes (float32)."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, GPTNeoXForCausalLM
+
+    from megatron_mlkv.data import PackedDataset
+
+    s = AutoModelForCausalLM.from_pretrained(student, trust_remote_code=True, dtype=torch.float32).eval()
+    t = GPTNeoXForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    ds = PackedDataset(str(prefix))
+    ids = torch.stack([torch.as_tensor(ds[i].astype("int64")) for i in range(len(ds))])
+    labels = torch.stack([torch.as_tensor(ds.loss_mask(i)) for i in range(len(ds))])[:, 1:].bool()
+    with torch.no_grad():
+        ls, lt = s(ids).logits[:, :-1], t(ids).logits[:, :-1]
+    ce = F.cross_entropy(ls[labels], ids[:, 1:][labels])
+    kl = F.kl_div(F.log_softmax(ls[labels], -1), F.log_softmax(lt[labels], -1), log_target=True, reduction="sum")
+    return ce.item(), kl.item() / labels.sum().item()
+
+
+def test_distilled_run_logs_both_terms_and_records_its_teacher(workdir, teacher, distill_run, zero2_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_mlkv.training.distill import weights_fingerprint
+    from megatron_mlkv.training.options import DISTILL_TEMPERATURE, DISTILL_WEIGHT
+
+    train = [r for r in records(distill_run) if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    a, t = DISTILL_WEIGHT, DISTILL_TEMPERATURE
+    for r in train:  # the loss is its terms' mix
+        assert r["loss"] == pytest.approx((1 - a) * r["ce"] + a * t * t * r["kl"], rel=1e-6)
+    plain = losses(zero2_run)
+    assert train[0]["ce"] == pytest.approx(plain[1], rel=1e-6)  # same weights and rows at step 1
+    valid = {r["step"]: r for r in records(distill_run) if "valid_loss" in r}
+    assert sorted(valid) == [4, 8]
+    for step, r in valid.items():  # CE and KL(teacher || export) at temperature 1, computed here
+        ce, kl = validation_ce_and_kl(distill_run / "hf" / f"step_{step}", teacher, workdir / "valid")
+        assert r["valid_loss"] == pytest.approx(ce, rel=1e-5) and r["valid_kl"] == pytest.approx(kl, rel=1e-4)
+    acc = EventAccumulator(str(distill_run / "tensorboard"))
+    acc.Reload()
+    for tag in ("train/loss", "train/ce", "train/kl"):
+        assert [e.step for e in acc.Scalars(tag)] == list(range(1, STEPS + 1)), tag
+    assert [e.step for e in acc.Scalars("valid/valid_kl")] == [4, 8]
+    saved = json.loads((distill_run / "run_config.json").read_text())
+    assert saved["teacher_fingerprint"] == weights_fingerprint(teacher)
+    assert (saved["distill_weight"], saved["distill_temperature"]) == (a, t)
+    assert saved["distill_from"] == str(teacher.resolve())
+    assert not any("teacher" in k for k in load_file_dir(distill_run / "hf" / f"step_{STEPS}"))
+
+
+@pytest.mark.slow
+def test_distilled_run_killed_at_any_moment_resumes_with_identical_losses(workdir, teacher, distill_run):
+    run = workdir / "runs" / "distill_sigkill"
+    config, args = ds_config(workdir, "zero2.json"), ("--save-interval", 3, "--distill-from", teacher)
+    proc = uptrain(workdir, run, config, *args, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and max(losses(run), default=0) >= 5:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 5 <= max(losses(run)) < STEPS
+    ok(uptrain(workdir, run, config, *args))
+    assert [(r["step"], r["loss"], r["ce"], r["kl"]) for r in records(run) if "loss" in r] == [
+        (r["step"], r["loss"], r["ce"], r["kl"]) for r in records(distill_run) if "loss" in r
+    ]
+
+
+@pytest.mark.slow
+def test_tp2_distillation_matches_tp1(workdir, teacher, distill_run):
+    """Student (one K/V head, replicated) and teacher sharded by one plan, the KL vocabulary-parallel:
+    TP=2 x DP=1 with micro-batch 8 against TP=1 x DP=2 with 4."""
+    run = workdir / "runs" / "distill_tp2"
+    config = ds_config(workdir, "zero2.json", micro=8)
+    ok(uptrain(workdir, run, config, "--tp", 2, "--save-interval", 8, "--distill-from", teacher))
+    assert_same_run(run, distill_run)
+    got, want = ([r for r in records(x) if "loss" in r] for x in (run, distill_run))
+    for g, w in zip(got, want):
+        assert g["kl"] == pytest.approx(w["kl"], rel=1e-5) and g["ce"] == pytest.approx(w["ce"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
 # bad input: one line, exit code 2, before the first step (single process, no launcher needed)
 # --------------------------------------------------------------------------------------------------
 
@@ -675,3 +793,78 @@ def test_activation_checkpointing_and_train_tokens_change_nothing(workdir, zero2
     assert got.keys() == ref.keys()
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=1e-6), step
+
+
+def teacher_copy(workdir: Path, tmp_path: Path, name: str) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(workdir / "base", tmp_path / name))
+
+
+def test_a_bad_teacher_is_refused_before_the_first_step(workdir, tmp_path):
+    base = workdir / "base"
+    assert_one_line_error(
+        run_single(workdir, tmp_path, "--distill-from", tmp_path / "nowhere"),
+        f"--distill-from {tmp_path / 'nowhere'}: no such folder",
+    )
+    assert_one_line_error(  # a hub name, with no hub to ask
+        run_single(workdir, tmp_path, "--distill-from", "nobody/no-such-model", env={"HF_HUB_OFFLINE": "1"}),
+        "--distill-from nobody/no-such-model: not a local folder, and the hub cannot provide it",
+    )
+    other_vocab = teacher_copy(workdir, tmp_path, "vocab")
+    cfg = json.loads((other_vocab / "config.json").read_text())
+    cfg["vocab_size"] = 50
+    (other_vocab / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(
+        run_single(workdir, tmp_path, "--distill-from", other_vocab), "a vocabulary of 50 ids", "has 300"
+    )
+    other_tokens = teacher_copy(workdir, tmp_path, "tokens")  # the same size, two tokens swapped
+    spec = json.loads((other_tokens / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    (a, i), (b, j) = list(vocab.items())[100:102]
+    vocab[a], vocab[b] = j, i
+    (other_tokens / "tokenizer.json").write_text(json.dumps(spec))
+    assert_one_line_error(
+        run_single(workdir, tmp_path, "--distill-from", other_tokens), "its tokenizer differs from that of --init"
+    )
+    for args, fragment in (
+        (("--distill-from", base, "--distill-weight", 1.5), "--distill-weight 1.5 must be between 0"),
+        (("--distill-from", base, "--distill-temperature", 0), "--distill-temperature 0.0 must be positive"),
+        (("--distill-weight", 0.5), "--distill-weight without --distill-from"),
+    ):
+        assert_one_line_error(run_single(workdir, tmp_path, *args), fragment)
+
+
+def test_resuming_with_another_teacher_is_refused(workdir, tmp_path):
+    """A run distilled from the base, rerun with a teacher of other weights (or none): refused in one line."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_mlkv.training import RunPlan
+
+    argv = [
+        "--ds_config",
+        str(ds_config(workdir, "zero2.json")),
+        "--init",
+        str(workdir / "mlkv"),
+        "--data",
+        str(workdir / "train"),
+        "--out",
+        str(tmp_path / "run"),
+        "--distill-from",
+        str(workdir / "base"),
+    ]
+    RunPlan(RunOptions.from_argv(argv)).check_resumable()  # what the first start records
+    other = teacher_copy(workdir, tmp_path, "other")
+    weights = load_file(other / "model.safetensors")
+    weights = {k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    assert_one_line_error(
+        run_single(workdir, tmp_path, "--distill-from", other),
+        f"--out {tmp_path / 'run'} holds a run distilled from {(workdir / 'base').resolve()}; this command "
+        f"gives --distill-from {other}, whose weights differ",
+    )
+    assert_one_line_error(run_single(workdir, tmp_path), "this command gives no --distill-from")
+    assert_one_line_error(
+        run_single(workdir, tmp_path, "--distill-from", workdir / "base", "--distill-weight", 0.9),
+        "holds a run with distill_weight = 0.5, this command gives 0.9",
+    )

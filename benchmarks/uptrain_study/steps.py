@@ -324,23 +324,83 @@ def pretrain_base(
 VALID_ROWS = 512  # the validation rows of every loss in the study (and uptrain.py --valid-rows)
 
 
-def validation_loss(model_dir: str | Path, data_prefix: str, rows: int = VALID_ROWS, batch_rows: int = 32) -> float:
-    """The mean next-token loss over the first `rows` rows of a packed prefix of a transformers folder
-    (a GPT-NeoX base or one of ours), in float32 whatever the folder's dtype, so losses compare exactly."""
+def _logits_fn(model_dir: str | Path, device):
+    """`ids -> logits` of a transformers folder (a GPT-NeoX base or one of ours) in float32, whatever the
+    folder's dtype, so losses compare exactly."""
     import torch
-    from transformers import GPTNeoXForCausalLM
 
-    from megatron_mlkv.data import PackedDataset
-    from megatron_mlkv.evaluate import validation_loss as pack_loss
     from megatron_mlkv.hf import load_pretrained
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if json.loads((Path(model_dir) / "config.json").read_text()).get("model_type") == "gpt_neox":
-        hf = GPTNeoXForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-        logits_of = lambda ids: hf(ids).logits  # noqa: E731
-    else:
-        logits_of = load_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    return pack_loss(logits_of, PackedDataset(data_prefix), batch_rows, rows, device)
+    return load_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def validation_loss(model_dir: str | Path, data_prefix: str, rows: int = VALID_ROWS, batch_rows: int = 32) -> float:
+    """The mean next-token loss of a model folder over the first `rows` rows of a packed prefix."""
+    from megatron_mlkv.data import PackedDataset
+    from megatron_mlkv.evaluate import validation_loss as pack_loss
+
+    device = _device()
+    return pack_loss(_logits_fn(model_dir, device), PackedDataset(data_prefix), batch_rows, rows, device)
+
+
+def validation_kl(
+    model_dir: str | Path, base_dir: str | Path, data_prefix: str, rows: int = VALID_ROWS, batch_rows: int = 32
+) -> float:
+    """The mean KL(base || model) at temperature 1 over the same rows: how far a model is from its base."""
+    from megatron_mlkv.data import PackedDataset
+    from megatron_mlkv.evaluate import validation_kl as pack_kl
+
+    device = _device()
+    fns = (_logits_fn(model_dir, device), _logits_fn(base_dir, device))
+    return pack_kl(*fns, PackedDataset(data_prefix), batch_rows, rows, device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs: token budgets, DeepSpeed config, the sweep's choice
+# --------------------------------------------------------------------------------------------------
+
+
+def budget(out_dir: str | Path, percent: float, micro: int, seq: int) -> tuple[int, int]:
+    """(tokens, save interval) of a run on `percent`% of the base's pre-training tokens: checkpoints at
+    half-way and at the end."""
+    tokens = int(json.loads((Path(out_dir) / "base" / "pretrain_summary.json").read_text())["tokens"] * percent / 100)
+    return tokens, max(1, (math.ceil(tokens / (micro * seq)) + 1) // 2)
+
+
+def study_ds_config(src: str | Path, dst: str | Path, micro: int) -> Path:
+    """The shipped DeepSpeed config with the study's micro-batch."""
+    cfg = json.loads(Path(src).read_text())
+    cfg["train_micro_batch_size_per_gpu"] = micro
+    Path(dst).write_text(json.dumps(cfg, indent=2) + "\n")
+    return Path(dst)
+
+
+def sweep_run(weight: str, temperature: str) -> str:
+    return f"mlkv-6-kd-a{weight}-t{temperature}"
+
+
+def best_sweep(out_dir: str | Path, grid: list[str]) -> str:
+    """The "A:T" of `grid` whose MLKV-6 run ended with the lowest validation loss (held-out rows, not the
+    task the study reports)."""
+
+    def final(point: str) -> float:
+        records = _records(Path(out_dir) / "runs" / sweep_run(*point.split(":")) / "metrics.jsonl")
+        return [r["valid_loss"] for r in records if "valid_loss" in r][-1]
+
+    return min(grid, key=final)
+
+
+def record_time(out_dir: str | Path, stage: str, seconds: float) -> None:
+    path = Path(out_dir) / "times.json"
+    times = json.loads(path.read_text()) if path.exists() else {}
+    times[stage] = seconds
+    path.write_text(json.dumps(times, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,22 +412,34 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def _recipe(config: dict) -> str:
+    if not config.get("distill_from"):
+        return "plain"
+    return f"distilled (A={config['distill_weight']:g}, T={config['distill_temperature']:g})"
+
+
 def summarize(out_dir: str | Path, task: str = "next_line") -> dict:
     """Collect the study under `out_dir` (see run.sh's layout) into `results.json`, `results.md` (the
-    Table-3-like table and each stage's wall time) and `loss_curves.png`; returns the results."""
+    tables and each stage's wall time), `loss_curves.png` and `budget.png`; returns the results.
+
+    Every run's validation loss and KL to the base (temperature 1) are computed here on the same 512
+    held-out rows in float32, for plain and distilled runs alike."""
     out = Path(out_dir)
     valid = str(out / "data" / "valid")
     base = json.loads((out / "base" / "pretrain_summary.json").read_text())
     base["valid_loss"] = validation_loss(out / "base", valid)
     rows = []
-    for run in sorted((out / "runs").iterdir()):
+    for run in sorted(p for p in (out / "runs").iterdir() if (p / "run_config.json").is_file()):
         config = json.loads((run / "run_config.json").read_text())
-        init = Path(config["init"])
-        report = json.loads((init / "conversion_report.json").read_text())
         steps = config["total_steps"]
         export = run / "hf" / f"step_{steps}"
+        if not (export / "config.json").is_file():
+            continue  # not finished
+        init = Path(config["init"])
+        report = json.loads((init / "conversion_report.json").read_text())
         evaluation = json.loads((run / "eval" / f"step_{steps}.json").read_text())["results"].get(task, {})
         train = [r for r in _records(run / "metrics.jsonl") if "loss" in r]
+        tokens = steps * config["global_batch"] * config["seq_len"]
         rows.append(
             {
                 "run": run.name,
@@ -378,12 +450,17 @@ def summarize(out_dir: str | Path, task: str = "next_line") -> dict:
                 "init": report.get("init", "converted"),
                 "merge": report["merge"],
                 "mlp_init": report["mlp_init"],
+                "recipe": _recipe(config),
+                "distill_weight": config.get("distill_weight"),
+                "distill_temperature": config.get("distill_temperature"),
                 "loss_converted": validation_loss(init, valid),
                 "loss_uptrained": validation_loss(export, valid),
+                "kl_to_base": validation_kl(export, out / "base", valid),
                 "acc": evaluation.get("acc,none"),
                 "acc_norm": evaluation.get("acc_norm,none"),
                 "uptrain_steps": steps,
-                "uptrain_tokens": steps * config["global_batch"] * config["seq_len"],
+                "uptrain_tokens": tokens,
+                "percent_of_base_tokens": round(100 * tokens / base["tokens"], 1),
                 "tokens_per_s": float(np.median([r["tokens_per_s"] for r in train[1:]] or [float("nan")])),
                 "train_loss": [(r["step"], r["loss"]) for r in train],
             }
@@ -393,32 +470,119 @@ def summarize(out_dir: str | Path, task: str = "next_line") -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(format_results(results) + "\n")
     plot_curves(out, results)
+    plot_budget(out, results)
     return results
 
 
+def _cell(value, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def control_acc(results: dict) -> float | None:
+    """The next-line accuracy of the MHA control (the base converted to itself, uptrained on 5%)."""
+    return next((r["acc"] for r in results["runs"] if r["run"] == "mha"), None)
+
+
 def format_results(results: dict) -> str:
-    base = results["base"]
+    """The study's tables: every run on 5% of the base's tokens; the sweep of A and T; the budget curve."""
+    base, control = results["base"], control_acc(results)
+    recovered = lambda r: "" if not control or r["acc"] is None else f"{r['acc'] / control:.0%}"  # noqa: E731
     lines = [
         f"Base: GPT-NeoX MHA, {base['layers']} layers, {base['heads']} heads, width {base['hidden']}, "
         f"{base['parameters']:,} parameters, pre-trained on {base['tokens']:,} tokens "
         f"({base['tokens_per_s']:,.0f} tokens/s); validation loss {base['valid_loss']:.4f}.",
         "",
-        "| run | layout | KV heads | parameters | KV bytes/token (fp16) | loss after conversion | "
-        "loss after uptraining | next-line acc | acc_norm |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | layout | recipe | KV heads | KV bytes/token (fp16) | loss after conversion | "
+        "loss after uptraining | KL to the base | next-line acc | acc_norm | of the control's acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results["runs"]:
-        acc = "" if r["acc"] is None else f"{r['acc']:.3f}"
-        acc_norm = "" if r["acc_norm"] is None else f"{r['acc_norm']:.3f}"
+    five = [r for r in results["runs"] if r["percent_of_base_tokens"] == 5.0 and not r["run"].startswith("mlkv-6-kd-a")]
+    for r in sorted(five, key=lambda r: (-r["kv_heads"], r["run"])):
         lines.append(
-            f"| {r['run']} | {r['layout']} | {r['kv_heads']} | {r['parameters']:,} | "
-            f"{r['kv_bytes_per_token_fp16']:,} | {r['loss_converted']:.4f} | {r['loss_uptrained']:.4f} | "
-            f"{acc} | {acc_norm} |"
+            f"| {r['run']} | {r['layout']} | {r['recipe']} | {r['kv_heads']} | {r['kv_bytes_per_token_fp16']:,} | "
+            f"{r['loss_converted']:.4f} | {r['loss_uptrained']:.4f} | {r['kl_to_base']:.4f} | "
+            f"{_cell(r['acc'], '.3f')} | {_cell(r['acc_norm'], '.3f')} | {recovered(r)} |"
         )
+    sweep = [r for r in results["runs"] if r["run"].startswith("mlkv-6-kd-a")]
+    if sweep:
+        lines += [
+            "",
+            "Sweep at MLKV-6, 5% of the base's tokens (chosen by the lowest validation loss):",
+            "",
+            "| A | T | loss after uptraining | KL to the base | next-line acc | acc_norm |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in sorted(sweep, key=lambda r: (r["distill_weight"], r["distill_temperature"])):
+            lines.append(
+                f"| {r['distill_weight']:g} | {r['distill_temperature']:g} | {r['loss_uptrained']:.4f} | "
+                f"{r['kl_to_base']:.4f} | {_cell(r['acc'], '.3f')} | {_cell(r['acc_norm'], '.3f')} |"
+            )
+    curve = budget_curve(results)
+    if any(len(points) > 1 for points in curve.values()):
+        lines += [
+            "",
+            "MLKV-6 by token budget:",
+            "",
+            "| % of the base's tokens | recipe | uptraining tokens | loss after uptraining | KL to the base | "
+            "next-line acc | of the control's acc |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for recipe, points in curve.items():
+            for r in points:
+                lines.append(
+                    f"| {r['percent_of_base_tokens']:g} | {recipe} | {r['uptrain_tokens']:,} | "
+                    f"{r['loss_uptrained']:.4f} | {r['kl_to_base']:.4f} | {_cell(r['acc'], '.3f')} | {recovered(r)} |"
+                )
     if results["stage_seconds"]:
         lines += ["", "| stage | wall time (s) |", "|---|---|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in results["stage_seconds"].items()]
     return "\n".join(lines)
+
+
+def budget_curve(results: dict) -> dict[str, list[dict]]:
+    """MLKV-6's runs by recipe ("plain", "distilled"), in order of tokens: `mlkv-6` and the `-tokensP`
+    runs, and for the distilled recipe the `-kd-tokensP` runs and the sweep's run with their A and T."""
+    mlkv6 = [r for r in results["runs"] if r["layout"] == "MLKV-6" and r["run"].startswith("mlkv-6")]
+    plain = [r for r in mlkv6 if r["run"] == "mlkv-6" or r["run"].startswith("mlkv-6-tokens")]
+    distilled = [r for r in mlkv6 if r["run"].startswith("mlkv-6-kd-tokens")]
+    chosen = {(r["distill_weight"], r["distill_temperature"]) for r in distilled}
+    distilled += [
+        r
+        for r in mlkv6
+        if r["run"].startswith("mlkv-6-kd-a") and (r["distill_weight"], r["distill_temperature"]) in chosen
+    ]
+    return {k: sorted(v, key=lambda r: r["uptrain_tokens"]) for k, v in (("plain", plain), ("distilled", distilled))}
+
+
+def plot_budget(out: Path, results: dict) -> Path | None:
+    """Next-line accuracy of MLKV-6 against its uptraining tokens, plain and distilled, with the MHA control."""
+    curve = budget_curve(results)
+    if not any(curve.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for recipe, marker in (("plain", "o"), ("distilled", "s")):
+        points = [r for r in curve[recipe] if r["acc"] is not None]
+        ax.plot([r["percent_of_base_tokens"] for r in points], [r["acc"] for r in points], marker=marker, label=recipe)
+    control = control_acc(results)
+    if control is not None:
+        ax.axhline(control, color="grey", linestyle="--", label="MHA control (5%)")
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="uptraining tokens (% of the base's pre-training tokens)",
+        ylabel="next-line accuracy",
+        title="MLKV-6: accuracy recovered against uptraining tokens",
+    )
+    ax.legend()
+    path = out / "budget.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_curves(out: Path, results: dict) -> Path:
@@ -432,11 +596,12 @@ def plot_curves(out: Path, results: dict) -> Path:
     pre = _records(out / "base" / "pretrain.jsonl")
     ax_pre.plot([r["tokens"] / 1e6 for r in pre], [r["loss"] for r in pre])
     ax_pre.set(xlabel="tokens (millions)", ylabel="training loss", title="pre-training the MHA base")
-    runs = sorted(results["runs"], key=lambda r: (-r["kv_heads"], r["run"]))  # legend from most KV to least
+    five = [r for r in results["runs"] if r["percent_of_base_tokens"] == 5.0 and not r["run"].startswith("mlkv-6-kd-a")]
+    runs = sorted(five, key=lambda r: (-r["kv_heads"], r["run"]))  # legend from most KV to least
     colors = plt.cm.tab20(np.linspace(0, 1, max(1, len(runs))))
     for r, color in zip(runs, colors):
         steps, losses = zip(*r["train_loss"]) if r["train_loss"] else ((), ())
-        ablation = r["init"] != "converted" or r["merge"] != "mean" or r["mlp_init"] != "zero"
+        ablation = r["init"] != "converted" or r["merge"] != "mean" or r["mlp_init"] != "zero" or r["recipe"] != "plain"
         ax_up.plot(
             steps,
             losses,

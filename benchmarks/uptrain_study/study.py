@@ -4,6 +4,10 @@ python benchmarks/uptrain_study/study.py corpus OUT/corpus [--max-mb N]
 python benchmarks/uptrain_study/study.py tokenizer OUT/corpus/train.jsonl OUT/tokenizer [--vocab 16384]
 python benchmarks/uptrain_study/study.py task OUT/corpus/valid.jsonl OUT/tasks [--n 1000]
 python benchmarks/uptrain_study/study.py pretrain OUT --tokens N --hidden H [--layers 12 --heads 12]
+python benchmarks/uptrain_study/study.py budget OUT PERCENT --micro 64 --seq 512   # tokens and save interval
+python benchmarks/uptrain_study/study.py ds-config SRC DST --micro 64
+python benchmarks/uptrain_study/study.py best-sweep OUT A:T [A:T ...]   # the sweep's choice
+python benchmarks/uptrain_study/study.py record-time OUT STAGE SECONDS
 python benchmarks/uptrain_study/study.py summarize OUT
 """
 
@@ -40,7 +44,23 @@ def main() -> int:
     r.add_argument("--batch-rows", type=int, default=64)
     r.add_argument("--lr", type=float, default=1e-3)
     r.add_argument("--minutes", type=float, help="stop planning steps beyond this wall time")
-    s = sub.add_parser("summarize", help="results.json, results.md and loss_curves.png under OUT")
+    b = sub.add_parser("budget", help="tokens and save interval of a run on PERCENT%% of the base's tokens")
+    b.add_argument("out")
+    b.add_argument("percent", type=float)
+    b.add_argument("--micro", type=int, required=True)
+    b.add_argument("--seq", type=int, required=True)
+    d = sub.add_parser("ds-config", help="the shipped DeepSpeed config with the study's micro-batch")
+    d.add_argument("src")
+    d.add_argument("dst")
+    d.add_argument("--micro", type=int, required=True)
+    w = sub.add_parser("best-sweep", help="the A:T of the sweep with the lowest validation loss")
+    w.add_argument("out")
+    w.add_argument("grid", nargs="+")
+    t2 = sub.add_parser("record-time", help="a stage's wall time into OUT/times.json")
+    t2.add_argument("out")
+    t2.add_argument("stage")
+    t2.add_argument("seconds", type=float)
+    s = sub.add_parser("summarize", help="results.json, results.md, loss_curves.png and budget.png under OUT")
     s.add_argument("out")
     a = p.parse_args()
     if a.cmd == "corpus":
@@ -70,6 +90,14 @@ def main() -> int:
                 indent=2,
             )
         )
+    elif a.cmd == "budget":
+        print(*study.budget(a.out, a.percent, a.micro, a.seq))
+    elif a.cmd == "ds-config":
+        study.study_ds_config(a.src, a.dst, a.micro)
+    elif a.cmd == "best-sweep":
+        print(study.best_sweep(a.out, a.grid))
+    elif a.cmd == "record-time":
+        study.record_time(a.out, a.stage, a.seconds)
     else:
         print(study.format_results(study.summarize(a.out)))
     return 0

@@ -236,7 +236,7 @@ class WeightReader:
         self._where.clear()
 
 
-def _looks_local(base: str) -> bool:
+def looks_local(base: str) -> bool:
     """True for an existing path or one that cannot be a hub name ('owner/name' or 'name')."""
     text = str(base)
     return (
@@ -265,7 +265,7 @@ def _resolve(base: str, filename: str, local: bool, revision: str | None = None)
 def weight_files(base: str, local: bool | None = None, revision: str | None = None) -> list[Path]:
     """The base's weight files, in transformers' order of preference: sharded or single safetensors,
     then sharded or single `pytorch_model.bin`. A shard listed in an index must exist."""
-    local = _looks_local(base) if local is None else local
+    local = looks_local(base) if local is None else local
     for filename in WEIGHT_FILES:
         path = _resolve(base, filename, local, revision)
         if path is None:
@@ -302,7 +302,7 @@ def load_base_config(base: str, local: bool | None = None, revision: str | None 
     reference format: `reference.is_reference_config`) with a one-line error."""
     from transformers import AutoConfig
 
-    local = _looks_local(base) if local is None else local
+    local = looks_local(base) if local is None else local
     if local and not Path(base).expanduser().is_dir():
         raise CheckpointError(f"{base}: no such folder (and not a hub model name)")
     if local and not (Path(base).expanduser() / "config.json").is_file():
@@ -382,7 +382,7 @@ class BaseCheckpoint:
     @classmethod
     def open(cls, base: str | os.PathLike, revision: str | None = None) -> BaseCheckpoint:
         name = str(base)
-        local = _looks_local(name)
+        local = looks_local(name)
         if local and revision is not None:
             raise CheckpointError(f"{name}: --revision applies to hub names, not to a local folder")
         hf_config = load_base_config(name, local, revision)

@@ -290,6 +290,31 @@ def convert_checkpoint(
     return report
 
 
+def load_base_model(name: str, revision: str | None = None, dtype: torch.dtype | None = None):
+    """A GPT-NeoX checkpoint (local folder, or hub name at `revision`) as our transformers model
+    (`MLKVForCausalLM`), converted in memory to the layout it has: multi-head for Pythia/GPT-NeoX (the
+    identity conversion), the paper's own layout and arithmetic for its format (`reference.py`).
+    `dtype` defaults to the checkpoint's."""
+    from ..configuration_mlkv import MLKVGPTNeoXConfig
+    from ..modeling_mlkv import MLKVForCausalLM
+
+    with BaseCheckpoint.open(name, revision) as ckpt:
+        with ckpt.tensors() as reader:
+            prefix = _weights_prefix(reader)
+            stream = dict(has=reader.__contains__, dtype=dtype, release=reader.release)
+            if ckpt.reference:
+                sd = reference_tensors(reader.get, ckpt.config, prefix, **stream)
+            else:
+                sd = convert_tensors(reader.get, ckpt.config, ckpt.config, prefix=prefix, **stream)
+        hf_config = MLKVGPTNeoXConfig.from_model_config(ckpt.config, **ckpt.hf_kwargs())
+    with torch.device("meta"):
+        model = MLKVForCausalLM(hf_config)
+    model.load_state_dict({f"model.{k}": v for k, v in sd.items()}, strict=True, assign=True)
+    model.config.dtype = sd["embed_in.weight"].dtype
+    model.name_or_path = model.config._name_or_path = str(name)  # where lm-eval's HFLM finds the tokenizer
+    return model.eval()
+
+
 def _check_reference_options(ckpt: BaseCheckpoint, kv_layers, kv_groups, kv_owner, random_init: bool) -> None:
     given = [
         flag

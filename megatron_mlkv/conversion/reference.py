@@ -126,27 +126,3 @@ def is_reference_folder(path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(values, dict) and values.get("model_type") == "gpt_neox" and LAYER_KEYS in values
-
-
-def load_reference_model(name: str, revision: str | None = None, dtype: torch.dtype | None = None):
-    """A reference checkpoint (local folder, or hub name at `revision`) as our transformers model
-    (`MLKVForCausalLM`), converted in memory; `dtype` defaults to the checkpoint's."""
-    from ..configuration_mlkv import MLKVGPTNeoXConfig
-    from ..modeling_mlkv import MLKVForCausalLM
-    from .checkpoint_io import BaseCheckpoint, _weights_prefix
-
-    with BaseCheckpoint.open(name, revision) as ckpt:
-        if not ckpt.reference:
-            raise CheckpointError(f"{name}: not a {FORMAT} checkpoint (its config has no {LAYER_KEYS})")
-        with ckpt.tensors() as reader:
-            prefix = _weights_prefix(reader)
-            sd = reference_tensors(
-                reader.get, ckpt.config, prefix, has=reader.__contains__, dtype=dtype, release=reader.release
-            )
-        hf_config = MLKVGPTNeoXConfig.from_model_config(ckpt.config, **ckpt.hf_kwargs())
-    with torch.device("meta"):
-        model = MLKVForCausalLM(hf_config)
-    model.load_state_dict({f"model.{k}": v for k, v in sd.items()}, strict=True, assign=True)
-    model.config.dtype = sd["embed_in.weight"].dtype
-    model.name_or_path = model.config._name_or_path = str(name)  # where lm-eval's HFLM finds the tokenizer
-    return model.eval()

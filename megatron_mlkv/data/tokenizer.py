@@ -95,6 +95,28 @@ class Tokenizer:
         return [np.array(x + [self.eod_id], dtype=np.uint32) for x in ids]
 
 
+def tokenizer_fingerprint(folder: str | os.PathLike) -> str | None:
+    """XXH3-128 of what decides a tokenizer's ids in a transformers folder (None when it has no
+    tokenizer files): tokenizer.json's model, added tokens, normalizer and pre-tokenizer (not its
+    padding or truncation settings), else the bytes of tokenizer.model or of vocab.json + merges.txt."""
+    import xxhash
+
+    folder = Path(folder)
+    h = xxhash.xxh3_128()
+    if (folder / "tokenizer.json").is_file():
+        try:
+            spec = json.loads((folder / "tokenizer.json").read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{folder / 'tokenizer.json'}: unreadable ({first_line(e)})") from None
+        keys = ("model", "added_tokens", "normalizer", "pre_tokenizer")
+        h.update(json.dumps({k: spec.get(k) for k in keys}, sort_keys=True).encode())
+        return h.hexdigest()
+    files = [folder / n for n in ("tokenizer.model", "vocab.json", "merges.txt") if (folder / n).is_file()]
+    for path in files:
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest() if files else None
+
+
 _WORKER = {}
 
 

@@ -51,7 +51,12 @@ rule for plain PyTorch loops and logging.
 Collectives take their process group explicitly; group None means "no parallelism" (size 1, no
 communication), so the same code runs on one process without `torch.distributed`.
 
-Files: mappings.py (the region functions), layers.py (the parallel modules), cross_entropy.py,
+Distillation. A teacher is sharded with the same plan, so its logits are split as the student's, and
+`vocab_parallel_distillation` computes the KL divergence between them with three all-reduces of a few
+numbers per token (the full-vocabulary logits of neither model are ever formed).
+
+Files: mappings.py (the region functions), layers.py (the parallel modules), cross_entropy.py (the
+vocabulary-parallel losses),
 plan.py (valid sizes, the plan, `parallelize`), styles.py (what each planned module becomes and how
 its tensors are cut), grad_norm.py, checkpoint.py (state-dict shard and
 merge, the T of a checkpoint), groups.py (process groups, DeepSpeed's mpu).
@@ -64,7 +69,7 @@ from .checkpoint import (
     gather_full_tensors,
     shard_state_dict,
 )
-from .cross_entropy import vocab_parallel_cross_entropy
+from .cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_distillation
 from .grad_norm import clip_grad_norm_, counts_in_grad_norm, global_grad_norm, is_tensor_parallel_param
 from .groups import ModelParallelUnit, ParallelGroups, TensorParallelError, group_rank, group_size, init_groups
 from .layers import ColumnParallelLinear, RowParallelLinear, ShardSpec, TPRegionLayerNorm, VocabParallelEmbedding
@@ -108,6 +113,7 @@ __all__ = [
     "VocabParallelEmbedding",
     "TPRegionLayerNorm",
     "vocab_parallel_cross_entropy",
+    "vocab_parallel_distillation",
     "MLKV_TP_PLAN",
     "shard_specs",
     "replica_groups_ranks",

@@ -6,30 +6,48 @@ import torch
 from torch import nn
 
 from .deepspeed_patches import float32_grad_norm
+from .distill import Distillation
 from .ds_config import UptrainError
-from .loss import lm_loss_sum
+from .loss import distill_loss_sums, lm_loss_sum
 from .optim import lr_factor, param_groups
 from .packing import ALIGN, pack_layers
 
 
 class LossModel(nn.Module):
     """What DeepSpeed wraps: the MLKV model plus its next-token loss, computed inside forward so
-    that ZeRO-3 has every weight the loss uses gathered. Returns the float32 sum of token losses.
+    that ZeRO-3 has every weight the loss uses gathered. Returns the float32 sum of token losses;
+    `terms` then holds its parts, detached: {"ce": the cross-entropy sum} and, with `distill`,
+    {"kl": the sum of KL(teacher || student)} (`loss.distill_loss_sums`).
 
     `zero3`: the fused and chunked losses use the output layer's weight outside that layer's own
     forward; it is registered as this module's external parameter (DeepSpeed's documented way), so
-    ZeRO-3 gathers it for this module's forward and backward."""
+    ZeRO-3 gathers it for this module's forward and backward.
 
-    def __init__(self, model: nn.Module, loss_impl: str = "auto", zero3: bool = False):
+    `distill`: the teacher is a plain attribute (`Distillation`), not a submodule: DeepSpeed neither
+    partitions nor optimises it, and checkpoints do not hold it."""
+
+    def __init__(self, model: nn.Module, loss_impl: str = "auto", zero3: bool = False, distill: Distillation = None):
         super().__init__()
-        self.model, self.loss_impl = model, loss_impl
+        self.model, self.loss_impl, self.distill = model, loss_impl, distill
+        self.terms = {}
         if zero3 and loss_impl != "logits":
             from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
             register_external_parameter(self, model.embed_out.weight)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return lm_loss_sum(self.model, input_ids, labels, self.loss_impl)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        """`temperature` overrides the distillation's (validation measures the KL at 1)."""
+        if self.distill is None:
+            loss = lm_loss_sum(self.model, input_ids, labels, self.loss_impl)
+            self.terms = {"ce": loss.detach()}
+            return loss
+        d = self.distill
+        temperature = d.temperature if temperature is None else temperature
+        loss, ce, kl = distill_loss_sums(
+            self.model, d.teacher, input_ids, labels, d.weight, temperature, self.loss_impl
+        )
+        self.terms = {"ce": ce, "kl": kl}
+        return loss
 
 
 def compile_blocks(model: nn.Module) -> None:
@@ -81,13 +99,15 @@ def make_engine(
     loss: str = "auto",
     mpu=None,
     pack: bool = True,
+    distill: Distillation | None = None,
 ):
     """`deepspeed.initialize` of `LossModel(model)` with the paper's AdamW and schedule.
 
     AdamW is torch's fused one on GPUs (DeepSpeed's CPU Adam when the config offloads the
-    optimizer). `pack`: hand DeepSpeed two flat parameters per layer (`packing.pack_layers`) under
-    ZeRO-0/1/2 without tensor parallelism (ZeRO-3 gathers per module, and TP shards per parameter).
-    Under ZeRO-1/2 every parameter starts 16-byte aligned (`aligned_zero_config`).
+    optimizer). `distill`: the teacher and the weights of its loss (`LossModel`). `pack`: hand
+    DeepSpeed two flat parameters per layer (`packing.pack_layers`) under ZeRO-0/1/2 without tensor
+    parallelism (ZeRO-3 gathers per module, and TP shards per parameter). Under ZeRO-1/2 every
+    parameter starts 16-byte aligned (`aligned_zero_config`).
 
     Under ZeRO-3 each layer is a leaf module (`deepspeed.utils.set_z3_leaf_modules`): its parameters
     are gathered together by the layer's own hooks, and its children (LayerNorm, Linear) get none.
@@ -109,7 +129,7 @@ def make_engine(
     else:
         zero = aligned_zero_config(model, zero)
     ds_config = {**ds_config, "zero_optimization": zero}
-    wrapped = LossModel(model, loss, zero3=stage3)
+    wrapped = LossModel(model, loss, zero3=stage3, distill=distill)
     groups = param_groups(wrapped, weight_decay)
     adam = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
     if zero.get("offload_optimizer", {}).get("device") == "cpu":

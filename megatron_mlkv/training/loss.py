@@ -1,4 +1,5 @@
-"""Next-token loss of a causal LM without materialising full-vocabulary float32 logits.
+"""Next-token loss of a causal LM without materialising full-vocabulary float32 logits, alone
+(`lm_loss_sum`) or with distillation from a teacher (`distill_loss_sums`).
 
 With a 50k vocabulary, float32 logits of a (12 x 2048) micro-batch are 5 GB, more than the 160M
 model's activations, and writing/reading them is a good share of a step. Three implementations
@@ -14,6 +15,19 @@ of the same sum of token losses:
 
 `fused` and `chunked` read the output layer's weight outside its forward; under ZeRO-3 the
 trainer registers it as an external parameter (`engine.LossModel`).
+
+Distillation adds the teacher's logits, so the same three exist for `(1 - A)·CE + A·T²·KL(teacher ||
+student)`; all compute both terms with `parallel.distill_stats` (the per-token softmax statistics)
+and `parallel.distill_logit_grad` (the gradient from them):
+
+    fused    (GPU, TP = 1) per chunk of tokens: both heads' logits in float32, the loss and its
+             gradient in one compiled function, the gradients of hidden states and head computed
+             during the forward (`FusedLinearDistillation`); liger's fused distillation losses do
+             not fit: its JSD kernel takes no CE term (so the student's logits would be made twice),
+             and its KL kernel takes the teacher's probabilities for the whole batch
+    chunked  chunks of tokens through `vocab_parallel_distillation`, recomputed in backward (works
+             with TP: each rank's vocabulary columns of both models, sharded alike)
+    logits   both models' full logits, then `vocab_parallel_distillation`
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import parallel as tp
+from ..parallel.cross_entropy import distill_logit_grad, distill_stats
 
 IMPLEMENTATIONS = ("auto", "fused", "chunked", "logits")
 # `fused` holds logits for at most FUSED_CHUNK_MEM · tokens · hidden elements at a time. liger's
@@ -105,3 +120,156 @@ def lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
     if impl == "fused":
         return FusedLinearCrossEntropy.apply(hidden, weight, targets)
     return chunked_cross_entropy(hidden, weight, targets)
+
+
+# --------------------------------------------------------------------------------------------------
+# Distillation: (1 - A)·CE + A·T²·KL(teacher || student)
+# --------------------------------------------------------------------------------------------------
+
+# chunked distillation holds a few (tokens x vocabulary) float32 tensors per chunk: 2^24 elements each
+DISTILL_CHUNK_ELEMENTS = 1 << 24
+
+
+def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result: 16-bit operands keep the tensor cores and lose nothing to a
+    16-bit output (`out_dtype`, CUDA); elsewhere both are cast up."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _fused_chunk(z, t, targets, temperature: float, w_ce: float, w_kl: float):
+    """One chunk of `FusedLinearDistillation`: the summed terms and d(w_ce·CE + w_kl·KL)/dz."""
+    ce, kl, stats = distill_stats(z, t, targets, temperature)
+    ones = torch.ones_like(ce)
+    grad = distill_logit_grad(z, t, targets, temperature, stats, ones * w_ce, ones * w_kl)
+    return ce.sum(), kl.sum(), grad
+
+
+_COMPILED_CHUNK = {}
+
+
+def _chunk_fn(device: torch.device):
+    """`_fused_chunk`, compiled on GPUs (one kernel family instead of a dozen passes over the logits)."""
+    if device.type != "cuda":
+        return _fused_chunk
+    if "cuda" not in _COMPILED_CHUNK:
+        _COMPILED_CHUNK["cuda"] = torch.compile(_fused_chunk, dynamic=False)
+    return _COMPILED_CHUNK["cuda"]
+
+
+def chunk_tokens(n: int, vocab: int, hidden: int) -> int:
+    """Tokens per chunk of the fused losses: logits of at most FUSED_CHUNK_MEM · n · hidden elements
+    at a time, a power of two (the chunks share compiled kernels)."""
+    pieces = -(-vocab // (FUSED_CHUNK_MEM * hidden))
+    return min(n, 1 << max(0, (-(-n // pieces) - 1).bit_length()))
+
+
+class FusedLinearDistillation(torch.autograd.Function):
+    """sum of (1 - A)·CE + A·T²·KL over label tokens from the hidden states of student (n, d) and
+    teacher (n, d_t) and their output layers (V, d), (V, d_t); returns (loss, ce, kl) float32 sums,
+    differentiable in the student's hidden states and head only. The gradients are computed chunk by
+    chunk during the forward (no logits kept), scaled by the upstream gradient in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, t_hidden, t_weight, targets, weight_kd: float, temperature: float):
+        n = hidden.shape[0]
+        step = chunk_tokens(n, weight.shape[0], hidden.shape[1])
+        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        ce_sum = hidden.new_zeros((), dtype=torch.float32)
+        kl_sum = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if grads else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grads else None
+        w_ce, w_kl = 1.0 - weight_kd, weight_kd * temperature**2
+        chunk = _chunk_fn(hidden.device)
+        for start in range(0, n, step):
+            h, y = hidden[start : start + step], targets[start : start + step]
+            z = _mm_float32(h, weight.t())
+            t = _mm_float32(t_hidden[start : start + step], t_weight.t())
+            if not grads:
+                ce, kl, _ = distill_stats(z, t, y, temperature)
+                ce_sum += ce.sum()
+                kl_sum += kl.sum()
+                continue
+            ce, kl, grad_z = chunk(z, t, y, temperature, w_ce, w_kl)
+            ce_sum += ce
+            kl_sum += kl
+            grad_z = grad_z.to(hidden.dtype)
+            grad_hidden[start : start + step] = grad_z @ weight
+            grad_weight += _mm_float32(grad_z.t(), h)
+        loss = w_ce * ce_sum + w_kl * kl_sum
+        if grads:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.mark_non_differentiable(ce_sum, kl_sum)
+        return loss, ce_sum, kl_sum
+
+    @staticmethod
+    def backward(ctx, grad, _grad_ce, _grad_kl):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = lambda g: (g.float() * grad).to(g.dtype)  # noqa: E731 (as FusedLinearCrossEntropy)
+        return scale(grad_hidden), scale(grad_weight), None, None, None, None, None
+
+
+def _distill_chunk(student_head, teacher_head, hidden, t_hidden, targets, temperature, plan):
+    """(ce, kl) sums of one chunk: both heads' logits, then `vocab_parallel_distillation`."""
+    with torch.no_grad():
+        t_logits = teacher_head(t_hidden)
+    args = (plan.group, plan.vocab_start, plan.config.vocab_size) if plan is not None else ()
+    ce, kl = tp.vocab_parallel_distillation(student_head(hidden), t_logits, targets, temperature, *args)
+    return torch.stack([ce.sum(), kl.sum()])
+
+
+def distill_loss_sums(
+    model: nn.Module,
+    teacher: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    weight: float,
+    temperature: float,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce, kl): float32 sums over the tokens whose label is not -100 (position t predicts
+    labels[:, t + 1]) of loss = (1 - A)·CE + A·T²·KL(teacher || student at temperature T), A =
+    `weight`, T = `temperature`, with the CE and KL terms themselves (detached) beside it. `model`
+    and `teacher` are `MLKVTransformer`s with one vocabulary, tensor-parallel alike or not at all;
+    the teacher gets no gradient. With A = 0 the loss is `lm_loss_sum`'s."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"loss implementation '{impl}' unknown; allowed: {', '.join(IMPLEMENTATIONS)}")
+    plan = getattr(model, "tp_plan", None)
+    if impl == "auto":
+        impl = "logits" if not input_ids.is_cuda else "chunked" if plan is not None else "fused"
+    if impl == "fused" and plan is not None:
+        impl = "chunked"  # the fused path has no vocabulary-parallel form
+    targets = labels[:, 1:].reshape(-1)
+    with torch.no_grad():
+        t_hidden = teacher.hidden_states(input_ids)[:, :-1].reshape(targets.shape[0], -1)
+    hidden = model.hidden_states(input_ids)[:, :-1].reshape(targets.shape[0], -1)
+    w_ce, w_kl = 1.0 - weight, weight * temperature**2
+    if impl == "fused":
+        return FusedLinearDistillation.apply(
+            hidden, model.embed_out.weight, t_hidden, teacher.embed_out.weight, targets, weight, temperature
+        )
+    # the head of a TP model is its ColumnParallelLinear; otherwise the weight, read outside the head's
+    # forward as the CE losses do (ZeRO-3 gathers it as an external parameter)
+    head = model.embed_out if plan is not None else lambda h: F.linear(h, model.embed_out.weight)
+    if impl == "logits":
+        sums = _distill_chunk(head, teacher.embed_out, hidden, t_hidden, targets, temperature, plan)
+    else:
+        local_vocab = plan.local_vocab_size if plan is not None else model.config.vocab_size
+        step = max(1, DISTILL_CHUNK_ELEMENTS // local_vocab)
+        sums = hidden.new_zeros(2, dtype=torch.float32)
+        for start in range(0, targets.shape[0], step):
+            piece = slice(start, start + step)
+            sums = sums + checkpoint(
+                _distill_chunk,
+                head,
+                teacher.embed_out,
+                hidden[piece],
+                t_hidden[piece],
+                targets[piece],
+                temperature,
+                plan,
+                use_reentrant=False,
+            )
+    ce, kl = sums[0], sums[1]
+    return w_ce * ce + w_kl * kl, ce.detach(), kl.detach()

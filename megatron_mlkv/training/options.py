@@ -7,6 +7,10 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
+# distillation defaults (--distill-from): A, the KL term's share, and T, its temperature (docs/uptrain.md)
+DISTILL_WEIGHT = 0.5
+DISTILL_TEMPERATURE = 2.0
+
 
 def _flag(help: str, type=None, flag: str | None = None, **kwargs) -> dict:
     return dict(help=help, type=type, flag=flag, **kwargs)
@@ -67,6 +71,22 @@ class RunOptions:
         metadata=_flag(
             "loss implementation: auto = liger's fused linear cross-entropy on GPUs, full logits elsewhere",
             choices=("auto", "fused", "chunked", "logits"),
+        ),
+    )
+    distill_from: str | None = field(
+        default=None,
+        metadata=_flag(
+            "distill from this teacher (a checkpoint folder with the student's tokenizer, normally the base of "
+            "--init): loss = (1 - A)·CE + A·T²·KL(teacher || student)"
+        ),
+    )
+    distill_weight: float | None = field(
+        default=None, metadata=_flag(f"A, the share of the KL term (default {DISTILL_WEIGHT})", float)
+    )
+    distill_temperature: float | None = field(
+        default=None,
+        metadata=_flag(
+            f"T, the temperature of both distributions in the KL term (default {DISTILL_TEMPERATURE})", float
         ),
     )
     seed: int = field(default=1234, metadata=_flag("model-side random seed", int))

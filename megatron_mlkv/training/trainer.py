@@ -19,6 +19,10 @@ Run folder:
     RUN_DIR/hf/step_N/               transformers export of each checkpoint
     RUN_DIR/eval/step_N.json         lm-evaluation-harness results (with --eval-tasks)
 
+With --distill-from the loss is (1 - A)·CE + A·T²·KL(teacher || student) (`distill.py`); both terms are
+logged beside it (`ce`, `kl`), validation reports the CE and the KL at temperature 1 (`valid_kl`),
+and run_config.json records the teacher's weights fingerprint, so a resume with another teacher is refused.
+
 `RunPlan(args)` is what the options decide before any process group exists (DeepSpeed config,
 model config, data, row order, step count); `Trainer(args)` builds on it everything a run needs
 (process groups, the resumed engine, metrics, the data prefetcher), and `Trainer.train()` only loops.
@@ -49,6 +53,7 @@ from ..data import DataError, PackedDataset, Prefetcher, RowSampler, collate, ra
 from ..errors import MLKVError, first_line
 from ..hf import CheckpointError, export_pretrained, load_pretrained, remove_partial_exports, special_token_ids
 from ..integrity import atomic_write, manifest
+from .distill import Distillation, check_teacher, distill_settings, load_teacher
 from .ds_config import UptrainError, load_ds_config
 from .engine import compile_blocks, make_engine
 from .metrics import MetricsLog, matmul_flops_per_s, max_memory_bytes, sync
@@ -76,6 +81,8 @@ RESUME_KEYS = (
     "min_lr_ratio",
     "warmup_ratio",
     "weight_decay",
+    "distill_weight",
+    "distill_temperature",
 )
 
 
@@ -170,6 +177,10 @@ class RunPlan:
         self.data = _open_data(args.data, "--data", self.config)
         self.valid = _open_data(args.valid_data, "--valid-data", self.config) if args.valid_data else None
         self._plan_rows()
+        self.distill = distill_settings(args)  # (A, T) or None
+        self.teacher_fingerprint = (
+            check_teacher(args.distill_from, self.config, args.init, self.data.seq_len) if self.distill else None
+        )
 
     def _plan_rows(self) -> None:
         args, n = self.args, len(self.data)
@@ -229,6 +240,10 @@ class RunPlan:
             "min_lr_ratio": a.min_lr_ratio,
             "warmup_ratio": a.warmup_ratio,
             "weight_decay": a.weight_decay,
+            "distill_from": str(Path(a.distill_from).resolve()) if a.distill_from else None,
+            "teacher_fingerprint": self.teacher_fingerprint,
+            "distill_weight": self.distill[0] if self.distill else None,
+            "distill_temperature": self.distill[1] if self.distill else None,
             "world_size": self.world,
             "micro_batch": self.micro,
             "gradient_accumulation": self.gas,
@@ -253,6 +268,17 @@ class RunPlan:
                         f"{getattr(self.args, name)} changed since it started (their fingerprint differs); "
                         f"restore them, or choose a new --out"
                     )
+            if saved.get("teacher_fingerprint") != current["teacher_fingerprint"]:
+                was = f"distilled from {saved['distill_from']}" if saved.get("distill_from") else "without distillation"
+                now = (
+                    f"--distill-from {self.args.distill_from}, whose weights differ (their fingerprint)"
+                    if self.args.distill_from
+                    else "no --distill-from"
+                )
+                raise UptrainError(
+                    f"--out {self.run_dir} holds a run {was}; this command gives {now}; rerun with that "
+                    f"teacher, or choose a new --out"
+                )
             for key in RESUME_KEYS:
                 if saved.get(key) != current[key]:
                     raise UptrainError(
@@ -279,6 +305,13 @@ class Trainer(RunPlan):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.check_resumable()
+        self.train_dtype = (
+            torch.bfloat16
+            if self.ds_config.get("bf16", {}).get("enabled")
+            else torch.float16
+            if self.ds_config.get("fp16", {}).get("enabled")
+            else torch.float32
+        )
         if self.rank == 0:
             for partial in remove_partial_exports(self.run_dir / "hf"):
                 print(f"removed {partial}, an export a killed run left unfinished", flush=True)
@@ -289,14 +322,9 @@ class Trainer(RunPlan):
         self.engine = self._build_engine()
         self.start = self._resume(resume_from)
         self.metrics = MetricsLog(self.run_dir, self.start, enabled=self.rank == 0)
-        dtype = (
-            torch.bfloat16
-            if self.ds_config.get("bf16", {}).get("enabled")
-            else torch.float16
-            if self.ds_config.get("fp16", {}).get("enabled")
-            else torch.float32
+        self.peak_flops = matmul_flops_per_s(
+            self.device, torch.float32 if self.device.type == "cpu" else self.train_dtype
         )
-        self.peak_flops = matmul_flops_per_s(self.device, torch.float32 if self.device.type == "cpu" else dtype)
         # the next step's batches are collated while this one runs
         self.batches = Prefetcher(self._micro_batches, self.total_steps)
 
@@ -319,6 +347,16 @@ class Trainer(RunPlan):
         if self.args.compile and self.device.type == "cuda" and self.args.tp == 1:
             compile_blocks(model)
         a = self.args
+        distill = None
+        if self.distill:
+            teacher = load_teacher(
+                a.distill_from,
+                self.train_dtype,
+                self.device,
+                self.groups.tp_group if a.tp > 1 else None,
+                compile=a.compile and self.device.type == "cuda" and a.tp == 1,
+            )
+            distill = Distillation(teacher, *self.distill)
         return make_engine(
             model,
             self.ds_config,
@@ -329,6 +367,7 @@ class Trainer(RunPlan):
             a.min_lr_ratio,
             a.loss,
             self.groups.mpu() if a.tp > 1 else None,
+            distill=distill,
         )
 
     # --- steps ------------------------------------------------------------------------------------
@@ -336,45 +375,56 @@ class Trainer(RunPlan):
     def _micro_batches(self, step: int):
         return self.micro_batches(step, self.groups.dp_rank, self.groups.dp_size, self.device)
 
-    def train_step(self, step: int) -> float:
-        """One optimizer step; returns the global mean token loss."""
+    def _terms(self, total: torch.Tensor) -> torch.Tensor:
+        """The loss sum of the last forward and its parts: [loss, ce] or [loss, ce, kl], float64."""
+        terms = self.engine.module.terms
+        return torch.stack([total.detach(), terms["ce"], *([terms["kl"]] if self.distill else [])]).double()
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step; returns the global mean token loss, and with a teacher its terms `ce`, `kl`."""
         batches, n_tokens = self.batches.get(step)
         scale = self.groups.dp_size * self.gas / n_tokens  # DeepSpeed averages over DP and accumulation
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # NCCL reduces device tensors
+        sums = 0  # NCCL reduces device tensors
         for batch in batches:
             total = self.engine(batch["input_ids"], batch["labels"])
             if _fault("nan-loss", step + 1):
                 total = total * float("nan")
-            loss_sum += total.detach().double()
+            sums = sums + self._terms(total)
             self.engine.backward(total * scale)
             self.engine.step()
         if self.groups.dp_size > 1:
-            dist.all_reduce(loss_sum, group=self.groups.dp_group)
-        return loss_sum.item() / n_tokens
+            dist.all_reduce(sums, group=self.groups.dp_group)
+        means = (sums / n_tokens).tolist()
+        return dict(zip(("loss", "ce", "kl") if self.distill else ("loss",), means))
 
     @torch.no_grad()
-    def validation_loss(self) -> float | None:
-        """Mean token loss over the held-out rows (all ranks; rows split across data-parallel ranks)."""
+    def validation(self) -> dict[str, float]:
+        """The mean token loss (cross-entropy) over the held-out rows, and with a teacher the mean KL
+        divergence from it at temperature 1: {"valid_loss", "valid_kl"} (all ranks; rows split across
+        data-parallel ranks); empty without validation rows."""
         rows = self.valid_rows
         if len(rows) == 0:
-            return None
+            return {}
         ds = self.valid if self.valid is not None else self.data
         self.engine.eval()
         parts = np.array_split(rows, self.groups.dp_size)  # the first part is the longest
         mine = parts[self.groups.dp_rank]
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        sums, count = 0, torch.zeros((), dtype=torch.float64, device=self.device)
         # every rank runs as many forwards as the longest part (ZeRO-3 gathers weights collectively);
         # a rank out of rows repeats one and does not count it
         for i in range(0, len(parts[0]), self.micro):
             chunk, counted = (mine[i : i + self.micro], 1) if i < len(mine) else (rows[:1], 0)
             batch = collate(ds, chunk, self.device)
-            total = self.engine(batch["input_ids"], batch["labels"])
-            sums[0] += counted * total.double()
-            sums[1] += counted * (batch["labels"][:, 1:] != -100).sum()
+            total = self.engine(batch["input_ids"], batch["labels"], temperature=1.0)
+            sums = sums + counted * self._terms(total)[1:]  # ce (and kl)
+            count += counted * (batch["labels"][:, 1:] != -100).sum()
         self.engine.train()
         if self.groups.dp_size > 1:
+            sums = torch.cat([sums, count[None]])
             dist.all_reduce(sums, group=self.groups.dp_group)
-        return (sums[0] / sums[1].clamp(min=1)).item()
+            sums, count = sums[:-1], sums[-1]
+        means = (sums / count.clamp(min=1)).tolist()
+        return dict(zip(("valid_loss", "valid_kl"), means))
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -542,12 +592,12 @@ class Trainer(RunPlan):
             disable=self.rank != 0,
             dynamic_ncols=True,
         )
-        last_valid = None
         try:
             for step in range(start, self.total_steps):
                 t0 = time.perf_counter()
                 lr = self.engine.get_lr()[0]  # the rate this step uses
-                loss = self.train_step(step)
+                terms = self.train_step(step)
+                loss = terms["loss"]
                 if not math.isfinite(loss):
                     good = checkpoint_steps(self.ckpt_dir)
                     where = (
@@ -567,7 +617,7 @@ class Trainer(RunPlan):
                     self.metrics.log(
                         {
                             "step": done,
-                            "loss": loss,
+                            **terms,
                             "lr": lr,
                             "grad_norm": float(norm) if norm is not None else None,
                             "tokens_per_s": tokens,
@@ -579,11 +629,13 @@ class Trainer(RunPlan):
                         }
                     )
                 if done % self.args.save_interval == 0 or done == self.total_steps:
-                    last_valid = self.validation_loss()
-                    if last_valid is not None:
-                        self.metrics.log({"step": done, "valid_loss": last_valid}, prefix="valid")
-                        bar.write(f"step {done}: validation loss {last_valid:.4f}") if self.rank == 0 else None
-                    self.save(done, last_valid)
+                    valid = self.validation()
+                    if valid:
+                        self.metrics.log({"step": done, **valid}, prefix="valid")
+                        if self.rank == 0:
+                            kl = f", KL to the teacher {valid['valid_kl']:.4f}" if "valid_kl" in valid else ""
+                            bar.write(f"step {done}: validation loss {valid['valid_loss']:.4f}{kl}")
+                    self.save(done, valid.get("valid_loss"))
         finally:
             bar.close()
         if self.rank == 0:
