@@ -141,3 +141,22 @@ def test_chunks_are_powers_of_two_within_the_memory_bound(n, vocab, hidden):
     step = chunk_tokens(n, vocab, hidden)
     assert 1 <= step <= n and (step == n or step & (step - 1) == 0)
     assert step * vocab <= max(2 * FUSED_CHUNK_MEM * n * hidden, vocab)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled fused path runs on GPUs")
+def test_gpu_fused_bf16_equals_the_chunked_float32_reference():
+    """On a GPU: bf16 models, the fused implementation (compiled elementwise part, float32 logits from
+    the bf16 GEMMs) against the chunked one on float32 copies of the same weights."""
+    student, teacher, ids, labels = models()
+    device = torch.device("cuda")
+    ids, labels = ids.to(device), labels.to(device)
+    ref_s, ref_t = student.to(device), teacher.to(device)
+    want = distill_loss_sums(ref_s, ref_t, ids, labels, 0.5, 2.0, "chunked")
+    want_grads = torch.autograd.grad(want[0], list(ref_s.parameters()))
+    bf16_s, bf16_t = (m.to(torch.bfloat16) for m in (ref_s, ref_t))
+    got = distill_loss_sums(bf16_s, bf16_t, ids, labels, 0.5, 2.0, "fused")
+    for g, w in zip(got, want):
+        assert g.item() == pytest.approx(w.item(), rel=3e-2)
+    got_grads = torch.autograd.grad(got[0], list(bf16_s.parameters()))
+    for g, w in zip(got_grads, want_grads):
+        assert torch.nn.functional.cosine_similarity(g.float().flatten(), w.flatten(), dim=0) > 0.99

@@ -13,6 +13,7 @@
 #   benchmarks/uptrain_study/run.sh OUT report              # launch/report.py and the study's tables and plots
 #   SCALE=tiny benchmarks/uptrain_study/run.sh OUT          # the same pipeline on the CPU, tiny sizes
 #   VARIANTS="mha mlkv-6" benchmarks/uptrain_study/run.sh OUT uptrain   # only these variants
+#   PORT=29700 benchmarks/uptrain_study/run.sh OUT distill  # beside another stage (its runs take ports from 29601)
 #
 # Each stage picks up what an earlier (interrupted) one finished: finished runs are skipped, interrupted
 # ones resume from their last checkpoint, so the stages run in calls of any length. Wall times go to
@@ -88,7 +89,7 @@ uptrain_one() {  # uptrain_one NAME CKPT PERCENT PORT [uptrain.py flags...]: PER
 }
 
 pool() {  # pool < SPECS: a line "NAME CKPT PERCENT [uptrain.py flags...]" per run, PARALLEL at a time, longest first
-  local port=29600 failed=0 spec words
+  local port=${PORT:-29600} failed=0 spec words
   $STUDY ds-config "$ROOT/ds_configs/zero2.json" "$OUT/zero2_study.json" --micro $MICRO
   mapfile -t specs < <(sort -k3,3 -g -r)
   for spec in "${specs[@]}"; do

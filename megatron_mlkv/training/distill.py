@@ -30,11 +30,13 @@ from .options import DISTILL_TEMPERATURE, DISTILL_WEIGHT
 @dataclass
 class Distillation:
     """A frozen teacher and the loss's A (`weight`) and T (`temperature`); held by `engine.LossModel`
-    as a plain attribute, so the teacher is no submodule DeepSpeed would partition or optimise."""
+    as a plain attribute, so the teacher is no submodule DeepSpeed would partition or optimise.
+    `compile`: compile the fused loss's elementwise part on GPUs (off with --no-compile)."""
 
     teacher: nn.Module
     weight: float = DISTILL_WEIGHT
     temperature: float = DISTILL_TEMPERATURE
+    compile: bool = True
 
 
 def weights_fingerprint(folder: str | Path) -> str:

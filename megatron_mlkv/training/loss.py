@@ -149,9 +149,9 @@ def _fused_chunk(z, t, targets, temperature: float, w_ce: float, w_kl: float):
 _COMPILED_CHUNK = {}
 
 
-def _chunk_fn(device: torch.device):
+def _chunk_fn(device: torch.device, compiled: bool):
     """`_fused_chunk`, compiled on GPUs (one kernel family instead of a dozen passes over the logits)."""
-    if device.type != "cuda":
+    if device.type != "cuda" or not compiled:
         return _fused_chunk
     if "cuda" not in _COMPILED_CHUNK:
         _COMPILED_CHUNK["cuda"] = torch.compile(_fused_chunk, dynamic=False)
@@ -172,7 +172,7 @@ class FusedLinearDistillation(torch.autograd.Function):
     chunk during the forward (no logits kept), scaled by the upstream gradient in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, t_hidden, t_weight, targets, weight_kd: float, temperature: float):
+    def forward(ctx, hidden, weight, t_hidden, t_weight, targets, weight_kd: float, temperature: float, compiled=True):
         n = hidden.shape[0]
         step = chunk_tokens(n, weight.shape[0], hidden.shape[1])
         grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -181,7 +181,7 @@ class FusedLinearDistillation(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if grads else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grads else None
         w_ce, w_kl = 1.0 - weight_kd, weight_kd * temperature**2
-        chunk = _chunk_fn(hidden.device)
+        chunk = _chunk_fn(hidden.device, compiled)
         for start in range(0, n, step):
             h, y = hidden[start : start + step], targets[start : start + step]
             z = _mm_float32(h, weight.t())
@@ -207,7 +207,7 @@ class FusedLinearDistillation(torch.autograd.Function):
     def backward(ctx, grad, _grad_ce, _grad_kl):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = lambda g: (g.float() * grad).to(g.dtype)  # noqa: E731 (as FusedLinearCrossEntropy)
-        return scale(grad_hidden), scale(grad_weight), None, None, None, None, None
+        return scale(grad_hidden), scale(grad_weight), None, None, None, None, None, None
 
 
 def _distill_chunk(student_head, teacher_head, hidden, t_hidden, targets, temperature, plan):
@@ -227,12 +227,14 @@ def distill_loss_sums(
     weight: float,
     temperature: float,
     impl: str = "auto",
+    compiled: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, ce, kl): float32 sums over the tokens whose label is not -100 (position t predicts
     labels[:, t + 1]) of loss = (1 - A)·CE + A·T²·KL(teacher || student at temperature T), A =
     `weight`, T = `temperature`, with the CE and KL terms themselves (detached) beside it. `model`
     and `teacher` are `MLKVTransformer`s with one vocabulary, tensor-parallel alike or not at all;
-    the teacher gets no gradient. With A = 0 the loss is `lm_loss_sum`'s."""
+    the teacher gets no gradient. With A = 0 the loss is `lm_loss_sum`'s. `compiled`: the fused
+    implementation's elementwise part is compiled (on GPUs)."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"loss implementation '{impl}' unknown; allowed: {', '.join(IMPLEMENTATIONS)}")
     plan = getattr(model, "tp_plan", None)
@@ -247,7 +249,7 @@ def distill_loss_sums(
     w_ce, w_kl = 1.0 - weight, weight * temperature**2
     if impl == "fused":
         return FusedLinearDistillation.apply(
-            hidden, model.embed_out.weight, t_hidden, teacher.embed_out.weight, targets, weight, temperature
+            hidden, model.embed_out.weight, t_hidden, teacher.embed_out.weight, targets, weight, temperature, compiled
         )
     # the head of a TP model is its ColumnParallelLinear; otherwise the weight, read outside the head's
     # forward as the CE losses do (ZeRO-3 gathers it as an external parameter)

@@ -349,14 +349,12 @@ class Trainer(RunPlan):
         a = self.args
         distill = None
         if self.distill:
+            compiled = a.compile and self.device.type == "cuda"
+            tp_group = self.groups.tp_group if a.tp > 1 else None
             teacher = load_teacher(
-                a.distill_from,
-                self.train_dtype,
-                self.device,
-                self.groups.tp_group if a.tp > 1 else None,
-                compile=a.compile and self.device.type == "cuda" and a.tp == 1,
+                a.distill_from, self.train_dtype, self.device, tp_group, compile=compiled and a.tp == 1
             )
-            distill = Distillation(teacher, *self.distill)
+            distill = Distillation(teacher, *self.distill, compile=compiled)
         return make_engine(
             model,
             self.ds_config,
