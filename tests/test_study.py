@@ -1,11 +1,13 @@
-"""The uptraining study's own steps (benchmarks/uptrain_study/steps.py): the corpus of installed sources and the
-next-line task. The pipeline itself is the user commands, tested in their own files."""
+"""The uptraining study's own steps (benchmarks/uptrain_study/steps.py): the corpus of installed sources, the
+next-line task, the sweep's choice and the budget curve. The pipeline itself is the user commands, tested in
+their own files."""
 
 import json
 import random
 
 import pytest
 
+from benchmarks.uptrain_study import steps
 from benchmarks.uptrain_study.steps import build_corpus, next_line_docs, write_next_line_task
 
 
@@ -63,3 +65,60 @@ def test_next_line_questions_ask_for_the_true_next_line(tmp_path):
     task = write_next_line_task(tmp_path / "out" / "valid.jsonl", tmp_path / "tasks", n=10)
     assert 'target_delimiter: ""' in (task / "next_line.yaml").read_text()
     assert len((task / "next_line.jsonl").read_text().splitlines()) == 10
+
+
+def _run(name, layout="MLKV-6", acc=0.4, loss=3.0, weight=None, temperature=None, tokens=100, kv_heads=6):
+    recipe = "plain" if weight is None else f"distilled (A={weight:g}, T={temperature:g})"
+    return dict(
+        run=name,
+        layout=layout,
+        recipe=recipe,
+        acc=acc,
+        acc_norm=acc,
+        loss_converted=6.0,
+        loss_uptrained=loss,
+        kl_to_base=0.5,
+        kv_heads=kv_heads,
+        kv_bytes_per_token_fp16=768,
+        distill_weight=weight,
+        distill_temperature=temperature,
+        uptrain_tokens=tokens,
+        budget_percent=steps.budget_percent(name),
+    )
+
+
+def test_the_budget_curve_takes_the_sweep_run_of_the_chosen_a_and_t(tmp_path):
+    runs = [
+        _run("mha", "MHA", acc=0.7, kv_heads=144),
+        _run("mlkv-6", tokens=100),
+        _run("mlkv-6-tokens10", tokens=200),
+        _run("mlkv-6-kd-a0.5-t2", weight=0.5, temperature=2.0, tokens=100),
+        _run("mlkv-6-kd-a1.0-t1", weight=1.0, temperature=1.0, tokens=100, acc=None),
+        _run("mlkv-6-kd-tokens10", weight=1.0, temperature=1.0, tokens=200),
+        _run("mlkv-6-sequential"),
+    ]
+    results = {"base": {}, "runs": runs, "stage_seconds": {}}
+    curve = steps.budget_curve(results)
+    assert [r["run"] for r in curve["plain"]] == ["mlkv-6", "mlkv-6-tokens10"]
+    assert [r["run"] for r in curve["distilled"]] == ["mlkv-6-kd-a1.0-t1", "mlkv-6-kd-tokens10"]
+    assert steps.budget_percent("mlkv-6-kd-tokens2.5") == 2.5 and steps.budget_percent("gqa-48-kd") == 5.0
+    assert steps.plot_budget(tmp_path, results).is_file()  # an accuracy that failed is left out of the plot
+    table = steps.format_results({**results, "base": BASE}).split("MLKV-6 by token budget:")[1].splitlines()[4:8]
+    assert table == [  # accuracy as a share of the MHA control's (0.7); none where the evaluation failed
+        "| 5 | plain | 100 | 3.0000 | 0.5000 | 0.400 | 57% |",
+        "| 10 | plain | 200 | 3.0000 | 0.5000 | 0.400 | 57% |",
+        "| 5 | distilled | 100 | 3.0000 | 0.5000 |  |  |",
+        "| 10 | distilled | 200 | 3.0000 | 0.5000 | 0.400 | 57% |",
+    ]
+
+
+BASE = dict(layers=12, heads=12, hidden=384, parameters=1, tokens=1000, tokens_per_s=1.0, valid_loss=2.0)
+
+
+def test_the_sweep_chooses_the_lowest_final_validation_loss(tmp_path):
+    for (a, t), losses in {("0.5", "1"): [4.0, 3.5], ("1.0", "1"): [4.2, 3.4], ("1.0", "2"): [3.0, 3.6]}.items():
+        run = tmp_path / "runs" / steps.sweep_run(a, t)
+        run.mkdir(parents=True)
+        lines = [{"step": 1, "loss": 9.0}] + [{"step": 10 * (i + 1), "valid_loss": v} for i, v in enumerate(losses)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert steps.best_sweep(tmp_path, ["0.5:1", "1.0:1", "1.0:2"]) == "1.0:1"  # the last validation, not the best

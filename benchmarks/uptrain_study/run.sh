@@ -35,7 +35,7 @@ if [[ ${SCALE:-gpu} == tiny ]]; then   # a CPU check of every stage
 else                                   # one H200
   MAX_MB=(); SAMPLE_MB=50; VOCAB=16384; SEQ=512; HIDDEN=384; PRE_TOKENS=${PRE_TOKENS:-400000000}
   PRE_MINUTES=${PRE_MINUTES:-5}; BATCH=64
-  MICRO=64; PARALLEL=${PARALLEL:-8}; TASK_N=1000; WORKERS=16; EVAL_LIMIT=()
+  MICRO=64; PARALLEL=${PARALLEL:-8}; TASK_N=1000; WORKERS=16; EVAL_LIMIT=()  # a run takes about 9 GB
 fi
 # distillation: the grid of A:T swept at MLKV-6, the layouts distilled with its best, the token budgets
 # (percent of the base's pre-training tokens) of the curve beside the 5% every layout gets

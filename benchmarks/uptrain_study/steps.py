@@ -412,6 +412,12 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def budget_percent(run: str) -> float:
+    """The share of the base's tokens a run was given (run.sh): P for `NAME-tokensP`, else 5."""
+    head, _, percent = run.rpartition("-tokens")
+    return float(percent) if head else 5.0
+
+
 def _recipe(config: dict) -> str:
     if not config.get("distill_from"):
         return "plain"
@@ -437,7 +443,8 @@ def summarize(out_dir: str | Path, task: str = "next_line") -> dict:
             continue  # not finished
         init = Path(config["init"])
         report = json.loads((init / "conversion_report.json").read_text())
-        evaluation = json.loads((run / "eval" / f"step_{steps}.json").read_text())["results"].get(task, {})
+        result = run / "eval" / f"step_{steps}.json"  # absent if the evaluation failed: no accuracy
+        evaluation = json.loads(result.read_text())["results"].get(task, {}) if result.is_file() else {}
         train = [r for r in _records(run / "metrics.jsonl") if "loss" in r]
         tokens = steps * config["global_batch"] * config["seq_len"]
         rows.append(
@@ -460,7 +467,7 @@ def summarize(out_dir: str | Path, task: str = "next_line") -> dict:
                 "acc_norm": evaluation.get("acc_norm,none"),
                 "uptrain_steps": steps,
                 "uptrain_tokens": tokens,
-                "percent_of_base_tokens": round(100 * tokens / base["tokens"], 1),
+                "budget_percent": budget_percent(run.name),
                 "tokens_per_s": float(np.median([r["tokens_per_s"] for r in train[1:]] or [float("nan")])),
                 "train_loss": [(r["step"], r["loss"]) for r in train],
             }
@@ -496,7 +503,7 @@ def format_results(results: dict) -> str:
         "loss after uptraining | KL to the base | next-line acc | acc_norm | of the control's acc |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    five = [r for r in results["runs"] if r["percent_of_base_tokens"] == 5.0 and not r["run"].startswith("mlkv-6-kd-a")]
+    five = [r for r in results["runs"] if r["budget_percent"] == 5.0 and not r["run"].startswith("mlkv-6-kd-a")]
     for r in sorted(five, key=lambda r: (-r["kv_heads"], r["run"])):
         lines.append(
             f"| {r['run']} | {r['layout']} | {r['recipe']} | {r['kv_heads']} | {r['kv_bytes_per_token_fp16']:,} | "
@@ -530,7 +537,7 @@ def format_results(results: dict) -> str:
         for recipe, points in curve.items():
             for r in points:
                 lines.append(
-                    f"| {r['percent_of_base_tokens']:g} | {recipe} | {r['uptrain_tokens']:,} | "
+                    f"| {r['budget_percent']:g} | {recipe} | {r['uptrain_tokens']:,} | "
                     f"{r['loss_uptrained']:.4f} | {r['kl_to_base']:.4f} | {_cell(r['acc'], '.3f')} | {recovered(r)} |"
                 )
     if results["stage_seconds"]:
@@ -555,7 +562,8 @@ def budget_curve(results: dict) -> dict[str, list[dict]]:
 
 
 def plot_budget(out: Path, results: dict) -> Path | None:
-    """Next-line accuracy of MLKV-6 against its uptraining tokens, plain and distilled, with the MHA control."""
+    """MLKV-6 against its uptraining tokens, plain and distilled: next-line accuracy (the MHA control as
+    a line) and validation loss."""
     curve = budget_curve(results)
     if not any(curve.values()):
         return None
@@ -563,21 +571,29 @@ def plot_budget(out: Path, results: dict) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 5))
+    control = next((r for r in results["runs"] if r["run"] == "mha"), None)
     for recipe, marker in (("plain", "o"), ("distilled", "s")):
-        points = [r for r in curve[recipe] if r["acc"] is not None]
-        ax.plot([r["percent_of_base_tokens"] for r in points], [r["acc"] for r in points], marker=marker, label=recipe)
-    control = control_acc(results)
+        points = curve[recipe]
+        scored = [r for r in points if r["acc"] is not None]
+        ax_acc.plot([r["budget_percent"] for r in scored], [r["acc"] for r in scored], marker=marker, label=recipe)
+        ax_loss.plot(
+            [r["budget_percent"] for r in points], [r["loss_uptrained"] for r in points], marker=marker, label=recipe
+        )
     if control is not None:
-        ax.axhline(control, color="grey", linestyle="--", label="MHA control (5%)")
-    ax.set_xscale("log")
-    ax.set(
-        xlabel="uptraining tokens (% of the base's pre-training tokens)",
-        ylabel="next-line accuracy",
-        title="MLKV-6: accuracy recovered against uptraining tokens",
-    )
-    ax.legend()
+        for ax, key in ((ax_acc, "acc"), (ax_loss, "loss_uptrained")):
+            if control[key] is not None:
+                ax.axhline(control[key], color="grey", linestyle="--", label="MHA control (5%)")
+    budgets = sorted({r["budget_percent"] for points in curve.values() for r in points})
+    for ax, label in ((ax_acc, "next-line accuracy"), (ax_loss, "validation loss")):
+        ax.set_xscale("log")
+        ax.set_xticks(budgets)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set(xlabel="uptraining tokens (% of the base's pre-training tokens)", ylabel=label)
+        ax.legend()
+    fig.suptitle("MLKV-6: what uptraining recovers, plain and distilled from the base")
     path = out / "budget.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -596,7 +612,7 @@ def plot_curves(out: Path, results: dict) -> Path:
     pre = _records(out / "base" / "pretrain.jsonl")
     ax_pre.plot([r["tokens"] / 1e6 for r in pre], [r["loss"] for r in pre])
     ax_pre.set(xlabel="tokens (millions)", ylabel="training loss", title="pre-training the MHA base")
-    five = [r for r in results["runs"] if r["percent_of_base_tokens"] == 5.0 and not r["run"].startswith("mlkv-6-kd-a")]
+    five = [r for r in results["runs"] if r["budget_percent"] == 5.0 and not r["run"].startswith("mlkv-6-kd-a")]
     runs = sorted(five, key=lambda r: (-r["kv_heads"], r["run"]))  # legend from most KV to least
     colors = plt.cm.tab20(np.linspace(0, 1, max(1, len(runs))))
     for r, color in zip(runs, colors):

@@ -7,9 +7,10 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-# distillation defaults (--distill-from): A, the KL term's share, and T, its temperature (docs/uptrain.md)
-DISTILL_WEIGHT = 0.5
-DISTILL_TEMPERATURE = 2.0
+# distillation defaults (--distill-from): A, the KL term's share, and T, its temperature: the best of the
+# uptraining study's sweep (benchmarks/README.md, "Distillation from the base"; docs/uptrain.md)
+DISTILL_WEIGHT = 1.0
+DISTILL_TEMPERATURE = 1.0
 
 
 def _flag(help: str, type=None, flag: str | None = None, **kwargs) -> dict:

@@ -93,7 +93,7 @@ class NonFiniteLoss(MLKVError):
 
 
 def _fault(kind: str, step: int) -> bool:
-    """Test hook: MLKV_FAULT='kill-in-save@N' or 'nan-loss@N' injects that fault at step N."""
+    """Test hook: MLKV_FAULT='kill-in-save@N', 'kill-before-eval@N' or 'nan-loss@N' injects that fault at step N."""
     spec = os.environ.get("MLKV_FAULT", "")
     return spec == f"{kind}@{step}"
 
@@ -496,8 +496,21 @@ class Trainer(RunPlan):
             atomic_write(folder / COMPLETE, json.dumps({"step": step, "valid_loss": valid_loss, "files": files}) + "\n")
             atomic_write(self.ckpt_dir / LATEST, tag)
             self._prune()
+            if _fault("kill-before-eval", step):
+                os.kill(os.getpid(), signal.SIGKILL)
             if self.args.eval_tasks:
                 self._evaluate(step, self.run_dir / "hf" / tag)
+        dist.barrier()
+
+    def _evaluate_unevaluated(self) -> None:
+        """Evaluate the checkpoint the run resumes from if a kill came between its completion and its
+        evaluation (rank 0, with --eval-tasks); collective."""
+        step = self.start
+        if self.rank == 0 and step and self.args.eval_tasks:
+            result = self.run_dir / "eval" / f"step_{step}.json"
+            if not result.exists() and (self.run_dir / "hf" / f"step_{step}").is_dir():
+                print(f"evaluating step_{step}, whose evaluation was cut short", flush=True)
+                self._evaluate(step, self.run_dir / "hf" / f"step_{step}")
         dist.barrier()
 
     def _prune(self) -> None:
@@ -576,6 +589,7 @@ class Trainer(RunPlan):
         from tqdm import tqdm
 
         start = self.start
+        self._evaluate_unevaluated()
         if start >= self.total_steps:
             if self.rank == 0:
                 print(f"{self.run_dir}: already complete ({start} of {self.total_steps} steps)")
