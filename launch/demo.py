@@ -105,6 +105,7 @@ def main(argv=None) -> int:
 
     from transformers import GPTNeoXForCausalLM
 
+    from megatron_mlkv.cli import free_port
     from megatron_mlkv.conversion import convert_checkpoint
     from megatron_mlkv.data import PackedDataset, pack
     from megatron_mlkv.data.synthetic import write_corpus
@@ -138,6 +139,8 @@ def main(argv=None) -> int:
         "deepspeed",
         "--num_gpus",
         "2",
+        "--master_port",  # not the default 29500, which another DeepSpeed job may hold
+        str(free_port()),
         str(UPTRAIN),
         "--ds_config",
         str(_ds_config(out, micro_batch=8)),

@@ -36,11 +36,10 @@ import torch
 from torch import nn
 
 from .config import MLKVConfig, preset
-from .configuration_mlkv import MLKVGPTNeoXConfig
 from .conversion import gpt_neox_config, paper_variants, target_config, to_gpt_neox
 from .errors import MLKVError
 from .generate import StaticDecoder, pad_mlp_
-from .hf import output_cache
+from .hf import output_cache, read_config
 from .layout import KVLayout, LayoutError
 from .model import MLKVTransformer
 
@@ -97,7 +96,7 @@ def from_folder(path: str, dtype: torch.dtype, device: torch.device) -> Candidat
 
     if not (Path(path) / "config.json").is_file():
         raise BenchError(f"--model {path}: no config.json; expected a folder written by launch/convert.py")
-    cfg = MLKVGPTNeoXConfig.from_pretrained(path).model_config()
+    cfg = read_config(path)[1]
     return Candidate(
         str(path),
         cfg.layout,
@@ -160,7 +159,7 @@ def transformers_baseline(
     elif mha_folder:
         from .hf import load_pretrained
 
-        cfg = MLKVGPTNeoXConfig.from_pretrained(mha_folder).model_config()
+        cfg = read_config(mha_folder)[1]
         load = lambda: to_gpt_neox(load_pretrained(mha_folder, dtype).to(device))  # noqa: E731
         name = str(mha_folder)
     else:

@@ -1,4 +1,5 @@
-"""The one place where entry points turn a user's error into one line: `entry_point`."""
+"""The one place where entry points turn a user's error into one line (`entry_point`), and the free port
+a launch takes (`free_port`)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,13 @@ def entry_point(main):
             return e.exit_code
 
     return run
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a process group's rendezvous (`deepspeed --master_port`):
+    the default 29500 may belong to another job on the machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from .config import MLKVConfig
-from .configuration_mlkv import MLKVGPTNeoXConfig
+from .configuration_mlkv import CONFIG_CLASSES
 from .errors import MLKVError, first_line
 from .model import MLKVTransformer
-from .modeling_mlkv import CACHE_FIELD, MLKVForCausalLM
+from .modeling_mlkv import CACHE_FIELD, MODEL_CLASSES
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -29,6 +29,7 @@ TOKENIZER_FILES = (
 
 
 SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+BASE_MODEL_TYPES = ("gpt_neox", "llama", "qwen2", "mistral")  # what conversion reads (checkpoint_io.MODEL_TYPES)
 PARTIAL = ".tmp-"  # an export is written to `.NAME.tmp-XXXX` beside NAME, then renamed
 
 
@@ -79,9 +80,9 @@ def export_pretrained(
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    hf_config = MLKVGPTNeoXConfig.from_model_config(config, **(hf_kwargs or {}))
+    hf_config = CONFIG_CLASSES[config.family].from_model_config(config, **(hf_kwargs or {}))
     with torch.device("meta"):
-        model = MLKVForCausalLM(hf_config)
+        model = MODEL_CLASSES[config.family](hf_config)
     state = {
         f"model.{k}": (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state_dict.items()
     }
@@ -110,29 +111,62 @@ def remove_partial_exports(parent: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MLKVTransformer:
-    """Load a folder into the plain PyTorch model (for training and benchmarks): ours (launch/convert.py,
-    an export), or a GPT-NeoX checkpoint (Pythia, or the MLKV paper's format) converted in memory to
-    its own layout (`conversion.load_base_model`). Strict: another model family, or weights that do not
-    all map onto the model, is a CheckpointError naming them."""
+def _model_type(path: str | os.PathLike) -> str | None:
     config = Path(path) / "config.json"
     if not config.is_file():
         raise CheckpointError(f"{path}: no config.json; expected a folder written by launch/convert.py")
     try:
-        model_type = json.loads(config.read_text()).get("model_type")
+        return json.loads(config.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{config}: unreadable ({first_line(e)})") from None
-    if model_type == "gpt_neox":
+
+
+def _unsupported(path, model_type) -> CheckpointError:
+    ours = ", ".join(c.model_type for c in CONFIG_CLASSES.values())
+    return CheckpointError(
+        f"{path}: model_type '{model_type}' is not supported; expected a folder written by launch/convert.py "
+        f"({ours}) or a checkpoint of {', '.join(BASE_MODEL_TYPES)}"
+    )
+
+
+def read_config(path: str | os.PathLike) -> tuple[object, MLKVConfig]:
+    """(the transformers config, its `MLKVConfig`) of a folder `load_pretrained` reads; CheckpointError
+    (one line) for another model type or a config that does not parse."""
+    from transformers import AutoConfig
+
+    model_type = _model_type(path)
+    ours = {c.model_type: c for c in CONFIG_CLASSES.values()}
+    if model_type not in ours and model_type not in BASE_MODEL_TYPES:
+        raise _unsupported(path, model_type)
+    try:
+        hf_config = (ours[model_type] if model_type in ours else AutoConfig).from_pretrained(path)
+        if model_type == "gpt_neox":
+            from .conversion.reference import is_reference_config, reference_config
+
+            if is_reference_config(hf_config):
+                return hf_config, reference_config(hf_config, str(path))
+        return hf_config, MLKVConfig.from_hf(hf_config)
+    except MLKVError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # a damaged config.json, values transformers refuses
+        raise CheckpointError(f"{path}: cannot read config.json ({first_line(e)})") from None
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MLKVTransformer:
+    """Load a folder into the plain PyTorch model (for training and benchmarks): ours (launch/convert.py,
+    an export), or a base checkpoint (Pythia/GPT-NeoX or the MLKV paper's format; Llama, Qwen2,
+    Mistral) converted in memory to its own layout (`conversion.load_base_model`). Strict: another
+    model type, or weights that do not all map onto the model, is a CheckpointError naming them."""
+    model_type = _model_type(path)
+    ours = {c.model_type: family for family, c in CONFIG_CLASSES.items()}
+    if model_type in BASE_MODEL_TYPES:
         from .conversion import load_base_model
 
         return load_base_model(str(path), dtype=dtype).model
-    if model_type != MLKVGPTNeoXConfig.model_type:
-        raise CheckpointError(
-            f"{path}: model_type '{model_type}' is not supported; expected a folder written by "
-            f"launch/convert.py ('{MLKVGPTNeoXConfig.model_type}') or a GPT-NeoX checkpoint ('gpt_neox')"
-        )
+    if model_type not in ours:
+        raise _unsupported(path, model_type)
     try:
-        hf_model, info = MLKVForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        hf_model, info = MODEL_CLASSES[ours[model_type]].from_pretrained(path, dtype=dtype, output_loading_info=True)
     except Exception as e:  # transformers/safetensors raise many types for a damaged folder
         raise CheckpointError(f"{path}: cannot load the checkpoint ({first_line(e)})") from None
     problems = [

@@ -1,9 +1,14 @@
-"""GPT-NeoX with Multi-Layer Key-Value sharing, in plain PyTorch.
+"""GPT-NeoX and Llama with Multi-Layer Key-Value sharing, in plain PyTorch.
 
 Owner layers project `g` key/value heads; every other layer has no key/value projection at all and
 attends with the (rotated) keys and values of its owner, so K/V compute, activations and cache exist
-only in the m owner layers. With m = l and g = h this is exactly GPT-NeoX. `unrotated_shared_keys`
+only in the m owner layers. With m = l and g = h this is exactly GPT-NeoX (or Llama with multi-head
+attention; with m = l and the base's g, the base Llama/Qwen2/Mistral). `unrotated_shared_keys`
 (the paper's reference code) hands the served layers the owner's keys before rotation instead.
+
+A family (`MLKVConfig.family`) is its norm, its MLP and its residual, chosen in `Block`: GPT-NeoX
+LayerNorm + `MLP` (parallel or sequential residual), Llama `RMSNorm` + `GatedMLP` (sequential).
+Attention, rotary and the sharing of K/V are the same for both.
 
 The model knows nothing of parallelism: reshapes use -1 for the head count, so a tensor-parallel plan
 that shards the projections simply gives each rank fewer local heads.
@@ -15,6 +20,7 @@ library and relative imports only.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -33,15 +39,33 @@ ACT_FN = {
 }
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, rotary_dim: int, base: float, dtype: torch.dtype):
+def rotary_inv_freq(rotary_dim: int, base: float, scaling: dict | None = None, device=None) -> torch.Tensor:
+    """The rotary frequencies (rotary_dim/2,), float32, with `scaling` applied (`config.ROPE_TYPES`):
+    `linear` divides them by `factor`; `llama3` divides the low frequencies (wavelengths beyond
+    original_max_position_embeddings / low_freq_factor) by `factor`, keeps the high ones (below
+    ... / high_freq_factor) and interpolates smoothly between."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, old = scaling["factor"], scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old / wavelen - low) / (high - low)).clamp(0.0, 1.0)  # 0: long wavelengths, 1: short
+        return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return inv_freq
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor, rotary_dim: int, base: float, dtype: torch.dtype, scaling: dict | None = None
+):
     """cos, sin of shape (b, 1, s, rotary_dim) for position_ids (b, s); computed in float32.
 
     Recomputed per call rather than kept as a buffer, so casting the model to bf16 cannot round the
     frequencies.
     """
-    inv_freq = 1.0 / (
-        base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=position_ids.device) / rotary_dim)
-    )
+    inv_freq = rotary_inv_freq(rotary_dim, base, scaling, position_ids.device)
     freqs = position_ids[..., None].float() * inv_freq  # (b, s, rotary_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -92,7 +116,7 @@ class Attention(nn.Module):
         if self.owns_kv:
             self.key = nn.Linear(d, config.num_kv_heads * dk, bias=bias)
             self.value = nn.Linear(d, config.num_kv_heads * dk, bias=bias)
-        self.dense = nn.Linear(config.num_heads * dk, d, bias=bias)
+        self.dense = nn.Linear(config.num_heads * dk, d, bias=config.attention_out_bias)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -120,26 +144,66 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GPT-NeoX's MLP: dense_4h_to_h(act(dense_h_to_4h(x)))."""
+
     def __init__(self, config: MLKVConfig):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act = ACT_FN[config.hidden_act]
 
     def forward(self, x):
         return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
 
 
+class GatedMLP(nn.Module):
+    """Llama's MLP: down_proj(act(gate_proj(x)) * up_proj(x))."""
+
+    def __init__(self, config: MLKVConfig):
+        super().__init__()
+        d, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, inter, bias=bias)
+        self.up_proj = nn.Linear(d, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, d, bias=bias)
+        self.act = ACT_FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · weight, normalised in float32 and scaled in the input's dtype (as
+    transformers' LlamaRMSNorm, so bf16 models round alike)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def norm_class(config: MLKVConfig):
+    """The family's normalisation: LayerNorm (GPT-NeoX) or RMSNorm (Llama)."""
+    return RMSNorm if config.family == "llama" else nn.LayerNorm
+
+
 class Block(nn.Module):
-    """One GPT-NeoX layer: x + attn(ln1(x)) + mlp(ln2(x)) (parallel) or the sequential form."""
+    """One layer: x + attn(ln1(x)) + mlp(ln2(x)) (parallel residual, GPT-NeoX) or the sequential
+    form x' = x + attn(ln1(x)), x' + mlp(ln2(x')) (GPT-NeoX's option, Llama's only)."""
 
     def __init__(self, config: MLKVConfig, layer: int):
         super().__init__()
+        norm = norm_class(config)
         self.use_parallel_residual = config.use_parallel_residual
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.input_layernorm = norm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = norm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = Attention(config, layer)
-        self.mlp = MLP(config)
+        self.mlp = GatedMLP(config) if config.gated_mlp else MLP(config)
 
     def forward(self, x, cos, sin, shared_kv=None, attn_mask=None, is_causal=True, cache=None):
         attn, kv = self.attention(self.input_layernorm(x), cos, sin, shared_kv, attn_mask, is_causal, cache)
@@ -152,25 +216,27 @@ class Block(nn.Module):
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """GPT-NeoX initialisation: normal(0, std) weights, zero biases, unit LayerNorm."""
+    """GPT-NeoX's (and Llama's) initialisation: normal(0, std) weights, zero biases, unit norms."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, mean=0.0, std=std)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
+    elif isinstance(module, (nn.LayerNorm, RMSNorm)):
         nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
 
 
 class MLKVTransformer(nn.Module):
-    """The decoder: embed_in -> layers -> final_layer_norm -> embed_out (parameter names as GPT-NeoX)."""
+    """The decoder: embed_in -> layers -> final_layer_norm -> embed_out (parameter names as GPT-NeoX's,
+    for both families; conversion maps each family's names onto them)."""
 
     def __init__(self, config: MLKVConfig):
         super().__init__()
         self.config = config
         self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.final_layer_norm = norm_class(config)(config.hidden_size, eps=config.layer_norm_eps)
         self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.embed_out.weight = self.embed_in.weight
@@ -194,7 +260,8 @@ class MLKVTransformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + s, device=input_ids.device).unsqueeze(0)
         x = self.embed_in(input_ids)
-        cos, sin = rotary_cos_sin(position_ids, self.config.rotary_dim, self.config.rotary_emb_base, x.dtype)
+        c = self.config
+        cos, sin = rotary_cos_sin(position_ids, c.rotary_dim, c.rotary_emb_base, x.dtype, c.rope_scaling)
         attn_mask, is_causal = attention_mask_for(attention_mask, s, past + s, x.device)
         return self.final_layer_norm(self.run_layers(x, cos, sin, attn_mask, is_causal, cache))
 

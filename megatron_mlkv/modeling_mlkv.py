@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_mlkv import MLKVGPTNeoXConfig
+from .configuration_mlkv import MLKVGPTNeoXConfig, MLKVLlamaConfig
 from .model import MLKVTransformer, init_weights
 
 # transformers 5.24 renamed the outputs' `past_key_values` field to `cache` (the old name still works, with a warning)
@@ -17,6 +17,8 @@ LOSS_KWARGS = frozenset({"num_items_in_batch", "ignore_index", "shift_labels"}) 
 
 
 class MLKVForCausalLM(PreTrainedModel, GenerationMixin):
+    """The GPT-NeoX family's model (`MLKVLlamaForCausalLM`: the Llama family's) for transformers."""
+
     config_class = MLKVGPTNeoXConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -103,3 +105,12 @@ class MLKVForCausalLM(PreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
         return out if return_dict is not False else out.to_tuple()
+
+
+class MLKVLlamaForCausalLM(MLKVForCausalLM):
+    """The Llama family's (Llama, Qwen2, Mistral) model for transformers: its config class differs."""
+
+    config_class = MLKVLlamaConfig
+
+
+MODEL_CLASSES = {"gpt_neox": MLKVForCausalLM, "llama": MLKVLlamaForCausalLM}

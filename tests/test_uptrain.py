@@ -21,6 +21,7 @@ import pytest
 import torch
 from helpers import overwrite_bytes
 
+from megatron_mlkv.cli import free_port
 from megatron_mlkv.conversion import convert_checkpoint
 from megatron_mlkv.data import pack
 from megatron_mlkv.data.synthetic import write_corpus
@@ -82,6 +83,8 @@ def uptrain(workdir: Path, out: Path, config: Path, *extra, ranks: int = 2, env=
         "deepspeed",
         "--num_gpus",
         str(ranks),
+        "--master_port",
+        str(free_port()),
         str(ROOT / "launch" / "uptrain.py"),
         "--ds_config",
         str(config),
@@ -746,6 +749,8 @@ def test_activation_checkpointing_and_train_tokens_change_nothing(workdir, zero2
         "deepspeed",
         "--num_gpus",
         "2",
+        "--master_port",
+        str(free_port()),
         str(ROOT / "launch" / "uptrain.py"),
         "--ds_config",
         str(ds_config(workdir, "zero2.json")),

@@ -17,12 +17,16 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, MLKVConfig
+from ..config import LLAMA_MODEL_TYPES, ConfigError, MLKVConfig
 from ..errors import first_line
 from ..hf import TOKENIZER_FILES, CheckpointError, special_token_ids
 from .reference import is_reference_config, reference_config
 
-SUPPORTED = "GPTNeoXForCausalLM (model_type 'gpt_neox': Pythia, GPT-NeoX, the MLKV paper's pythia-mlkv models)"
+SUPPORTED = (
+    "GPTNeoXForCausalLM (model_type 'gpt_neox': Pythia, GPT-NeoX, the MLKV paper's pythia-mlkv models), "
+    "LlamaForCausalLM ('llama': Llama, SmolLM), Qwen2ForCausalLM ('qwen2'), MistralForCausalLM ('mistral')"
+)
+MODEL_TYPES = ("gpt_neox", *LLAMA_MODEL_TYPES)
 # Weight files in the order transformers prefers them: safetensors over pickles, index over single.
 WEIGHT_FILES = (
     "model.safetensors.index.json",
@@ -298,8 +302,8 @@ def _peek_model_type(base: str, local: bool, revision: str | None = None) -> str
 
 
 def load_base_config(base: str, local: bool | None = None, revision: str | None = None):
-    """`AutoConfig.from_pretrained(base)`, refusing anything but GPT-NeoX (plain, or the MLKV paper's
-    reference format: `reference.is_reference_config`) with a one-line error."""
+    """`AutoConfig.from_pretrained(base)`, refusing anything but `MODEL_TYPES` (GPT-NeoX plain or in the
+    MLKV paper's reference format, `reference.is_reference_config`; Llama, Qwen2, Mistral) in one line."""
     from transformers import AutoConfig
 
     local = looks_local(base) if local is None else local
@@ -308,7 +312,7 @@ def load_base_config(base: str, local: bool | None = None, revision: str | None 
     if local and not (Path(base).expanduser() / "config.json").is_file():
         raise CheckpointError(f"{base}: no config.json; expected a transformers folder of {SUPPORTED}")
     model_type = _peek_model_type(base, local, revision)
-    if model_type not in (None, "gpt_neox"):
+    if model_type not in (None, *MODEL_TYPES):
         _refuse(base, model_type, _peek_architectures(base, local, revision))
     try:
         # trust_remote_code=False: a folder with custom code is refused, never run or prompted for
@@ -318,7 +322,7 @@ def load_base_config(base: str, local: bool | None = None, revision: str | None 
     except Exception as e:  # no network, unknown repository, damaged config.json
         where = "" if local else "not a local folder, and the hub cannot provide it: "
         raise CheckpointError(f"{base}: {where}cannot read the config ({first_line(e)})") from None
-    if hf_config.model_type != "gpt_neox":
+    if hf_config.model_type not in MODEL_TYPES:
         _refuse(base, hf_config.model_type, getattr(hf_config, "architectures", None))
     return hf_config
 
@@ -333,7 +337,7 @@ def _peek_architectures(base: str, local: bool, revision: str | None = None) -> 
 
 def _refuse(base: str, model_type: str, archs: list[str] | None):
     found = f"model_type '{model_type}'" + (f" ({', '.join(archs)})" if archs else "")
-    hint = "; it is already converted" if model_type == "mlkv_gpt_neox" else ""
+    hint = "; it is already converted" if model_type in ("mlkv_gpt_neox", "mlkv_llama") else ""
     raise CheckpointError(f"{base}: {found} is not supported{hint}; supported: {SUPPORTED}")
 
 
@@ -434,12 +438,16 @@ def _opened(base, revision: str | None = None) -> Iterator[BaseCheckpoint]:
         yield ckpt
 
 
-def _weights_prefix(reader: WeightReader) -> str:
-    """'gpt_neox.' for GPTNeoXForCausalLM checkpoints, '' for a bare GPTNeoXModel."""
-    for prefix in ("gpt_neox.", ""):
-        if f"{prefix}embed_in.weight" in reader:
+def weights_prefix(reader: WeightReader, config: MLKVConfig) -> str:
+    """The decoder's prefix in the weight files: 'gpt_neox.' (GPTNeoXForCausalLM) or 'model.' (the Llama
+    family's *ForCausalLM), '' for a bare decoder."""
+    from .core import family_of
+
+    family = family_of(config)
+    for prefix in family.prefixes:
+        if f"{prefix}{family.embed}" in reader:
             return prefix
     raise CheckpointError(
-        f"{reader.files[0].parent}: no GPT-NeoX weights (gpt_neox.embed_in.weight) in "
+        f"{reader.files[0].parent}: no {family.name} weights ({family.prefixes[0]}{family.embed}) in "
         f"{', '.join(f.name for f in reader.files)}"
     )

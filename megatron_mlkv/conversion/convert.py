@@ -15,7 +15,7 @@ from ..config import ConfigError, MLKVConfig
 from ..hf import TOKENIZER_FILES, CheckpointError, export_pretrained
 from ..layout import KVLayout
 from ..model import MLKVTransformer
-from .checkpoint_io import BaseCheckpoint, _opened, _weights_prefix
+from .checkpoint_io import BaseCheckpoint, _opened, weights_prefix
 from .core import MERGE_MODES, MLP_INITS, convert_tensors, target_config
 from .reference import FORMAT, reference_tensors
 
@@ -245,7 +245,7 @@ def convert_checkpoint(
         else:
             target = target_config(ckpt.config, kv_layers, kv_groups, kv_owner, match_params)
         with ckpt.tensors() as reader:
-            prefix = _weights_prefix(reader)
+            prefix = weights_prefix(reader, ckpt.config)
             base_dtype = reader.dtype(f"{prefix}embed_in.weight")
             from tqdm.auto import tqdm
 
@@ -291,24 +291,25 @@ def convert_checkpoint(
 
 
 def load_base_model(name: str, revision: str | None = None, dtype: torch.dtype | None = None):
-    """A GPT-NeoX checkpoint (local folder, or hub name at `revision`) as our transformers model
-    (`MLKVForCausalLM`), converted in memory to the layout it has: multi-head for Pythia/GPT-NeoX (the
-    identity conversion), the paper's own layout and arithmetic for its format (`reference.py`).
-    `dtype` defaults to the checkpoint's."""
-    from ..configuration_mlkv import MLKVGPTNeoXConfig
-    from ..modeling_mlkv import MLKVForCausalLM
+    """A base checkpoint (local folder, or hub name at `revision`) as our transformers model
+    (`MLKVForCausalLM`), converted in memory to the layout it has: Pythia/GPT-NeoX and the Llama family
+    as they are (the identity conversion), the paper's own layout and arithmetic for its format
+    (`reference.py`). `dtype` defaults to the checkpoint's."""
+    from ..configuration_mlkv import CONFIG_CLASSES
+    from ..modeling_mlkv import MODEL_CLASSES
 
     with BaseCheckpoint.open(name, revision) as ckpt:
         with ckpt.tensors() as reader:
-            prefix = _weights_prefix(reader)
+            prefix = weights_prefix(reader, ckpt.config)
             stream = dict(has=reader.__contains__, dtype=dtype, release=reader.release)
             if ckpt.reference:
                 sd = reference_tensors(reader.get, ckpt.config, prefix, **stream)
             else:
                 sd = convert_tensors(reader.get, ckpt.config, ckpt.config, prefix=prefix, **stream)
-        hf_config = MLKVGPTNeoXConfig.from_model_config(ckpt.config, **ckpt.hf_kwargs())
+        family = ckpt.config.family
+        hf_config = CONFIG_CLASSES[family].from_model_config(ckpt.config, **ckpt.hf_kwargs())
     with torch.device("meta"):
-        model = MLKVForCausalLM(hf_config)
+        model = MODEL_CLASSES[family](hf_config)
     model.load_state_dict({f"model.{k}": v for k, v in sd.items()}, strict=True, assign=True)
     model.config.dtype = sd["embed_in.weight"].dtype
     model.name_or_path = model.config._name_or_path = str(name)  # where lm-eval's HFLM finds the tokenizer

@@ -1,10 +1,12 @@
-"""The conversion math and its one pass over the layers: GPT-NeoX (Pythia) weights into an
-MHA/GQA/MQA/MLKV layout.
+"""The conversion math and its one pass over the layers: a GPT-NeoX (Pythia) or Llama-family (Llama,
+Qwen2, Mistral) checkpoint into an MHA/GQA/MQA/MLKV layout.
 
-The K/V heads of each query group are averaged, the K/V of the layers that lose theirs are merged
-into their owner (mean, or the reference code's sequential merge), and every MLP is widened so the
-parameter count stays at the base's. One base tensor at a time (`convert_tensors`), so converting
-a checkpoint from disk peaks at the converted model plus about one layer of the base."""
+The base's K/V heads of each target group are averaged (g_b of them into g; g_b = h for a multi-head
+base), the K/V of the layers that lose theirs are merged into their owner (mean, or the reference
+code's sequential merge), and every MLP is widened so the parameter count stays at the base's (two
+matrices grow in GPT-NeoX's MLP, three in Llama's gated one). One base tensor at a time
+(`convert_tensors`), so converting a checkpoint from disk peaks at the converted model plus about
+one layer of the base. Where a family keeps its tensors: `family.Family` (gpt_neox.py, llama.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import torch
 from ..config import ConfigError, MLKVConfig
 from ..hf import CheckpointError
 from ..layout import KVLayout
-from .gpt_neox import split_qkv
+from .family import Family, expect_shape
+from .gpt_neox import GPT_NEOX, split_qkv
+from .llama import LLAMA
 
 MERGE_MODES = ("mean", "sequential")
 MLP_INITS = ("zero", "copy")
@@ -24,17 +28,27 @@ MLP_INITS = ("zero", "copy")
 # --------------------------------------------------------------------------------------------
 
 
+FAMILIES = {"gpt_neox": GPT_NEOX, "llama": LLAMA}
+
+
+def family_of(config: MLKVConfig) -> Family:
+    return FAMILIES[config.family]
+
+
 def matched_intermediate_size(base: MLKVConfig, layout: KVLayout) -> int:
     """The MLP width that keeps the parameter count of `base` after moving to `layout`.
 
     The paper's rule (its Table 2): parameters lost = lost KV heads · (2·d·d_k + 2·d_k), per layer
-    = lost // l, intermediate += round(per_layer / d) // 2.
+    = lost // l, intermediate += round(per_layer / d) // 2. A gated MLP grows three matrices a unit
+    (and two biases with `mlp_bias`): intermediate += round(per_layer / (3·d + 2·mlp_bias)).
     """
     d, dk = base.hidden_size, base.head_dim
     lost_heads = base.layout.kv_heads_total() - layout.kv_heads_total()
-    lost = lost_heads * (2 * d * dk + 2 * dk)
-    per_layer = lost // base.num_layers
-    return base.intermediate_size + round(per_layer / d) // 2
+    if not base.gated_mlp:
+        per_layer = lost_heads * (2 * d * dk + 2 * dk) // base.num_layers
+        return base.intermediate_size + round(per_layer / d) // 2
+    per_layer = lost_heads * 2 * (d + int(base.attention_bias)) * dk / base.num_layers
+    return base.intermediate_size + round(per_layer / (3 * d + 2 * int(base.mlp_bias)))
 
 
 def target_config(
@@ -47,14 +61,21 @@ def target_config(
     """The converted model's config: the base's shape, the new layout, and a matched MLP width.
 
     `kv_layers` (m) and `kv_groups` (g) give the paper's uniform layout; `kv_owner` an explicit map
-    (layer i attends with the K/V of layer kv_owner[i]). Unset values keep the base's (MHA).
+    (layer i attends with the K/V of layer kv_owner[i]). Unset values keep the base's (its g_b KV
+    heads in every layer). g must divide g_b: each target K/V head is the mean of g_b/g base heads.
     """
-    if base.layout.kv_heads_total() != base.num_layers * base.num_heads:
+    if base.layout.kv_layers != base.num_layers:
         raise ConfigError(
-            f"the base must be multi-head (every layer owns {base.num_heads} KV heads); "
-            f"it has layout {base.layout.name}"
+            f"the base must own K/V in every layer; it has layout {base.layout.name} (m = {base.layout.kv_layers})"
         )
     cfg = base.with_layout(kv_layers, kv_groups, kv_owner)
+    g, g_b = cfg.num_kv_heads, base.num_kv_heads
+    if g_b % g:
+        allowed = ", ".join(str(x) for x in range(1, g_b + 1) if g_b % x == 0)
+        raise ConfigError(
+            f"kv_groups (g) = {g} must divide the base's {g_b} KV heads (each target head is the mean of g_b / g "
+            f"of them); allowed: {allowed}"
+        )
     if match_params:
         cfg = base.with_layout(
             kv_layers, kv_groups, kv_owner, intermediate_size=matched_intermediate_size(base, cfg.layout)
@@ -63,8 +84,9 @@ def target_config(
 
 
 def group_heads(heads: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """K or V heads (h, d_k, ...) -> (g, d_k, ...) in float32: the mean of each group of h/g
-    consecutive heads, the heads that will share one KV head (query head i uses KV head i // (h/g))."""
+    """K or V heads (g_b, d_k, ...) -> (g, d_k, ...) in float32: the mean of each group of g_b/g
+    consecutive heads, the heads whose queries will share one KV head (query head i uses KV head
+    i // (h/g) after, i // (h/g_b) before; g_b = h for a multi-head base)."""
     return heads.float().reshape(num_kv_heads, -1, *heads.shape[1:]).mean(dim=1)
 
 
@@ -109,23 +131,25 @@ def merge_kv(per_layer: list[torch.Tensor], num_kv_heads: int, merge: str = "mea
     return merger.result(per_layer[0].dtype)
 
 
-def widen_mlp(w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor, size: int, mlp_init: str = "zero"):
-    """Grow an MLP (w_in (I, d), b_in (I,), w_out (d, I)) to `size` units.
+def widen_mlp(inputs: dict, output: torch.Tensor, size: int, mlp_init: str = "zero") -> tuple[dict, torch.Tensor]:
+    """Grow an MLP to `size` units: `inputs` {name: tensor whose first dimension is the unit} (the
+    input weights (I, d) and biases (I,): GPT-NeoX's dense_h_to_4h, Llama's gate_proj and up_proj),
+    `output` the output weight (d, I).
 
     New units copy the input weights of the first units; their output weights are zero (`zero`: the
     widened MLP computes exactly what it did) or copied too (`copy`, the reference code's choice).
     """
     if mlp_init not in MLP_INITS:
         raise ConfigError(f"mlp_init = '{mlp_init}' is not supported; allowed: {', '.join(MLP_INITS)}")
-    units = w_in.shape[0]
+    units = output.shape[1]
     extra = size - units
     if extra < 0:
         raise ConfigError(f"cannot shrink the MLP from {units} to {size} units")
     if extra == 0:
-        return w_in, b_in, w_out
+        return inputs, output
     src = torch.arange(extra) % units
-    new_out = w_out[:, src] if mlp_init == "copy" else torch.zeros_like(w_out[:, :extra])
-    return torch.cat([w_in, w_in[src]]), torch.cat([b_in, b_in[src]]), torch.cat([w_out, new_out], dim=1)
+    new_out = output[:, src] if mlp_init == "copy" else torch.zeros_like(output[:, :extra])
+    return {k: torch.cat([t, t[src]]) for k, t in inputs.items()}, torch.cat([output, new_out], dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,14 +165,16 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _expect_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    if tuple(t.shape) != shape:
-        raise CheckpointError(f"tensor '{name}' has shape {tuple(t.shape)}, but the config implies {shape}")
-    return t
+# the MLP's input-side modules (one row a unit) and output module, by whether it is gated
+MLP_MODULES = {
+    False: (("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h"),
+    True: (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
+}
 
 
 def _layer_tensors(
     get: Callable[[str], torch.Tensor],
+    family: Family,
     base: MLKVConfig,
     target: MLKVConfig,
     prefix: str,
@@ -157,33 +183,22 @@ def _layer_tensors(
     cast: Callable[[torch.Tensor], torch.Tensor],
     fold: Callable[[str, str, torch.Tensor], None],
 ) -> dict:
-    """All of one layer's output tensors except its merged K/V: layer norms, Q, attention output
-    and the widened MLP. The layer's K and V heads (h, d_k, ...) go to `fold(kind, part, heads)`."""
-    h, d, dk = base.num_heads, base.hidden_size, base.head_dim
-    p, out = f"{prefix}layers.{layer}.", f"layers.{layer}."
-    sd = {}
-    for name in ("input_layernorm", "post_attention_layernorm"):
-        for kind in ("weight", "bias"):
-            sd[f"{out}{name}.{kind}"] = cast(get(f"{p}{name}.{kind}"))
-    for kind in ("weight", "bias") if base.attention_bias else ("weight",):
-        name = f"{p}attention.query_key_value.{kind}"
-        qkv = _expect_shape(name, get(name), (3 * h * dk, d) if kind == "weight" else (3 * h * dk,))
-        q, k, v = split_qkv(qkv, h)
-        sd[f"{out}attention.query.{kind}"] = cast(q.reshape(-1, *q.shape[2:]))
-        fold(kind, "key", k)
-        fold(kind, "value", v)
-        del qkv, q, k, v  # the fused tensor is the layer's largest: free it before reading the MLP
-        sd[f"{out}attention.dense.{kind}"] = cast(get(f"{p}attention.dense.{kind}"))
-    w_in, b_in, w_out = widen_mlp(
-        get(f"{p}mlp.dense_h_to_4h.weight"),
-        get(f"{p}mlp.dense_h_to_4h.bias"),
-        get(f"{p}mlp.dense_4h_to_h.weight"),
-        target.intermediate_size,
-        mlp_init,
-    )
-    sd[f"{out}mlp.dense_h_to_4h.weight"], sd[f"{out}mlp.dense_h_to_4h.bias"] = cast(w_in), cast(b_in)
-    sd[f"{out}mlp.dense_4h_to_h.weight"] = cast(w_out)
-    sd[f"{out}mlp.dense_4h_to_h.bias"] = cast(get(f"{p}mlp.dense_4h_to_h.bias"))
+    """All of one layer's output tensors except its merged K/V: norms, Q, attention output and the
+    widened MLP. The layer's K and V heads (g_b, d_k, ...) go to `fold(kind, part, heads)`."""
+    tensors = family.read_layer(get, base, prefix, layer)
+    inputs, output = MLP_MODULES[base.gated_mlp]
+    out, sd, mlp_in = f"layers.{layer}.", {}, {}
+    for name, t in tensors.items():
+        module, _, kind = name.rpartition(".")
+        if module in ("attention.key", "attention.value"):
+            fold(kind, module.rpartition(".")[2], t)
+        elif module in inputs:
+            mlp_in[name] = t
+        elif name != f"{output}.weight":
+            sd[out + name] = cast(t)
+    mlp_in, w_out = widen_mlp(mlp_in, tensors[f"{output}.weight"], target.intermediate_size, mlp_init)
+    sd.update({out + name: cast(t) for name, t in mlp_in.items()})
+    sd[f"{out}{output}.weight"] = cast(w_out)
     return sd
 
 
@@ -193,30 +208,34 @@ def convert_tensors(
     target: MLKVConfig,
     merge: str = "mean",
     mlp_init: str = "zero",
-    prefix: str = "gpt_neox.",
-    head_names: tuple[str, ...] = ("embed_out.weight", "lm_head.weight"),
+    prefix: str | None = None,
+    head_names: tuple[str, ...] | None = None,
     has: Callable[[str], bool] | None = None,
     dtype: torch.dtype | None = None,
     layers: Iterable[int] | None = None,
     release: Callable[[], None] | None = None,
 ) -> dict:
-    """Convert GPT-NeoX tensors fetched by name with `get` into an `MLKVTransformer` state dict.
+    """Convert a checkpoint's tensors, fetched by name with `get`, into an `MLKVTransformer` state dict.
 
     Each base tensor is fetched once, in layer order: a layer's Q, attention output and MLP are
     converted as soon as it is read, and its grouped K/V heads are folded into its owner's running
     merge, which is emitted after the owner's last served layer. Besides the output, only one
     layer's base tensors and the running K/V merges (g heads each) are alive.
 
-    `has(name)` tells which of `head_names` (the output head, untied models) exists; `dtype` casts
-    the output (default: the dtype of the base's embedding); `layers` is `range(l)`, possibly
-    wrapped in a progress bar; `release()` is called after the embeddings and after each layer (the
-    reader drops what it keeps mapped).
+    `prefix` and `head_names` default to the base family's (`family.Family`); `has(name)` tells
+    which of `head_names` (the output head, untied models) exists; `dtype` casts the output
+    (default: the dtype of the base's embedding); `layers` is `range(l)`, possibly wrapped in a
+    progress bar; `release()` is called after the embeddings and after each layer (the reader drops
+    what it keeps mapped).
     """
+    family = family_of(base)
+    prefix = family.prefixes[0] if prefix is None else prefix
+    head_names = head_names or family.heads
     release = release or (lambda: None)
     if mlp_init not in MLP_INITS:
         raise ConfigError(f"mlp_init = '{mlp_init}' is not supported; allowed: {', '.join(MLP_INITS)}")
     layout, g, d = target.layout, target.num_kv_heads, base.hidden_size
-    embed = _expect_shape(f"{prefix}embed_in.weight", get(f"{prefix}embed_in.weight"), (base.vocab_size, d))
+    embed = expect_shape(f"{prefix}{family.embed}", get(f"{prefix}{family.embed}"), (base.vocab_size, d))
     dtype = dtype or embed.dtype
 
     def cast(t: torch.Tensor) -> torch.Tensor:
@@ -230,11 +249,11 @@ def convert_tensors(
         if head is None:
             raise CheckpointError(
                 f"no output head ({' or '.join(head_names)}) and tie_word_embeddings is "
-                f"false: a bare GPTNeoXModel checkpoint cannot be converted"
+                f"false: a bare decoder checkpoint cannot be converted"
             )
-        sd["embed_out.weight"] = cast(_expect_shape(head, get(head), (base.vocab_size, d)))
-    for kind in ("weight", "bias"):
-        sd[f"final_layer_norm.{kind}"] = cast(get(f"{prefix}final_layer_norm.{kind}"))
+        sd["embed_out.weight"] = cast(expect_shape(head, get(head), (base.vocab_size, d)))
+    for kind in ("weight",) if base.family == "llama" else ("weight", "bias"):  # RMSNorm has no shift
+        sd[f"final_layer_norm.{kind}"] = cast(get(f"{prefix}{family.final_norm}.{kind}"))
     release()
 
     kinds = ("weight", "bias") if base.attention_bias else ("weight",)
@@ -246,7 +265,7 @@ def convert_tensors(
         def fold(kind: str, part: str, heads: torch.Tensor, owner: int = owner) -> None:
             mergers.setdefault((owner, kind, part), LayerMerger(merge)).add(group_heads(heads, g))
 
-        sd.update(_layer_tensors(get, base, target, prefix, i, mlp_init, cast, fold))
+        sd.update(_layer_tensors(get, family, base, target, prefix, i, mlp_init, cast, fold))
         if last_served[owner] == i:  # every layer `owner` serves has been folded in
             for kind in kinds:
                 for part in ("key", "value"):
@@ -265,11 +284,11 @@ def convert_layer(
     merge: str = "mean",
     mlp_init: str = "zero",
 ) -> dict:
-    """One layer's tensors in MLKV names. `served`: the base tensors of the layers this owner serves
-    (owner first, keys relative to the layer, e.g. `attention.query_key_value.weight`), or None
-    when `layer` does not own K/V."""
+    """One layer of a GPT-NeoX state dict in MLKV names. `served`: the base tensors of the layers this
+    owner serves (owner first, keys relative to the layer, e.g. `attention.query_key_value.weight`),
+    or None when `layer` does not own K/V."""
     sd = _layer_tensors(
-        base_sd.__getitem__, base, target, prefix, layer, mlp_init, _owned, lambda kind, part, heads: None
+        base_sd.__getitem__, GPT_NEOX, base, target, prefix, layer, mlp_init, _owned, lambda kind, part, heads: None
     )
     for kind in (("weight", "bias") if base.attention_bias else ("weight",)) if served is not None else ():
         ks, vs = zip(*(split_qkv(s[f"attention.query_key_value.{kind}"], base.num_heads)[1:] for s in served))
@@ -284,12 +303,13 @@ def convert_state_dict(
     target: MLKVConfig,
     merge: str = "mean",
     mlp_init: str = "zero",
-    prefix: str = "gpt_neox.",
+    prefix: str | None = None,
 ) -> dict:
-    """A transformers `GPTNeoXForCausalLM` state dict -> an `MLKVTransformer` state dict for `target`.
+    """A transformers `GPTNeoXForCausalLM` (or `LlamaForCausalLM`, `Qwen2ForCausalLM`,
+    `MistralForCausalLM`) state dict -> an `MLKVTransformer` state dict for `target`.
 
     The output head is read from `lm_head.weight` (transformers 5 in memory) or `embed_out.weight`
-    (checkpoint files); with tied embeddings it is `embed_in`.
+    (GPT-NeoX checkpoint files); with tied embeddings it is `embed_in`.
     """
 
     def get(name: str) -> torch.Tensor:

@@ -1,13 +1,16 @@
-"""GPT-NeoX's own layout, both directions: its fused `query_key_value` (rows `[h, 3, d_k]`) split into
-q, k, v for conversion, and an MHA `MLKVTransformer` back into transformers' `GPTNeoXForCausalLM`
-(same weights, same logits), the baseline the benchmarks compare against."""
+"""GPT-NeoX's own layout, both directions: its checkpoints' names and fused `query_key_value` (rows
+`[h, 3, d_k]`) read for conversion (`GPT_NEOX`), and an MHA `MLKVTransformer` back into transformers'
+`GPTNeoXForCausalLM` (same weights, same logits), the baseline the benchmarks compare against."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from ..config import ConfigError, MLKVConfig
 from ..model import MLKVTransformer
+from .family import Family, expect_shape
 
 
 def split_qkv(tensor: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,3 +63,34 @@ def to_gpt_neox(model: MLKVTransformer):
     sd[head] = sd.pop("embed_out.weight")  # `embed_out` or `lm_head`, by transformers version
     ref.load_state_dict(sd, strict=True)
     return ref.eval()
+
+
+def read_layer(get: Callable[[str], torch.Tensor], base: MLKVConfig, prefix: str, i: int) -> dict:
+    """Layer i of a GPT-NeoX checkpoint in our names; K and V as heads (h, d_k, ...)."""
+    h, d, dk = base.num_heads, base.hidden_size, base.head_dim
+    p = f"{prefix}layers.{i}."
+    out = {}
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        for kind in ("weight", "bias"):
+            out[f"{name}.{kind}"] = get(f"{p}{name}.{kind}")
+    for kind in ("weight", "bias") if base.attention_bias else ("weight",):
+        name = f"{p}attention.query_key_value.{kind}"
+        qkv = expect_shape(name, get(name), (3 * h * dk, d) if kind == "weight" else (3 * h * dk,))
+        q, k, v = split_qkv(qkv, h)
+        out[f"attention.query.{kind}"] = q.reshape(-1, *q.shape[2:])
+        out[f"attention.key.{kind}"], out[f"attention.value.{kind}"] = k, v
+        out[f"attention.dense.{kind}"] = get(f"{p}attention.dense.{kind}")
+    for name in ("dense_h_to_4h", "dense_4h_to_h"):
+        for kind in ("weight", "bias"):
+            out[f"mlp.{name}.{kind}"] = get(f"{p}mlp.{name}.{kind}")
+    return out
+
+
+GPT_NEOX = Family(
+    name="gpt_neox",
+    prefixes=("gpt_neox.", ""),
+    embed="embed_in.weight",
+    final_norm="final_layer_norm",
+    heads=("embed_out.weight", "lm_head.weight"),
+    read_layer=read_layer,
+)

@@ -22,7 +22,7 @@ import torch
 from ..config import ConfigError, MLKVConfig
 from ..hf import CheckpointError
 from ..layout import KVLayout, LayoutError
-from .core import _expect_shape
+from .family import expect_shape
 
 FORMAT = "pythia-mlkv"  # the name reports give the format
 LAYER_KEYS = "num_key_value_layers"
@@ -77,7 +77,7 @@ def reference_tensors(
     `dtype` casts (default: the embedding's); `release()` runs after each layer."""
     release = release or (lambda: None)
     has = has or (lambda name: True)
-    fetch = lambda name, shape: _expect_shape(name, get(name), shape)
+    fetch = lambda name, shape: expect_shape(name, get(name), shape)
     d, dk, h, g = config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads
     inter, v = config.intermediate_size, config.vocab_size
     embed = fetch(f"{prefix}embed_in.weight", (v, d))

@@ -50,8 +50,15 @@ import torch.distributed as dist
 from .. import parallel as tp
 from ..config import MLKVConfig
 from ..data import DataError, PackedDataset, Prefetcher, RowSampler, collate, rank_slice
-from ..errors import MLKVError, first_line
-from ..hf import CheckpointError, export_pretrained, load_pretrained, remove_partial_exports, special_token_ids
+from ..errors import MLKVError
+from ..hf import (
+    CheckpointError,
+    export_pretrained,
+    load_pretrained,
+    read_config,
+    remove_partial_exports,
+    special_token_ids,
+)
 from ..integrity import atomic_write, manifest
 from .distill import Distillation, check_teacher, distill_settings, load_teacher
 from .ds_config import UptrainError, load_ds_config
@@ -135,12 +142,11 @@ def single_process_env() -> None:
     """Environment for a single process started without the deepspeed launcher (rank 0 of 1, a free
     port); unchanged when a launcher set it."""
     if "RANK" not in os.environ:
-        import socket
+        from ..cli import free_port
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
 
 
 class RunPlan:
@@ -159,16 +165,10 @@ class RunPlan:
         self.micro = self.ds_config["train_micro_batch_size_per_gpu"]
         self.gas = self.ds_config["gradient_accumulation_steps"]
         self.global_batch = self.ds_config["train_batch_size"]
-        init = Path(args.init)
-        if not (init / "config.json").is_file():
-            raise UptrainError(f"--init {init}: no config.json; expected a folder written by launch/convert.py")
-        from ..configuration_mlkv import MLKVGPTNeoXConfig
-
         try:
-            self.hf_config = MLKVGPTNeoXConfig.from_pretrained(init)
-            self.config = self.hf_config.model_config()
-        except Exception as e:
-            raise UptrainError(f"--init {init}: cannot read config.json ({first_line(e)})") from None
+            self.hf_config, self.config = read_config(args.init)
+        except CheckpointError as e:
+            raise UptrainError(f"--init {e}") from None
         if args.tp > 1:
             try:
                 tp.check_tp_config(self.config, args.tp)
