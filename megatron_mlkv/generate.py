@@ -181,7 +181,11 @@ class StaticDecoder:
         # cat(x2, x1) * that (one gather a step instead of recomputing the frequencies)
         cfg, half = model.config, model.config.rotary_dim // 2
         cos, sin = rotary_cos_sin(
-            torch.arange(max_len, device=device)[None], cfg.rotary_dim, cfg.rotary_emb_base, param.dtype
+            torch.arange(max_len, device=device)[None],
+            cfg.rotary_dim,
+            cfg.rotary_emb_base,
+            param.dtype,
+            cfg.rope_scaling,
         )
         sin[..., :half] = -sin[..., :half]
         self.rotary = torch.stack([cos[0, 0], sin[0, 0]])  # (2, max_len, rotary_dim)
@@ -482,18 +486,36 @@ def gelu_mode(act) -> str | None:
 def pad_mlp_(model: MLKVTransformer, multiple: int = 64) -> MLKVTransformer:
     """Widen every MLP's hidden layer to a multiple of `multiple` with zero units, in place.
 
-    The function is unchanged (each added unit has zero input weights and bias, act(0) = 0, and zero
-    output weights), but GPU matrix products run at full speed only on aligned widths, and the
-    parameter-matched widths of converted layouts are not (Pythia-160M MLKV-6: 3809). For inference:
-    the state dict no longer matches `config.intermediate_size`.
+    The function is unchanged (each added unit has zero input weights and biases, act(0) = 0 (SiLU
+    and GELU; a gated unit is act(0)·0 = 0), and zero output weights), but GPU matrix products run
+    at full speed only on aligned widths, and the parameter-matched widths of converted layouts are
+    not (Pythia-160M MLKV-6: 3809). For inference: the state dict no longer matches
+    `config.intermediate_size`.
     """
+
+    def widen(linear: nn.Linear, dim: int, pad: int) -> None:
+        """`pad` zero rows (dim 0: units out) or columns (dim 1: units in) more for `linear`."""
+        linear.weight = nn.Parameter(
+            F.pad(linear.weight, (0, pad) if dim else (0, 0, 0, pad)), requires_grad=linear.weight.requires_grad
+        )
+        if dim == 0 and linear.bias is not None:
+            linear.bias = nn.Parameter(F.pad(linear.bias, (0, pad)), requires_grad=linear.bias.requires_grad)
+        if dim:
+            linear.in_features += pad
+        else:
+            linear.out_features += pad
+
     for block in model.layers:
-        up, down = block.mlp.dense_h_to_4h, block.mlp.dense_4h_to_h
-        pad = -up.out_features % multiple
-        up.weight = nn.Parameter(F.pad(up.weight, (0, 0, 0, pad)), requires_grad=up.weight.requires_grad)
-        up.bias = nn.Parameter(F.pad(up.bias, (0, pad)), requires_grad=up.bias.requires_grad)
-        down.weight = nn.Parameter(F.pad(down.weight, (0, pad)), requires_grad=down.weight.requires_grad)
-        up.out_features = down.in_features = up.out_features + pad
+        mlp = block.mlp
+        ins, out = (
+            ((mlp.gate_proj, mlp.up_proj), mlp.down_proj)
+            if hasattr(mlp, "gate_proj")
+            else ((mlp.dense_h_to_4h,), mlp.dense_4h_to_h)
+        )
+        pad = -out.in_features % multiple
+        for linear in ins:
+            widen(linear, 0, pad)
+        widen(out, 1, pad)
     return model
 
 

@@ -210,6 +210,7 @@ if triton is not None:
         B_PARTS: tl.constexpr,
         NORMS: tl.constexpr,
         AFFINE: tl.constexpr,
+        RMS: tl.constexpr,
         GATHER: tl.constexpr,
         ADVANCE: tl.constexpr,
         BLOCK: tl.constexpr,
@@ -220,10 +221,10 @@ if triton is not None:
         mask = cols < D
         if AFFINE:  # the norms' weights: read before the kernel before this one is done
             w1 = tl.load(w1_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            c1 = tl.load(c1_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            c1 = 0.0 if RMS else tl.load(c1_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             if NORMS == 2:
                 w2 = tl.load(w2_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                c2 = tl.load(c2_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                c2 = 0.0 if RMS else tl.load(c2_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         _after_previous(PDL)
         src = tl.load(rows_ptr + row).to(tl.int64) if GATHER else row  # GATHER: x is a table (an embedding)
         x = tl.load(x_ptr + src * D + cols, mask=mask, other=0.0).to(tl.float32)
@@ -240,8 +241,10 @@ if triton is not None:
             x = x.to(tl.float32)
         elif GATHER:
             tl.store(x_out_ptr + row * D + cols, x.to(x_out_ptr.dtype.element_ty), mask=mask)
-        mean = tl.sum(x, 0) / D
-        diff = tl.where(mask, x - mean, 0.0)
+        if RMS:  # RMSNorm: x / sqrt(mean(x²) + eps) · w (the shift c is 0)
+            diff = tl.where(mask, x, 0.0)
+        else:
+            diff = tl.where(mask, x - tl.sum(x, 0) / D, 0.0)
         var = tl.sum(diff * diff, 0) / D
         y = diff * tl.rsqrt(var + eps1)
         if AFFINE:
@@ -411,6 +414,7 @@ def add_norm(
 
     An addend is (b, d), or (s, b, d) contiguous: the partial sums of `linear` split over K, added
     up here. Returns (the sum, [norm(sum) for norm in norms]); with no addends the sum is x itself.
+    The norms are LayerNorms or RMSNorms (`model.RMSNorm`, which has no shift), not one of each.
     `norms` may instead be an eps: one normalisation without scale and shift (folded into the next
     weights). rows (b,): x is a table (an embedding, (n, d)) and the kernel's x is x[rows] (also
     returned as the sum). advance: a one-element tensor (the decode position) to add 1 to.
@@ -425,8 +429,10 @@ def add_norm(
     assert all(t.is_contiguous() and t.shape[-2:] == (b, dim) for t in addends)
     a, c = (tuple(addends) + (x, x))[:2]
     n1, n2 = (norms[0], norms[-1]) if affine else (None, None)
-    w1, c1, eps1 = (n1.weight, n1.bias, n1.eps) if affine else (x, x, norms)
-    w2, c2, eps2 = (n2.weight, n2.bias, n2.eps) if affine else (x, x, norms)
+    rms = affine and getattr(n1, "bias", None) is None
+    assert not affine or rms == (getattr(n2, "bias", None) is None), "one kind of norm per kernel"
+    w1, c1, eps1 = (n1.weight, x if rms else n1.bias, n1.eps) if affine else (x, x, norms)
+    w2, c2, eps2 = (n2.weight, x if rms else n2.bias, n2.eps) if affine else (x, x, norms)
     _add_norm_kernel[(b,)](
         x,
         a,
@@ -448,6 +454,7 @@ def add_norm(
         B_PARTS=parts[1],
         NORMS=len(ys),
         AFFINE=affine,
+        RMS=rms,
         GATHER=rows is not None,
         ADVANCE=advance is not None,
         BLOCK=triton.next_power_of_2(dim),

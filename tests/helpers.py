@@ -14,11 +14,34 @@ from megatron_mlkv.config import MLKVConfig
 from megatron_mlkv.conversion import convert_state_dict
 from megatron_mlkv.model import MLKVTransformer
 
+# the Llama family's tiny checkpoints: h = 8 query heads over g_b = 4 KV heads (GQA), l = 4, d = 64
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=32,  # shorter than the tests' sequences: the scaling matters
+)
+LLAMA_CONFIG = dict(
+    family="llama",
+    use_parallel_residual=False,
+    rotary_pct=1.0,
+    hidden_act="silu",
+    attention_bias=False,
+    mlp_bias=False,
+    rope_scaling={k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"},
+    rotary_emb_base=500000.0,
+)
+
 
 def tiny_config(**changes) -> MLKVConfig:
     """l = 4 layers, h = 4 heads, d = 64, vocabulary 101 (odd: exercises TP's vocabulary padding);
-    `kv_layers=m` (with `num_kv_heads=g`) gives the uniform MLKV layout."""
+    `kv_layers=m` (with `num_kv_heads=g`) gives the uniform MLKV layout. `family="llama"` gives the
+    Llama family's parts (`LLAMA_CONFIG`: RMSNorm, gated SiLU MLP, Llama-3 rope scaling)."""
     kv_layers = changes.pop("kv_layers", None)
+    if changes.get("family") == "llama":
+        changes = {**LLAMA_CONFIG, **changes}
     values = dict(
         vocab_size=101, hidden_size=64, num_layers=4, num_heads=4, intermediate_size=96, max_position_embeddings=64
     )
@@ -40,6 +63,38 @@ def gpt_neox(seed=0, std=0.2, **hf_kwargs) -> GPTNeoXForCausalLM:
     )
     values.update(hf_kwargs)
     model = GPTNeoXForCausalLM(GPTNeoXConfig(**values)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model
+
+
+LLAMA_KINDS = {
+    "llama": dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
+    "qwen2": dict(tie_word_embeddings=False),
+    "mistral": dict(sliding_window=None),
+}
+
+
+def llama_family(kind: str = "llama", seed=0, std=0.2, **hf_kwargs):
+    """A random transformers LlamaForCausalLM ("llama": GQA, Llama-3 rope scaling, tied embeddings),
+    Qwen2ForCausalLM (biased q, k, v) or MistralForCausalLM, in float32, weights large enough that
+    attention is far from uniform."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    values = dict(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        **LLAMA_KINDS[kind],
+    )
+    values.update(hf_kwargs)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **values)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, std)

@@ -28,8 +28,8 @@ MICRO = 2
 SEQ = 16
 
 
-# case: (ZeRO stage, loss, MLP width, distillation weight A or None); 97 is no multiple of 8, as a
-# converted model's widened MLP can be
+# case: (ZeRO stage, loss, MLP width, distillation weight A or None[, family]); 97 is no multiple of 8,
+# as a converted model's widened MLP can be
 CASES = {
     "2-chunked": (2, "chunked", 96, None),
     "3-chunked": (3, "chunked", 96, None),
@@ -39,10 +39,13 @@ CASES = {
     "2-distill-A0": (2, "chunked", 96, 0.0),
     "2-distill": (2, "chunked", 96, 0.5),
     "3-distill": (3, "chunked", 96, 0.5),
+    # the Llama family (RMSNorm, gated MLP; a Llama teacher)
+    "2-llama": (2, "chunked", 97, 0.5, "llama"),
+    "3-llama": (3, "chunked", 97, 0.5, "llama"),
 }
 
 
-def _run(stage: int, loss: str, width: int, distill_weight: float | None) -> dict:
+def _run(stage: int, loss: str, width: int, distill_weight: float | None, family: str = "gpt_neox") -> dict:
     """Losses of STEPS optimizer steps of a tiny MLKV model (owner and served layers) with compiled
     layers, and the parameters that do not start 16-byte aligned; any dynamo recompilation beyond one
     per kind of layer raises. With `distill_weight`, distilled from a multi-head teacher (compiled)."""
@@ -52,11 +55,11 @@ def _run(stage: int, loss: str, width: int, distill_weight: float | None) -> dic
     from megatron_mlkv.training.engine import compile_blocks, make_engine
 
     torch._dynamo.reset()
-    model = random_mlkv(tiny_config(kv_layers=2, num_kv_heads=2, intermediate_size=width), std=0.05)
+    model = random_mlkv(tiny_config(kv_layers=2, num_kv_heads=2, intermediate_size=width, family=family), std=0.05)
     compile_blocks(model)
     distill = None
     if distill_weight is not None:
-        teacher = random_mlkv(tiny_config(), seed=3, std=0.2).requires_grad_(False)
+        teacher = random_mlkv(tiny_config(family=family), seed=3, std=0.2).requires_grad_(False)
         compile_blocks(teacher)
         distill = Distillation(teacher, distill_weight, 2.0)
         teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -127,7 +130,9 @@ def _losses(runs: dict, case: str) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case, ref", [("3-chunked", "2-chunked"), ("3-logits", "2-chunked"), ("2-odd", "3-odd")])
+@pytest.mark.parametrize(
+    "case, ref", [("3-chunked", "2-chunked"), ("3-logits", "2-chunked"), ("2-odd", "3-odd"), ("3-llama", "2-llama")]
+)
 def test_zero3_compiled_layers_train_as_zero2(runs, case, ref):
     want = _losses(runs, ref)
     assert _losses(runs, case) == pytest.approx(want, rel=1e-5)

@@ -176,18 +176,26 @@ def test_linear_argmax_and_pick_give_the_first_largest_logit(monkeypatch):
 
 
 @interpreted
-@pytest.mark.parametrize("addends", [0, 1, 2, "partials"])
-@pytest.mark.parametrize("norms", [1, 2, "plain"])
+@pytest.mark.parametrize(
+    "addends, norms",
+    [(a, n) for a in (0, 1, 2, "partials") for n in (1, 2, "plain")] + [(1, "rms"), ("partials", "rms2")],
+)
 def test_add_norm_equals_torch(addends, norms):
     from megatron_mlkv import kernels
+    from megatron_mlkv.model import RMSNorm
 
     torch.manual_seed(0)
     shapes = [(3, 5, 48), (5, 48)] if addends == "partials" else [(5, 48)] * addends
     x, parts = torch.randn(5, 48), tuple(torch.randn(s) for s in shapes)
-    layer_norms = [torch.nn.LayerNorm(48, eps=e) for e in (1e-5, 1e-3)]
+    if str(norms).startswith("rms"):  # the Llama family's: no mean subtracted, no shift
+        norms = 2 if norms == "rms2" else 1
+        layer_norms = [RMSNorm(48, eps=e) for e in (1e-5, 1e-3)]
+    else:
+        layer_norms = [torch.nn.LayerNorm(48, eps=e) for e in (1e-5, 1e-3)]
     for ln in layer_norms:
         torch.nn.init.normal_(ln.weight)
-        torch.nn.init.normal_(ln.bias)
+        if getattr(ln, "bias", None) is not None:
+            torch.nn.init.normal_(ln.bias)
     total, ys = kernels.add_norm(x.clone(), parts, 1e-5 if norms == "plain" else layer_norms[:norms])
     expected = x + sum(p.sum(0) if p.dim() == 3 else p for p in parts) if parts else x
     torch.testing.assert_close(total, expected)
@@ -230,10 +238,13 @@ def decode_logits(model, attention, splits=None, steps=4):
     +
     # the sequential residual (not Pythia's): one layout with and one without
     # K/V sharing is enough, the per-layer path is the same for all
-    [("gqa", False), ("mlkv-m<l", False)],
+    [("gqa", False), ("mlkv-m<l", False)]
+    # the Llama family (RMSNorm in `add_norm`, gated MLP, llama3 rope scaling beyond 32 positions)
+    + [("llama-gqa", False), ("llama-mlkv-m<l-g<h", False)],
 )
 def test_triton_decoder_equals_sdpa_decoder(layout, parallel):
-    model = model_for(layout, use_parallel_residual=parallel)
+    family = "llama" if layout.startswith("llama-") else "gpt_neox"
+    model = model_for(layout.removeprefix("llama-"), use_parallel_residual=parallel, family=family)
     expected = decode_logits(model, "sdpa")
     for splits in (None, 2):  # one split at this length, and the merged splits
         torch.testing.assert_close(decode_logits(model, "triton", splits), expected, atol=2e-5, rtol=1e-5)

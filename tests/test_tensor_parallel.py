@@ -147,7 +147,8 @@ def check_against_tp1(
     padding = (plan.padded_vocab_size - config.vocab_size) * config.hidden_size
     padding *= 1 if config.tie_word_embeddings else 2
     mlp_pad = -(-config.intermediate_size // T) * T - config.intermediate_size  # zero-padded MLP units
-    padding += config.num_layers * mlp_pad * (2 * config.hidden_size + 1)  # in weight + bias, out weight
+    per_unit = (3 if config.gated_mlp else 2) * config.hidden_size + config.mlp_bias * (2 if config.gated_mlp else 1)
+    padding += config.num_layers * mlp_pad * per_unit  # input weights (and biases), output weight
     assert counted.item() == sum(p.numel() for p in ref.parameters()) + padding, "norm counts a tensor twice"
     close(tp.global_grad_norm(model, tp_group), ref_norm, "global grad norm")
 
@@ -382,6 +383,18 @@ TP2_CASES = {
     "vocab_divisible_g1": dict(num_kv_heads=1, vocab_size=128),
     "mlp_width_padded_m2_g1": dict(kv_layers=2, num_kv_heads=1, intermediate_size=97),
     "unrotated_shared_keys_m2_g2": dict(kv_layers=2, num_kv_heads=2, unrotated_shared_keys=True),
+    # the Llama family: RMSNorm entering the TP region, gate_proj/up_proj/down_proj, llama3 rope scaling
+    "llama_gqa_g2_shard": dict(family="llama", num_kv_heads=2),
+    "llama_mlkv_m2_g1_replicate_mlp_padded": dict(family="llama", kv_layers=2, num_kv_heads=1, intermediate_size=97),
+    "qwen2_biases_m2_g2_tied": dict(
+        family="llama",
+        kv_layers=2,
+        num_kv_heads=2,
+        attention_bias=True,
+        attention_out_bias=False,
+        mlp_bias=True,
+        tie_word_embeddings=True,
+    ),
 }
 
 TP4_CASES = {
@@ -389,6 +402,7 @@ TP4_CASES = {
     "t4_g2_replicate_pairs": dict(num_kv_heads=2),
     "t4_mlkv_m2_g2_replicate_pairs": dict(kv_layers=2, num_kv_heads=2, use_parallel_residual=False),
     "t4_mlkv_m1_g1_replicate_all": dict(kv_layers=1, num_kv_heads=1),
+    "t4_llama_mlkv_m2_g2_replicate_pairs": dict(family="llama", kv_layers=2, num_kv_heads=2),
 }
 
 

@@ -1,12 +1,15 @@
-"""Conversion of GPT-NeoX checkpoints into MLKV layouts. core.py holds the math and the one pass over
-the layers, checkpoint_io.py reads base checkpoints (local or hub), convert.py writes converted
-folders and their reports, gpt_neox.py maps GPT-NeoX's own layout in both directions."""
+"""Conversion of GPT-NeoX and Llama-family checkpoints into MLKV layouts. core.py holds the math and the
+one pass over the layers, checkpoint_io.py reads base checkpoints (local or hub), convert.py writes
+converted folders and their reports, family.py says what a family's checkpoints look like, and
+gpt_neox.py and llama.py map each family's own layout in both directions."""
 
 from .checkpoint_io import SUPPORTED, WEIGHT_FILES, BaseCheckpoint, WeightReader, load_base_config, weight_files
 from .convert import (
     DTYPES,
     PAPER_LAYOUTS,
+    PLAIN,
     REPORT_NAME,
+    base_config,
     conversion_report,
     convert_checkpoint,
     convert_paper_variants,
@@ -15,7 +18,9 @@ from .convert import (
     load_base_model,
     paper_variants,
     parse_owner_map,
+    plain_form,
     resolve_dtype,
+    to_base_model,
 )
 from .core import (
     MERGE_MODES,
@@ -40,6 +45,10 @@ __all__ = [
     "load_base_config",
     "weight_files",
     "DTYPES",
+    "PLAIN",
+    "base_config",
+    "plain_form",
+    "to_base_model",
     "PAPER_LAYOUTS",
     "REPORT_NAME",
     "convert_checkpoint",

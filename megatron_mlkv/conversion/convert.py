@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, MLKVConfig
-from ..hf import TOKENIZER_FILES, CheckpointError, export_pretrained
+from ..hf import TOKENIZER_FILES, CheckpointError, copy_tokenizer_files, export_pretrained
 from ..layout import KVLayout
 from ..model import MLKVTransformer
 from .checkpoint_io import BaseCheckpoint, _opened, weights_prefix
-from .core import MERGE_MODES, MLP_INITS, convert_tensors, target_config
+from .core import MERGE_MODES, MLP_INITS, convert_tensors, family_of, target_config
 from .reference import FORMAT, reference_tensors
 
 DTYPES = {
@@ -28,6 +28,7 @@ DTYPES = {
     "bf16": torch.bfloat16,
 }
 REPORT_NAME = "conversion_report.json"
+PLAIN = "plain"  # the subfolder of a converted folder holding the base's own class (`plain_form`)
 # The paper's eight Pythia-160M variants (its Table 2) as functions of (l, h): name, m(l), g(h). The
 # pairs GQA-48/MLKV-48 and MQA-12/MLKV-12 keep equal KV budgets (l·h/3 and l heads) for any shape.
 PAPER_LAYOUTS = (
@@ -152,6 +153,38 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def plain_form(config: MLKVConfig) -> bool:
+    """Whether a converted model is also written as the base's own transformers class (in `PLAIN`): a
+    Llama-family layout without cross-layer sharing (m = l; any g) and biases that class holds."""
+    if config.family != "llama":
+        return False
+    from .llama import check_base_form
+
+    try:
+        check_base_form(config)
+    except ConfigError:
+        return False
+    return True
+
+
+def base_config(config: MLKVConfig):
+    """The transformers config of the family's own class for `config` (`GPTNeoXConfig` for an MHA
+    GPT-NeoX; the base's `LlamaConfig`, `Qwen2Config` or `MistralConfig`)."""
+    from .gpt_neox import gpt_neox_config
+    from .llama import base_config as llama_config
+
+    return gpt_neox_config(config) if config.family == "gpt_neox" else llama_config(config)
+
+
+def to_base_model(model: MLKVTransformer):
+    """`model` as transformers' own class of its family (same weights, same logits): `to_gpt_neox`
+    (MHA) or `llama.to_base_model` (no cross-layer sharing)."""
+    from .gpt_neox import to_gpt_neox
+    from .llama import to_base_model as to_llama
+
+    return to_gpt_neox(model) if model.config.family == "gpt_neox" else to_llama(model)
+
+
 def _write_folder(
     sd: dict,
     target: MLKVConfig,
@@ -163,7 +196,7 @@ def _write_folder(
     overwrite: bool,
 ) -> None:
     """Export `sd` and the report into a hidden sibling of `out`, then rename it to `out`: the
-    folder is either complete (report included) or absent."""
+    folder is either complete (report and `PLAIN` included) or absent."""
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
     try:
@@ -176,6 +209,14 @@ def _write_folder(
             dtype=dtype,
             hf_kwargs=ckpt.hf_kwargs(),
         )
+        if plain_form(target):  # also as the base's own class, which needs no remote code
+            from .llama import base_model
+
+            model = base_model(sd, target, dtype, ckpt.hf_kwargs())
+            model.save_pretrained(folder / PLAIN, max_shard_size=max_shard_size)
+            copy_tokenizer_files(ckpt.tokenizer_dir, folder / PLAIN)
+            report["plain"] = f"{PLAIN}/ ({type(model).__name__})"
+            del model
         sd.clear()  # export is written: drop the converted tensors before the next step
         report["tokenizer_files"] = sorted(n for n in TOKENIZER_FILES if (folder / n).is_file())
         (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
@@ -246,7 +287,7 @@ def convert_checkpoint(
             target = target_config(ckpt.config, kv_layers, kv_groups, kv_owner, match_params)
         with ckpt.tensors() as reader:
             prefix = weights_prefix(reader, ckpt.config)
-            base_dtype = reader.dtype(f"{prefix}embed_in.weight")
+            base_dtype = reader.dtype(f"{prefix}{family_of(ckpt.config).embed}")
             from tqdm.auto import tqdm
 
             layers = tqdm(
@@ -334,7 +375,7 @@ def _check_reference_options(ckpt: BaseCheckpoint, kv_layers, kv_groups, kv_owne
         )
 
 
-def paper_variants(num_layers: int, num_heads: int) -> list[tuple[str, int, int]]:
+def paper_variants(num_layers: int, num_heads: int, num_kv_heads: int | None = None) -> list[tuple[str, int, int]]:
     """The paper's eight layouts (its Table 2) for l layers and h heads: (folder name, m, g).
 
     For Pythia-160M (l = h = 12): gqa-48 (12, 4), mlkv-48 (4, 12), mqa-12 (12, 1), mlkv-12 (4, 3),
@@ -342,7 +383,15 @@ def paper_variants(num_layers: int, num_heads: int) -> list[tuple[str, int, int]
     (l, h/3), (l/3, h), (l, 1), (l/3, 3), (l/2, 1), (l/3, 1), (l/6, 1), (1, 1), named by their KV
     heads; that needs l a multiple of 6 (at least 12) and h a multiple of 3 (at least 6), so that all
     eight exist and differ. Anything else is a ConfigError rather than a guessed approximation.
+
+    A base that already shares K/V heads in a layer (`num_kv_heads` g_b < h: the Llama family) gets
+    the same roles by halving, from its own g_b: the base's cache halved within layers (l, g_b/2) and
+    across them (l/2, g_b), MQA (l, 1) and its equal across layers (l/2, 2), then one K/V head in
+    l/2, l/4, l/8 owner layers and in one (Llama-3.2-1B, l = 16, g_b = 8: gqa-64, mlkv-64, mqa-16,
+    mlkv-16, mlkv-8, mlkv-4, mlkv-2, mlkv-1); those a shape does not allow are left out.
     """
+    if num_kv_heads is not None and num_kv_heads < num_heads:
+        return _halving_variants(num_layers, num_heads, num_kv_heads)
     if num_layers % 6 or num_layers < 12 or num_heads % 3 or num_heads < 6:
         raise ConfigError(
             f"the paper variants need num_layers a multiple of 6 (at least 12) and num_heads a "
@@ -353,6 +402,17 @@ def paper_variants(num_layers: int, num_heads: int) -> list[tuple[str, int, int]
     for _, m_of, g_of in PAPER_LAYOUTS:
         m, g = m_of(num_layers), g_of(num_heads)
         variants.append((KVLayout.uniform(num_layers, num_heads, m, g).name.lower(), m, g))
+    return variants
+
+
+def _halving_variants(l: int, h: int, g_b: int) -> list[tuple[str, int, int]]:
+    candidates = [(l, g_b // 2), (l // 2, g_b), (l, 1), (l // 2, 2), (l // 2, 1), (l // 4, 1), (l // 8, 1), (1, 1)]
+    variants, seen = [], set()
+    for m, g in candidates:
+        if m < 1 or g < 1 or g_b % g or (m, g) == (l, g_b) or (m, g) in seen:
+            continue
+        seen.add((m, g))
+        variants.append((KVLayout.uniform(l, h, m, g).name.lower(), m, g))
     return variants
 
 
@@ -381,7 +441,8 @@ def convert_paper_variants(
                 f"{ckpt.name} is a {FORMAT} checkpoint ({ckpt.config.layout.name}), not a multi-head base: "
                 f"convert it with --out, without --paper-variants"
             )
-        variants = paper_variants(ckpt.config.num_layers, ckpt.config.num_heads)
+        cfg = ckpt.config
+        variants = paper_variants(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads)
         for name, _, _ in variants:
             _check_out(out_root / name, ckpt, overwrite)
         from tqdm.auto import tqdm

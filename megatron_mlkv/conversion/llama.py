@@ -94,29 +94,58 @@ def check_base_form(config: MLKVConfig) -> None:
         raise ConfigError(f"a {kind} model has no class in transformers with these biases")
 
 
-def to_base_model(model: MLKVTransformer):
-    """A Llama-family `MLKVTransformer` without cross-layer sharing as the base's transformers class
-    (LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM; same weights, same logits)."""
-    from transformers import AutoModelForCausalLM
-
-    config = model.config
-    check_base_form(config)
-    sd = {}
-    for name, t in model.state_dict().items():
+def base_state_dict(sd: dict) -> dict:
+    """Our state dict (names of `MLKVTransformer`) under the family's names (`LlamaForCausalLM`'s)."""
+    out = {}
+    for name, t in sd.items():
         if name == "embed_in.weight":
-            sd["model.embed_tokens.weight"] = t
+            out["model.embed_tokens.weight"] = t
         elif name == "embed_out.weight":
-            sd["lm_head.weight"] = t
+            out["lm_head.weight"] = t
         elif name.startswith("final_layer_norm."):
-            sd[f"model.norm.{name.rpartition('.')[2]}"] = t
+            out[f"model.norm.{name.rpartition('.')[2]}"] = t
         else:
             _, i, rest = name.split(".", 2)
             module, _, kind = rest.rpartition(".")
-            sd[f"model.layers.{i}.{LAYER_NAMES[module]}.{kind}"] = t
-    param = next(model.parameters())
-    with torch.device(param.device):
-        ref = AutoModelForCausalLM.from_config(base_config(config)).to(param.dtype)
-    ref.load_state_dict(sd, strict=not config.tie_word_embeddings)
+            out[f"model.layers.{i}.{LAYER_NAMES[module]}.{kind}"] = t
+    return out
+
+
+def base_model(
+    sd: dict, config: MLKVConfig, dtype: torch.dtype | None = None, hf_kwargs: dict | None = None, device="meta"
+):
+    """The base's own transformers class (LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM) holding
+    our state dict `sd` of `config` (no cross-layer sharing: `check_base_form`); its weights are `sd`'s
+    tensors (cast to `dtype`), not copies. Built on `device`: on "meta" (the default, to save it: nothing
+    is allocated twice) its non-persistent buffers (the rotary frequencies) are left unset, so run only
+    a model built on a real device."""
+    from transformers import AutoModelForCausalLM
+
+    check_base_form(config)
+    hf_config = base_config(config)
+    for key, value in (hf_kwargs or {}).items():
+        setattr(hf_config, key, value)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    if dtype is not None:
+        model.to(dtype)
+    state = {
+        k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in base_state_dict(sd).items()
+    }
     if config.tie_word_embeddings:
-        ref.tie_weights()
-    return ref.eval()
+        state.pop("lm_head.weight")
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected or set(missing) - ({"lm_head.weight"} if config.tie_word_embeddings else set()):
+        raise RuntimeError(f"{type(model).__name__}: missing {missing}, unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    if dtype is not None:
+        model.config.dtype = dtype
+    return model.eval()
+
+
+def to_base_model(model: MLKVTransformer):
+    """A Llama-family `MLKVTransformer` without cross-layer sharing as the base's transformers class
+    (same weights, same logits)."""
+    param = next(model.parameters())
+    return base_model(model.state_dict(), model.config, param.dtype, device=param.device)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model import RMSNorm
 from .grad_norm import _tag
 from .groups import TensorParallelError, group_rank, group_size
 from .mappings import copy_to_region, gather_from_region, reduce_from_region, scatter_to_region
@@ -306,6 +307,23 @@ class TPRegionLayerNorm(nn.LayerNorm):
         )
         module.weight, module.bias = ln.weight, ln.bias
         module.group = group
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return copy_to_region(super().forward(x), self.group)
+
+
+class TPRegionRMSNorm(RMSNorm):
+    """`TPRegionLayerNorm` for the Llama family's RMSNorm: `copy_to_region(norm(x), group)`, the
+    parameter the original module's."""
+
+    group = None
+
+    @classmethod
+    def from_norm(cls, norm: RMSNorm, group) -> TPRegionRMSNorm:
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.weight, module.eps, module.group = norm.weight, norm.eps, group
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -94,7 +94,7 @@ def kv_heads_of_rank(num_heads: int, num_kv_heads: int, tp: int, rank: int) -> l
 MLKV_TP_PLAN: dict[str, Style] = {
     "embed_in": VocabEmbedding(),
     "layers.*.input_layernorm": EnterRegion(),  # feeds query/key/value
-    "layers.*.post_attention_layernorm": EnterRegion(),  # feeds mlp.dense_h_to_4h
+    "layers.*.post_attention_layernorm": EnterRegion(),  # feeds the MLP's first layer(s)
     "layers.*.attention.query": ColumnWise(),
     "layers.*.attention.key": ColumnWise(kv=True),
     "layers.*.attention.value": ColumnWise(kv=True),
@@ -103,6 +103,11 @@ MLKV_TP_PLAN: dict[str, Style] = {
     # gelu(0) = 0 adds nothing, their gradients are exactly 0 and they stay 0 (dropped on export)
     "layers.*.mlp.dense_h_to_4h": ColumnWise(padded=True),
     "layers.*.mlp.dense_4h_to_h": RowWise(padded=True),
+    # the Llama family's gated MLP: gate and up cut alike, so each rank's units are whole
+    # (act(0)·0 = 0 for padded units)
+    "layers.*.mlp.gate_proj": ColumnWise(padded=True),
+    "layers.*.mlp.up_proj": ColumnWise(padded=True),
+    "layers.*.mlp.down_proj": RowWise(padded=True),
     "embed_out": VocabHead(),
 }
 
@@ -221,9 +226,11 @@ class TensorParallelPlan:
             style = _style(name)
             if style is None:
                 continue
-            if type(module) is not style.expects:
+            expects = style.expects if isinstance(style.expects, tuple) else (style.expects,)
+            if type(module) not in expects:
                 raise TensorParallelError(
-                    f"{name}: expected a plain {style.expects.__name__} for {style}, got {type(module).__name__}"
+                    f"{name}: expected a plain {' or '.join(e.__name__ for e in expects)} for {style}, "
+                    f"got {type(module).__name__}"
                 )
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model

@@ -9,7 +9,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import ColumnParallelLinear, RowParallelLinear, ShardSpec, TPRegionLayerNorm, VocabParallelEmbedding, _spec
+from ..model import RMSNorm
+from .layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    ShardSpec,
+    TPRegionLayerNorm,
+    TPRegionRMSNorm,
+    VocabParallelEmbedding,
+    _spec,
+)
 
 
 @dataclass(frozen=True)
@@ -87,10 +96,12 @@ class VocabHead(Style):
 
 @dataclass(frozen=True)
 class EnterRegion(Style):
-    """A LayerNorm whose output enters the TP region (forward identity, backward all-reduce); its
-    weights are replicated."""
+    """A norm (LayerNorm, or the Llama family's RMSNorm) whose output enters the TP region (forward
+    identity, backward all-reduce); its weights are replicated."""
 
-    expects = nn.LayerNorm
+    expects = (nn.LayerNorm, RMSNorm)
 
     def build(self, module, plan):
+        if isinstance(module, RMSNorm):
+            return TPRegionRMSNorm.from_norm(module, plan.group)
         return TPRegionLayerNorm.from_layer_norm(module, plan.group)

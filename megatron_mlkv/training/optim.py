@@ -21,11 +21,12 @@ def lr_factor(step: int, total_steps: int, warmup_ratio: float, min_ratio: float
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on weight matrices and embeddings, none on biases and LayerNorm."""
-    decay, no_decay = [], []
+    """AdamW groups: decay on weight matrices and embeddings, none on biases and norms (`decays`)."""
+    decay, no_decay, seen = [], [], set()
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
+            if not p.requires_grad or id(p) in seen:  # a tied output layer is the embedding, once
                 continue
+            seen.add(id(p))
             (decay if decays(module, name) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

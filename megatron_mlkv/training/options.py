@@ -41,7 +41,7 @@ class RunOptions:
     lr: float = field(default=6e-4, metadata=_flag("peak learning rate (default 6e-4)", float))
     min_lr_ratio: float = field(default=0.1, metadata=_flag("final lr as a fraction of the peak (default 0.1)", float))
     warmup_ratio: float = field(default=0.2, metadata=_flag("share of steps with linear warm-up (default 0.2)", float))
-    weight_decay: float = field(default=0.01, metadata=_flag("AdamW weight decay, not on biases/LayerNorm", float))
+    weight_decay: float = field(default=0.01, metadata=_flag("AdamW weight decay, not on biases and norms", float))
     valid_data: str | None = field(default=None, metadata=_flag("packed prefix of held-out rows for validation"))
     valid_rows: int = field(
         default=0,

@@ -4,7 +4,7 @@ DeepSpeed's ZeRO-1/2 does host work for every parameter at every step: a gradien
 its reduction buckets, a norm for clipping. A GPT-NeoX layer has 16 parameters (12 with shared K/V),
 so at the Pythia-160M size the host, not the GPU, sets the step time. `pack_layers(model)` gives
 each layer two parameters instead: `packed_decay` (its weight matrices) and `packed_no_decay` (its
-biases and LayerNorm scales and shifts; see `decays`). The layer's modules keep their attributes
+biases and norms' scales and shifts; see `decays`). The layer's modules keep their attributes
 (`attention.query.weight`, ...) as views into those two, made again by a forward pre-hook at each
 call of the layer, so the model's code and its compiled forward are unchanged (`engine.compile_blocks`
 compiles `forward` only, leaving the hook eager). Made there, the views' backward (one concatenation
@@ -27,13 +27,16 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from ..model import RMSNorm
+
 PACKS = {True: "packed_decay", False: "packed_no_decay"}
 ALIGN = 8  # elements: 16 bytes in bf16/fp16, 32 in fp32
 
 
 def decays(module: nn.Module, name: str) -> bool:
-    """AdamW's weight decay applies to weight matrices and embeddings, not to biases or LayerNorm."""
-    return not (name == "bias" or name == PACKS[False] or isinstance(module, nn.LayerNorm))
+    """AdamW's weight decay applies to weight matrices and embeddings, not to biases or norms
+    (LayerNorm, RMSNorm)."""
+    return not (name == "bias" or name == PACKS[False] or isinstance(module, (nn.LayerNorm, RMSNorm)))
 
 
 def pack_layers(model: nn.Module) -> None:
