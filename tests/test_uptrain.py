@@ -330,18 +330,6 @@ def test_tp2_with_replicated_kv_heads_matches_tp1(workdir, zero2_run):
 
 
 @pytest.mark.slow
-def test_tp2_with_sharded_kv_heads_matches_tp1(workdir):
-    """g = 2 = T: each rank owns one KV head; m = 2 < l = 4."""
-    gqa = workdir / "mlkv_2_2"
-    if not gqa.exists():
-        convert_checkpoint(str(workdir / "base"), gqa, 2, 2, progress=False)
-    ref, run = workdir / "runs" / "tp1_g2", workdir / "runs" / "tp2_g2"
-    ok(uptrain(workdir, ref, ds_config(workdir, "zero2.json", micro=8), "--save-interval", 8, ranks=1, init=gqa))
-    ok(uptrain(workdir, run, ds_config(workdir, "zero2.json", micro=8), "--tp", 2, "--save-interval", 8, init=gqa))
-    assert_same_run(run, ref)
-
-
-@pytest.mark.slow
 def test_tp2_times_dp2_with_zero2_matches(workdir, zero2_run):
     run = workdir / "runs" / "tp2_dp2"
     ok(
@@ -360,9 +348,10 @@ def test_tp2_times_dp2_with_zero2_matches(workdir, zero2_run):
     )
     assert_same_run(run, zero2_run)
     assert_same_weights(run / "hf" / f"step_{STEPS}", zero2_run / "hf" / f"step_{STEPS}")  # gathered over DP and TP
-    # resume keeps T: a different --tp is refused with the saved value named
-    result = uptrain(workdir, run, ds_config(workdir, "zero2.json"), "--tp", 1, "--save-interval", 4, ranks=4)
-    assert result.returncode != 0 and "tp" in result.stderr
+    # resume keeps T: another --tp is refused before any process group, naming the saved value
+    args = ("--tp", 1, "--valid-data", workdir / "valid", "--train-iters", STEPS, "--lr", "3e-3")
+    result = run_single(workdir, run.parent, *args, out=run)
+    assert_one_line_error(result, f"--out {run} holds a run with tp = 2, this command gives 1")
 
 
 def assert_same_weights(got: Path, ref: Path) -> None:
@@ -507,7 +496,7 @@ def test_tp2_distillation_matches_tp1(workdir, teacher, distill_run):
 # --------------------------------------------------------------------------------------------------
 
 
-def run_single(workdir, tmp_path, *args, env=None, init=None, data=None, config=None, in_process=True):
+def run_single(workdir, tmp_path, *args, env=None, init=None, data=None, config=None, in_process=True, out=None):
     """launch/uptrain.py in one process, no launcher: bad input is refused before distributed set-up.
     In-process by default (an interpreter start per case would cost seconds); in_process=False runs
     the real command line."""
@@ -519,7 +508,7 @@ def run_single(workdir, tmp_path, *args, env=None, init=None, data=None, config=
         "--data",
         str(data or workdir / "train"),
         "--out",
-        str(tmp_path / "run"),
+        str(out or tmp_path / "run"),
         *map(str, args),
     ]
     clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -720,24 +709,38 @@ def test_eval_hook_writes_results_and_survives_a_failing_task(workdir):
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("eval/tiny_mc/acc")] == [1, 2]
-    # a task that cannot be loaded offline is logged with its reason; training goes on and finishes
+    # a task whose data cannot be loaded when the checkpoint is evaluated (it exists at the start): the
+    # failure is logged with its reason; training goes on and finishes
+    (tasks / "tiny_gone.yaml").write_text((tasks / "tiny_mc.yaml").read_text().replace("tiny_mc", "tiny_gone"))
     broken = workdir / "runs" / "eval_broken"
-    result = uptrain(
-        workdir,
-        broken,
-        ds_config(workdir, "zero2.json"),
-        "--train-iters",
-        2,
-        "--save-interval",
-        2,
-        "--eval-tasks",
-        "no_such_task_anywhere",
-        env=offline,
-    )
+    args = ("--train-iters", 2, "--save-interval", 2, "--eval-tasks", "tiny_gone", "--eval-include-path", tasks)
+    result = uptrain(workdir, broken, ds_config(workdir, "zero2.json"), *args, env=offline)
     ok(result)
     assert "evaluation at step 2 failed" in result.stderr + result.stdout
     assert sorted(losses(broken)) == [1, 2]
     assert any("eval_error" in json.loads(line) for line in (broken / "metrics.jsonl").read_text().splitlines())
+
+
+def test_what_evaluation_needs_is_checked_before_the_first_step(workdir, tmp_path):
+    """An unknown task, or an --init without tokenizer files, is one line before step 1, not a
+    warning at every checkpoint."""
+    import shutil
+
+    from test_evaluate import write_tasks
+
+    tasks = write_tasks(tmp_path / "tasks")
+    assert_one_line_error(
+        run_single(workdir, tmp_path, "--eval-tasks", "no_such_task_anywhere", env={"HF_HUB_OFFLINE": "1"}),
+        "--eval-tasks no_such_task_anywhere: unknown task 'no_such_task_anywhere'",
+    )
+    bare = Path(shutil.copytree(workdir / "mlkv", tmp_path / "bare"))
+    for f in bare.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            f.unlink()
+    assert_one_line_error(
+        run_single(workdir, tmp_path, "--eval-tasks", "tiny_mc", "--eval-include-path", tasks, init=bare),
+        f"--eval-tasks needs the tokenizer of --init {bare}, which does not load",
+    )
 
 
 @pytest.mark.slow

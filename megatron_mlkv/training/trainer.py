@@ -50,7 +50,7 @@ import torch.distributed as dist
 from .. import parallel as tp
 from ..config import MLKVConfig
 from ..data import DataError, PackedDataset, Prefetcher, RowSampler, collate, rank_slice
-from ..errors import MLKVError
+from ..errors import MLKVError, first_line
 from ..hf import (
     CheckpointError,
     export_pretrained,
@@ -177,10 +177,33 @@ class RunPlan:
         self.data = _open_data(args.data, "--data", self.config)
         self.valid = _open_data(args.valid_data, "--valid-data", self.config) if args.valid_data else None
         self._plan_rows()
+        self._check_evaluation()
         self.distill = distill_settings(args)  # (A, T) or None
         self.teacher_fingerprint = (
             check_teacher(args.distill_from, self.config, args.init, self.data.seq_len) if self.distill else None
         )
+
+    def _check_evaluation(self) -> None:
+        """With --eval-tasks, what evaluating each checkpoint needs, before step 1 rather than at the first
+        checkpoint: the tasks exist (lm-eval's or --eval-include-path's) and --init's tokenizer loads."""
+        a = self.args
+        if not a.eval_tasks:
+            return
+        from transformers import AutoTokenizer
+
+        from ..evaluate import make_task_manager, parse_tasks
+
+        try:
+            make_task_manager(parse_tasks(a.eval_tasks), a.eval_include_path)
+        except MLKVError as e:
+            raise UptrainError(f"--eval-tasks {a.eval_tasks}: {e}") from None
+        try:
+            AutoTokenizer.from_pretrained(a.init, trust_remote_code=True)  # our folder's own config code
+        except Exception as e:  # no tokenizer files, a damaged one
+            raise UptrainError(
+                f"--eval-tasks needs the tokenizer of --init {a.init}, which does not load ({first_line(e)}); "
+                f"convert from a base with tokenizer files, or copy them in"
+            ) from None
 
     def _plan_rows(self) -> None:
         args, n = self.args, len(self.data)
