@@ -6,10 +6,11 @@ For each (shape, layout) it times optimizer steps of
            each layer's parameters packed into two for DeepSpeed: `packing.pack_layers`)
     mlkv-unpacked  the same without the packing (to measure what it buys)
     mlkv-eager     the same without compiled layers
-    mlkv-distill   `mlkv` distilled from a teacher (`--distill-from`): the MHA model of the same shape,
-                   frozen in bf16, its layers compiled; what distillation costs in speed and memory
-    hf     transformers' `GPTNeoXForCausalLM` (SDPA attention) with the same optimizer (MHA only:
-           transformers has no cross-layer KV sharing), eager, as users run it under DeepSpeed
+    mlkv-distill   `mlkv` distilled from a teacher (`--distill-from`): the shape's own model (MHA for
+                   Pythia), frozen in bf16, its layers compiled; what distillation costs
+    hf     transformers' own class of the family (`GPTNeoXForCausalLM`, `LlamaForCausalLM`; SDPA
+           attention) with the same optimizer (the base's layout only: transformers has no
+           cross-layer KV sharing), eager, as users run it under DeepSpeed
     hf-compiled  the same with each layer compiled, as ours are: transformers at its best
 The "vs transformers" ratio divides by the faster of the two transformers engines at that shape.
 and reports tokens/s, MFU (6·N + 12·l·d·s FLOPs per token over the bf16 matrix rate measured in the
@@ -44,9 +45,11 @@ from megatron_mlkv.training.engine import compile_blocks, make_engine
 from megatron_mlkv.training.metrics import matmul_flops_per_s
 from megatron_mlkv.training.trainer import single_process_env
 
+# m and g as functions of l and h (named for Pythia-160M); "mha" is the shape's own layout (the base's
+# GQA for the Llama family); gqa-48 needs h/3 to divide the base's K/V heads
 LAYOUTS = {"mha": None, "gqa-48": ("l", "h/3"), "mqa-12": ("l", 1), "mlkv-6": ("l/2", 1), "mlkv-2": ("l/6", 1)}
 MATCHED = "@matched"  # a layout name's suffix: the MLP widened to the base's parameter count, as convert.py does
-DEFAULT_MICRO = {"pythia-160m": 12, "pythia-410m": 16, "pythia-1b": 8}
+DEFAULT_MICRO = {"pythia-160m": 12, "pythia-410m": 16, "pythia-1b": 8, "llama-3.2-1b": 8, "smollm-135m": 12}
 ENGINES = ("mlkv", "mlkv-unpacked", "mlkv-eager", "mlkv-distill", "hf", "hf-compiled")
 
 
@@ -118,13 +121,16 @@ class HFLoss(torch.nn.Module):
 
 
 def _hf_engine(config: MLKVConfig, cfg: dict, compiled: bool = False):
+    """transformers' own class of the shape's family (`GPTNeoXForCausalLM`, `LlamaForCausalLM`) with SDPA
+    attention, under the same DeepSpeed config and optimizer as ours."""
     import deepspeed
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    kwargs = {k: v for k, v in config.to_hf_kwargs().items() if k not in ("num_kv_heads", "kv_owner")}
-    hf = GPTNeoXForCausalLM(GPTNeoXConfig(**kwargs, attn_implementation="sdpa")).cuda()
+    from megatron_mlkv.conversion import base_config
+
+    hf = AutoModelForCausalLM.from_config(base_config(config), attn_implementation="sdpa").cuda()
     if compiled:
-        for layer in hf.gpt_neox.layers:
+        for layer in hf.base_model.layers:
             layer.forward = torch.compile(layer.forward)
     wrapped = HFLoss(hf)
     opt = torch.optim.AdamW(wrapped.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, fused=True)
@@ -133,10 +139,16 @@ def _hf_engine(config: MLKVConfig, cfg: dict, compiled: bool = False):
 
 
 def _mlkv_engine(
-    config: MLKVConfig, cfg: dict, compiled: bool, loss: str, seed: int = 0, pack: bool = True, distill: bool = False
+    config: MLKVConfig,
+    cfg: dict,
+    compiled: bool,
+    loss: str,
+    seed: int = 0,
+    pack: bool = True,
+    teacher: MLKVConfig | None = None,
 ):
-    """Our engine; `distill`: with the multi-head model of the same shape as a frozen bf16 teacher
-    (default A and T of `--distill-from`)."""
+    """Our engine; with `teacher` (the shape's base config), distilled from a random model of it, frozen
+    in bf16 (the default A and T of `--distill-from`)."""
     from megatron_mlkv.model import MLKVTransformer
     from megatron_mlkv.training.distill import Distillation
 
@@ -144,18 +156,18 @@ def _mlkv_engine(
     model = MLKVTransformer(config).cuda()
     if compiled:
         compile_blocks(model)
-    teacher = None
-    if distill:
-        mha = config.with_layout(config.num_layers, config.num_heads, intermediate_size=4 * config.hidden_size)
-        teacher = MLKVTransformer(mha).to(device="cuda", dtype=torch.bfloat16).requires_grad_(False).eval()
+    distill = None
+    if teacher is not None:
+        frozen = MLKVTransformer(teacher).to(device="cuda", dtype=torch.bfloat16).requires_grad_(False).eval()
         if compiled:
-            compile_blocks(teacher)
-        teacher = Distillation(teacher)
-    return make_engine(model, cfg, total_steps=1000, loss=loss, pack=pack, distill=teacher)
+            compile_blocks(frozen)
+        distill = Distillation(frozen)
+    return make_engine(model, cfg, total_steps=1000, loss=loss, pack=pack, distill=distill)
 
 
-def _engine(kind: str, config: MLKVConfig, cfg: dict, loss: str = "auto"):
-    """The engine `kind` names (see the module's docstring); `loss` for ours (`training.loss`)."""
+def _engine(kind: str, config: MLKVConfig, cfg: dict, loss: str = "auto", base: MLKVConfig | None = None):
+    """The engine `kind` names (see the module's docstring); `loss` for ours (`training.loss`), `base` the
+    shape's own config (mlkv-distill's teacher)."""
     if kind.startswith("hf"):
         return _hf_engine(config, cfg, compiled=kind == "hf-compiled")
     return _mlkv_engine(
@@ -164,7 +176,7 @@ def _engine(kind: str, config: MLKVConfig, cfg: dict, loss: str = "auto"):
         compiled=kind != "mlkv-eager",
         loss=loss,
         pack=kind != "mlkv-unpacked",
-        distill=kind == "mlkv-distill",
+        teacher=base if kind == "mlkv-distill" else None,
     )
 
 
@@ -271,7 +283,7 @@ def measure(
         "device": torch.cuda.get_device_name(device),
     }
     try:
-        engine = _engine(kind, config, cfg, loss)
+        engine = _engine(kind, config, cfg, loss, base=layout_config(shape, "mha"))
         ds = RandomRows(micro * (warmup + steps), seq_len, config.vocab_size)
         record.update(time_steps(engine, ds, micro, steps, warmup, device, summed=summed))
         if search:
@@ -584,7 +596,11 @@ def format_distill_cost(records: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="pythia-160m,pythia-410m,pythia-1b", help="Pythia presets, comma-separated")
+    p.add_argument(
+        "--shapes",
+        default="pythia-160m,pythia-410m,pythia-1b",
+        help="presets (config.preset: pythia-*, llama-3.2-1b, smollm-135m), comma-separated",
+    )
     p.add_argument(
         "--layouts",
         default="mha,mqa-12,mlkv-6",
@@ -628,7 +644,7 @@ def main(argv=None) -> int:
     micro = dict(DEFAULT_MICRO)
     for item in args.micro_batch:
         shape, _, value = item.partition("=")
-        micro[shape if shape.startswith("pythia-") else f"pythia-{shape}"] = int(value)
+        micro[shape if shape in DEFAULT_MICRO or "-" in shape else f"pythia-{shape}"] = int(value)
     if args.memory:
         return memory_mode(args, micro)
     ds_path = Path(args.ds_config or DS_CONFIG)

@@ -20,6 +20,7 @@ import torch
 
 from megatron_mlkv.bench_inference import (
     BenchError,
+    base_class_holds,
     from_folder,
     from_shape,
     run_benchmark,
@@ -27,17 +28,22 @@ from megatron_mlkv.bench_inference import (
 )
 from megatron_mlkv.cli import entry_point
 from megatron_mlkv.conversion import DTYPES
+from megatron_mlkv.hf import read_config
 
 
 @entry_point
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", default=[], metavar="DIR", help="exported MLKV folders")
-    p.add_argument("--shape", help="a Pythia shape (e.g. pythia-160m): randomly initialised models, no weights needed")
+    p.add_argument(
+        "--shape",
+        help="a preset shape (pythia-160m, ..., llama-3.2-1b, smollm-135m): random weights, none needed",
+    )
     p.add_argument(
         "--layouts",
         default="all",
-        help="with --shape: mha, the paper's names (mlkv-6, gqa-48, ...), all, or m:g, comma-separated (default: all)",
+        help="with --shape: base (its own layout; mha for Pythia), the paper's names (mlkv-6, gqa-48, ...), all, or "
+        "m:g, comma-separated (default: all)",
     )
     p.add_argument("--context", type=int, default=2000, help="tokens in the cache before decoding")
     p.add_argument("--new-tokens", type=int, default=48, help="tokens decoded (timed)")
@@ -55,7 +61,8 @@ def main(argv=None):
     p.add_argument(
         "--hf-model",
         metavar="DIR",
-        help="GPT-NeoX folder for --baseline-hf (default: the --shape, or the MHA folder among --model)",
+        help="a folder of transformers' own class for --baseline-hf (default: the --shape, or a folder among --model "
+        "that class holds)",
     )
     p.add_argument(
         "--eval-json",
@@ -82,8 +89,8 @@ def main(argv=None):
     if args.shape:
         candidates += from_shape(args.shape, args.layouts, dtype, device)
     if args.baseline_hf:
-        mha = next((c.name for c in candidates if c.layout.name == "MHA" and not args.shape), None)
-        candidates[:0] = transformers_baseline(dtype, device, args.hf_model, args.shape, mha)
+        held = [c.name for c in candidates[: len(args.model)] if base_class_holds(read_config(c.name)[1])]
+        candidates[:0] = transformers_baseline(dtype, device, args.hf_model, args.shape, held[0] if held else None)
     previous = [r for f in args.include_results for r in json.loads(Path(f).read_text())]
     if not candidates and not previous:
         raise BenchError("nothing to benchmark: give --model DIR ..., --shape NAME, or --include-results")

@@ -13,8 +13,9 @@ over that bound.
 
 Engines: "mlkv-fast" (`megatron_mlkv.generate.StaticDecoder`: static cache, CUDA graph, the triton
 decode kernels where they run; each record's `attention` says which), and the baseline twice:
-"transformers" (`GPTNeoXForCausalLM.generate` with its default DynamicCache) and "transformers-static"
-(`cache_implementation="static"`: its static cache and, on GPUs, its compiled decode step).
+"transformers" (the family's class, `GPTNeoXForCausalLM` or `LlamaForCausalLM`, `generate` with its
+default DynamicCache) and "transformers-static" (`cache_implementation="static"`: its static cache and,
+on GPUs, its compiled decode step).
 
 Every measurement is the second run of its exact shape (batch, context, new tokens): the first warms
 up the engine (compilation, CUDA graph capture, library handles, the allocator) and is discarded,
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from .config import MLKVConfig, preset
-from .conversion import gpt_neox_config, paper_variants, target_config, to_gpt_neox
+from .conversion import paper_variants, target_config
 from .errors import MLKVError
 from .generate import StaticDecoder, pad_mlp_
 from .hf import output_cache, read_config
@@ -64,17 +65,22 @@ class Candidate:
 # ------------------------------------------------------------------------------------------------
 
 
-def parse_layouts(spec: str, num_layers: int, num_heads: int) -> list[tuple[str, int, int]]:
-    """'mha,mlkv-6,4:3' -> [(name, m, g)]: 'mha', the paper's variant names for this shape
-    (`convert.paper_variants`), 'all' (MHA and the eight variants) or an explicit 'm:g'."""
+def parse_layouts(
+    spec: str, num_layers: int, num_heads: int, num_kv_heads: int | None = None
+) -> list[tuple[str, int, int]]:
+    """'base,mlkv-6,4:3' -> [(name, m, g)]: 'base' (the shape's own layout; 'mha' too for a multi-head
+    one), the paper's variant names for this shape (`convert.paper_variants`), 'all' (the base and
+    the variants) or an explicit 'm:g'."""
+    g_b = num_kv_heads or num_heads
+    known = {"base": (num_layers, g_b), **({"mha": (num_layers, num_heads)} if g_b == num_heads else {})}
     try:
-        known = {"mha": (num_layers, num_heads), **{n: (m, g) for n, m, g in paper_variants(num_layers, num_heads)}}
+        known.update({n: (m, g) for n, m, g in paper_variants(num_layers, num_heads, g_b)})
     except ValueError:
-        known = {"mha": (num_layers, num_heads)}
+        pass
     out = []
     for item in (s.strip().lower() for s in spec.split(",") if s.strip()):
         if item == "all":
-            pairs = list(known.values())
+            pairs = list(dict.fromkeys(known.values()))
         elif item in known:
             pairs = [known[item]]
         elif item.count(":") == 1 and all(p.isdigit() for p in item.split(":")):
@@ -113,10 +119,11 @@ def random_model(config: MLKVConfig, dtype: torch.dtype, device: torch.device) -
 
 
 def from_shape(shape: str, layouts: str, dtype: torch.dtype, device: torch.device) -> list[Candidate]:
-    """Randomly initialised models of a Pythia shape in each layout (MLP widened as by conversion)."""
+    """Randomly initialised models of a preset shape (`config.preset`: Pythia, Llama-3.2-1B, SmolLM) in
+    each layout (MLP widened as by conversion)."""
     base = preset(shape)
     out = []
-    for name, m, g in parse_layouts(layouts, base.num_layers, base.num_heads):
+    for name, m, g in parse_layouts(layouts, base.num_layers, base.num_heads, base.num_kv_heads):
         cfg = target_config(base, m, g)
         out.append(
             Candidate(
@@ -138,33 +145,46 @@ def transformers_baseline(
     device: torch.device,
     hf_model: str | None = None,
     shape: str | None = None,
-    mha_folder: str | None = None,
+    base_folder: str | None = None,
 ) -> list[Candidate]:
-    """transformers' GPTNeoXForCausalLM from a GPT-NeoX folder, a Pythia shape (random weights), or
-    an MHA folder of ours converted in memory: one candidate per engine of `TRANSFORMERS`."""
-    from transformers import GPTNeoXForCausalLM
+    """transformers' own class of the family (`GPTNeoXForCausalLM`, `LlamaForCausalLM`, ...) from its
+    folder, a preset shape (random weights), or a folder of ours without cross-layer sharing converted
+    in memory: one candidate per engine of `TRANSFORMERS`."""
+    from transformers import AutoModelForCausalLM
+
+    from .conversion import base_config, to_base_model
 
     if hf_model:
         cfg = MLKVConfig.from_hf(_read_hf_config(hf_model))
-        load = lambda: GPTNeoXForCausalLM.from_pretrained(hf_model, dtype=dtype).to(device).eval()  # noqa: E731
+        load = lambda: AutoModelForCausalLM.from_pretrained(hf_model, dtype=dtype).to(device).eval()  # noqa: E731
         name = str(hf_model)
     elif shape:
         cfg = preset(shape)
 
         def load():
             with torch.device(device):
-                return GPTNeoXForCausalLM(gpt_neox_config(cfg)).to(dtype).eval()
+                return AutoModelForCausalLM.from_config(base_config(cfg)).to(dtype).eval()
 
-        name = f"{shape}:mha"
-    elif mha_folder:
+        name = f"{shape}:base"
+    elif base_folder:
         from .hf import load_pretrained
 
-        cfg = read_config(mha_folder)[1]
-        load = lambda: to_gpt_neox(load_pretrained(mha_folder, dtype).to(device))  # noqa: E731
-        name = str(mha_folder)
+        cfg = read_config(base_folder)[1]
+        load = lambda: to_base_model(load_pretrained(base_folder, dtype).to(device))  # noqa: E731
+        name = str(base_folder)
     else:
-        raise BenchError("--baseline-hf needs --hf-model DIR, --shape NAME, or an MHA folder among --model")
+        raise BenchError(
+            "--baseline-hf needs --hf-model DIR, --shape NAME, or a folder among --model that transformers' own "
+            "class holds (MHA for GPT-NeoX; no cross-layer sharing for the Llama family)"
+        )
     return [Candidate(name, cfg.layout, cfg.head_dim, engine, load) for engine in TRANSFORMERS]
+
+
+def base_class_holds(config: MLKVConfig) -> bool:
+    """Whether transformers' own class of the family holds a model of `config` (`to_base_model`)."""
+    from .conversion import plain_form
+
+    return config.layout.name == "MHA" if config.family == "gpt_neox" else plain_form(config)
 
 
 def _read_hf_config(path: str):

@@ -365,12 +365,61 @@ PYTHIA_SHAPES = {
 }
 
 
+# Llama-family shapes (their config.json): the released models' values, random weights for benchmarks
+LLAMA_SHAPES = {
+    # meta-llama/Llama-3.2-1B: 16 layers, 32 query heads over 8 KV heads, Llama-3 rope scaling, tied
+    "llama-3.2-1b": dict(
+        num_layers=16,
+        hidden_size=2048,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rotary_emb_base=500000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+        tie_word_embeddings=True,
+    ),
+    # HuggingFaceTB/SmolLM-135M: 30 layers, 9 query heads over 3 KV heads, tied
+    "smollm-135m": dict(
+        num_layers=30,
+        hidden_size=576,
+        num_heads=9,
+        num_kv_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        max_position_embeddings=2048,
+        rotary_emb_base=10000.0,
+        tie_word_embeddings=True,
+    ),
+}
+LLAMA_DEFAULTS = dict(
+    family="llama",
+    use_parallel_residual=False,
+    rotary_pct=1.0,
+    hidden_act="silu",
+    attention_bias=False,
+    mlp_bias=False,
+    layer_norm_eps=1e-5,
+)
+
+
 def preset(name: str, **changes) -> MLKVConfig:
-    """The MHA config of a Pythia shape (e.g. 'pythia-160m'), with optional field `changes`."""
-    key = name.lower().removeprefix("eleutherai/").removesuffix("-deduped")
-    if key not in PYTHIA_SHAPES:
-        raise ConfigError(f"unknown preset '{name}'; known: {', '.join(PYTHIA_SHAPES)}")
-    shape = PYTHIA_SHAPES[key]
-    values = dict(vocab_size=50304, intermediate_size=4 * shape["hidden_size"], **shape)
+    """The base config of a released shape, with optional field `changes`: a Pythia shape (e.g.
+    'pythia-160m', MHA) or a Llama-family one ('llama-3.2-1b', 'smollm-135m': their own GQA)."""
+    key = name.lower().split("/")[-1].removesuffix("-deduped")
+    if key in LLAMA_SHAPES:
+        values = {**LLAMA_DEFAULTS, **LLAMA_SHAPES[key]}
+    elif key in PYTHIA_SHAPES:
+        shape = PYTHIA_SHAPES[key]
+        values = dict(vocab_size=50304, intermediate_size=4 * shape["hidden_size"], **shape)
+    else:
+        raise ConfigError(f"unknown preset '{name}'; known: {', '.join([*PYTHIA_SHAPES, *LLAMA_SHAPES])}")
     values.update(changes)
     return MLKVConfig(**values)

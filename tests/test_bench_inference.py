@@ -248,3 +248,26 @@ def test_layout_names():
     assert len(parse_layouts("all", 12, 12)) == 9
     with pytest.raises(BenchError, match="'mlkv-7' is not a layout"):
         parse_layouts("mlkv-7", 12, 12)
+
+
+def test_a_llama_shape_benchmarks_its_own_layout_and_transformers_own_class():
+    """`--shape llama-3.2-1b --layouts base,...`: the base is its GQA-8 (no 'mha': g must divide its 8
+    K/V heads); the baseline is LlamaForCausalLM, with the logits of ours for a layout it holds."""
+    from megatron_mlkv.bench_inference import base_class_holds
+    from megatron_mlkv.conversion import to_base_model
+
+    assert parse_layouts("base,mqa-16,mlkv-8,2:1", 16, 32, 8) == [
+        ("GQA-128", 16, 8),
+        ("MQA-16", 16, 1),
+        ("MLKV-8", 8, 1),
+        ("MLKV-2", 2, 1),
+    ]
+    with pytest.raises(BenchError, match="'mha' is not a layout; allowed: base, gqa-64"):
+        parse_layouts("mha", 16, 32, 8)
+    model = random_mlkv(tiny_config(family="llama", num_kv_heads=2), std=0.1)
+    assert base_class_holds(model.config) and not base_class_holds(model.config.with_layout(2, 2))
+    ref = to_base_model(model)
+    assert type(ref).__name__ == "LlamaForCausalLM"
+    ids = torch.randint(0, 101, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, model(ids), atol=1e-5, rtol=1e-5)

@@ -79,3 +79,14 @@ def test_distillation_cost_divides_by_the_plain_engine_of_the_same_shape_and_lay
     rows = format_distill_cost(records).splitlines()[2:]
     assert rows == ["| pythia-1b | MLKV-8 | 8 | 100 | 80 | 0.80x | 2.0 GiB | 3.0 GiB |"]
     assert format_distill_cost(records[:2]) == ""  # nothing distilled, no table
+
+
+def test_llama_shapes_keep_their_own_layout_and_widen_three_matrices():
+    """`--shapes llama-3.2-1b`: 'mha' is the shape's own GQA-8 (the teacher of mlkv-distill, and the
+    one layout transformers' LlamaForCausalLM runs); @matched widens its gated MLP as conversion does."""
+    from benchmarks.bench_train import layout_config
+
+    base, plain, matched = (layout_config("llama-3.2-1b", n) for n in ("mha", "mlkv-6", "mlkv-6@matched"))
+    assert base.layout.name == "GQA-128" and plain.layout.name == matched.layout.name == "MLKV-8"
+    assert plain.intermediate_size == base.intermediate_size < matched.intermediate_size
+    assert abs(matched.num_parameters() / base.num_parameters() - 1) < 1e-4

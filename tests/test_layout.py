@@ -122,3 +122,21 @@ def test_kv_cache_size_cli(tmp_path):
     assert bad.stderr.strip().splitlines() == [
         "error: kv_groups (g) = 5 must divide num_heads (h) = 96; allowed: [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96]"
     ]
+
+
+def test_kv_cache_size_cli_takes_a_preset_and_refuses_sizes_below_one():
+    """--preset fills l, h and d_k (Llama-3.2-1B: 16 layers, 32 heads of 64); zero or negative sizes
+    are a usage error, not a division by zero or a negative size."""
+    from megatron_mlkv.config import preset
+
+    script = str(ROOT / "launch/kv_cache_size.py")
+    args = ["--preset", "llama-3.2-1b", "--batch", "8", "--seq", "2048", "--kv-layers", "8", "--kv-groups", "1"]
+    res = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True)
+    shape = preset("llama-3.2-1b")
+    mlkv = next(line for line in res.stdout.splitlines() if line.startswith("| MLKV |"))
+    assert f"| {2 * 8 * 2048 * 8 * 1 * shape.head_dim * 2:,} |" in mlkv and shape.head_dim == 64
+    for flag, value in (("--seq", "0"), ("--batch", "-1")):
+        bad = subprocess.run([sys.executable, script, *args, flag, value], capture_output=True, text=True)
+        assert (
+            bad.returncode == 2 and f"{value} is not a positive integer" in bad.stderr and "Traceback" not in bad.stderr
+        )
