@@ -70,9 +70,6 @@ def main(argv=None) -> int:
             progress=args.progress,
             overwrite=args.overwrite,
         )
-    except OSError as e:  # a file the system cannot read or write: one line, as a DataError would be
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -484,6 +484,23 @@ def test_cli_errors_name_the_file_and_line(work, tmp_path):
     assert not list(tmp_path.glob("out*"))  # nothing written by any failure
 
 
+def test_a_line_that_is_not_utf8_or_an_unterminated_string_is_named_by_its_line(work, tmp_path):
+    """Bytes that are not UTF-8 are reported by line (not by the byte offset in the file), and the
+    message of an unterminated string reads as one sentence."""
+    good = b'{"text": "fine"}\n' * 3
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(good + '{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=rf"^{latin}:4: not UTF-8 \(byte 14 of the line is 0xe9\)$"):
+        pack([str(latin)], str(work["tok"]), 64, str(tmp_path / "out"), progress=False)
+    open_string = tmp_path / "open.jsonl"
+    open_string.write_bytes(good + b'{"text": "no end}\n')
+    with pytest.raises(
+        DataError, match=rf"^{open_string}:4: malformed JSON \(Unterminated string starting at: column 10\)$"
+    ):
+        pack([str(open_string)], str(work["tok"]), 64, str(tmp_path / "out"), progress=False)
+    assert not list(tmp_path.glob("out*"))
+
+
 def test_a_failure_leaves_nothing_that_looks_complete(work, tmp_path):
     lines = work["corpus"].read_text().splitlines()
     late = tmp_path / "late.jsonl"  # the error comes after many documents were packed
@@ -593,3 +610,25 @@ def test_each_batch_is_checked_for_ids_beyond_the_vocabulary(packed, tmp_path):
     ds.check_ids([0, 1, 2, 4], 1000)
     with pytest.raises(DataError, match=f"^{bad}.bin: row 5 holds token id 65535"):
         ds.check_ids([0, 7, 5, 2], 1000)
+
+
+def test_one_writer_per_prefix_and_a_dead_writers_lock_is_taken_over(work, tmp_path):
+    """A second pack of one --out while the first runs is refused in one line naming the first (two
+    at once once mixed one's .bin with the other's .idx); a lock whose process died is taken over."""
+    import socket
+
+    from megatron_mlkv.integrity import OutputLocked
+
+    prefix, corpus, tok = tmp_path / "out", str(work["corpus"]), str(work["tok"])
+    lock = Path(f"{prefix}.lock")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": alive.pid, "started": "then"}))
+        with pytest.raises(OutputLocked, match=rf"^--out {prefix} is being written by process {alive.pid} on "):
+            pack([corpus], tok, 64, str(prefix), progress=False)
+        assert [p.name for p in tmp_path.glob("out*")] == ["out.lock"]  # nothing written beside the lock
+    finally:
+        alive.kill()
+        alive.wait()
+    meta = pack([corpus], tok, 64, str(prefix), progress=False)  # its writer is dead: taken over
+    assert meta["rows"] == len(PackedDataset(prefix)) and not lock.exists()  # and released

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..integrity import ALGORITHM, file_digest
+from ..integrity import ALGORITHM, OutputLock, file_digest
 from .dataset import HEADER, HEADER_SIZE, MAGIC, VERSION, DataError
 from .sources import iter_documents, resolve_sources, select_documents
 from .tokenizer import Tokenizer, _batched, encode_documents
@@ -191,11 +191,14 @@ def pack(
     existing = [str(path) for path in final.values() if path.exists()]
     if existing and not overwrite:
         raise DataError(f"--out {out_prefix}: {', '.join(existing)} already exist(s); pass --overwrite to replace")
-    tmp = {ext: path.with_name(path.name + ".tmp") for ext, path in final.items()}
+    # one writer per prefix (`OutputLock`), and temporary names of this process's own
+    tmp = {ext: path.with_name(f"{path.name}.tmp-{os.getpid()}") for ext, path in final.items()}
     try:
         final["bin"].parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"--out {out_prefix}: cannot create {final['bin'].parent} ({e.strerror})") from None
+    lock = OutputLock(f"{out_prefix}.lock", f"--out {out_prefix}")
+    lock.__enter__()  # released in the `finally` below
     stats = {"documents": 0, "empty_documents": 0, "document_tokens": 0, "truncated_tokens": 0, "split_documents": 0}
     bar = None  # made at the first document, so an error before it is the only thing on stderr
 
@@ -217,8 +220,8 @@ def pack(
             bar.update()
             yield truncate(doc, limit, stats)
 
-    docs = documents()
     try:
+        docs = documents()
         with open(tmp["bin"], "wb") as f:
             writer = _RowWriter(f, seq_len, dtype, tok.eod_id)
             if packing == "best-fit":
@@ -249,6 +252,7 @@ def pack(
             "fill_ratio": kept / (rows * seq_len),
             "packing": packing,
             "tokenizer": tok.name,
+            "tokenizer_fingerprint": tok.fingerprint,
             "vocab_size": tok.vocab_size,
             "eod_id": tok.eod_id,
             "pad_id": tok.eod_id,
@@ -275,6 +279,7 @@ def pack(
             bar.close()
         for path in tmp.values():
             path.unlink(missing_ok=True)
+        lock.release()
 
 
 def format_summary(meta: dict, prefix: str) -> str:

@@ -68,12 +68,13 @@ def _quiet_datasets():
         ds_logging.set_verbosity(level)
 
 
-def _open_text(path: Path):
+def _open_bytes(path: Path):
+    """A binary stream of the file's content, decompressed for .zst."""
     if path.name.endswith(".zst"):
         import zstandard
 
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+    return open(path, "rb")
 
 
 def _check_zst(path: Path) -> None:
@@ -98,20 +99,24 @@ def _check_zst(path: Path) -> None:
 def _jsonl_problem(path: Path, text_key: str, error: Exception | None = None) -> str:
     """'file:line: what is wrong' for the first bad line of a .jsonl(.zst) file."""
     try:
-        with _open_text(path) as handle:
-            for n, line in enumerate(handle, 1):
+        with _open_bytes(path) as handle:
+            for n, raw in enumerate(handle, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return f"{path}:{n}: not UTF-8 (byte {e.start + 1} of the line is {raw[e.start]:#04x})"
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
-                    return f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})"
+                    return f"{path}:{n}: malformed JSON ({e.msg}: column {e.colno})"
                 if not isinstance(record, dict):
                     return f"{path}:{n}: expected a JSON object per line, got {type(record).__name__}"
                 if not isinstance(record.get(text_key), str):
                     what = "no field" if record.get(text_key) is None else "a non-string field"
                     return f"{path}:{n}: {what} '{text_key}' (keys: {', '.join(record) or 'none'}; set --text-key)"
-    except Exception as e:  # undecodable bytes, a corrupt .zst stream
+    except Exception as e:  # a corrupt .zst stream
         return f"{path}: cannot be read ({first_line(e)})"
     return f"{path}: cannot be read as JSON lines ({first_line(error) if error else 'no bad line found'})"
 
@@ -123,7 +128,7 @@ def _json_problem(path: Path, text_key: str, error: Exception) -> str:
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # JSON lines in a .json file
             return _jsonl_problem(path, text_key, error)
-        return f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})"
+        return f"{path}:{e.lineno}: malformed JSON ({e.msg}: column {e.colno})"
     except Exception as e:
         return f"{path}: cannot be read ({first_line(e)})"
     return f"{path}: expected a list of objects with a '{text_key}' field, or JSON lines ({first_line(error)})"

@@ -23,10 +23,11 @@ ENCODE_BATCH = 256  # documents per tokenizer call (and per task of a worker pro
 class Tokenizer:
     """A fast tokenizer (hub name, folder or tokenizer.json) or a sentencepiece .model, with its EOD id.
 
-    `encode(texts)` -> one uint32 array per text, the EOD appended.
+    `encode(texts)` -> one uint32 array per text, the EOD appended. `fingerprint`: its identity.
+    `require_eod=False` loads one without an end-of-document token too (to compare it, not to pack).
     """
 
-    def __init__(self, name: str | os.PathLike):
+    def __init__(self, name: str | os.PathLike, require_eod: bool = True):
         self.name = str(name)
         self._sp = self._backend = self._hf = None
         if self.name.endswith(".model"):
@@ -35,7 +36,7 @@ class Tokenizer:
             self._load_tokenizer_json()
         else:
             self._load_pretrained()
-        if self.eod_id is None:
+        if self.eod_id is None and require_eod:
             raise DataError(
                 f"--tokenizer {self.name}: no end-of-document token (eos_token or one of {', '.join(EOD_CANDIDATES)})"
             )
@@ -84,6 +85,20 @@ class Tokenizer:
         eod = self._hf.eos_token_id
         self.eod_id = eod if eod is not None else next((vocab[t] for t in EOD_CANDIDATES if t in vocab), None)
 
+    @property
+    def fingerprint(self) -> str:
+        """XXH3-128 of its vocabulary (every token and its id, added tokens included): equal for two
+        tokenizers that give text the same ids, whatever files or padding settings they come with."""
+        import xxhash
+
+        if self._sp is not None:
+            vocab = {self._sp.id_to_piece(i): i for i in range(self._sp.get_piece_size())}
+        elif self._hf is not None:
+            vocab = self._hf.get_vocab()
+        else:
+            vocab = self._backend.get_vocab(with_added_tokens=True)
+        return xxhash.xxh3_128(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
+
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         """Token ids of each text with the EOD appended (uint32)."""
         if self._sp is not None:
@@ -96,25 +111,11 @@ class Tokenizer:
 
 
 def tokenizer_fingerprint(folder: str | os.PathLike) -> str | None:
-    """XXH3-128 of what decides a tokenizer's ids in a transformers folder (None when it has no
-    tokenizer files): tokenizer.json's model, added tokens, normalizer and pre-tokenizer (not its
-    padding or truncation settings), else the bytes of tokenizer.model or of vocab.json + merges.txt."""
-    import xxhash
-
+    """`Tokenizer.fingerprint` of a transformers folder's tokenizer; None when it has no tokenizer files."""
     folder = Path(folder)
-    h = xxhash.xxh3_128()
-    if (folder / "tokenizer.json").is_file():
-        try:
-            spec = json.loads((folder / "tokenizer.json").read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(f"{folder / 'tokenizer.json'}: unreadable ({first_line(e)})") from None
-        keys = ("model", "added_tokens", "normalizer", "pre_tokenizer")
-        h.update(json.dumps({k: spec.get(k) for k in keys}, sort_keys=True).encode())
-        return h.hexdigest()
-    files = [folder / n for n in ("tokenizer.model", "vocab.json", "merges.txt") if (folder / n).is_file()]
-    for path in files:
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
-    return h.hexdigest() if files else None
+    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    return Tokenizer(folder, require_eod=False).fingerprint
 
 
 _WORKER = {}
