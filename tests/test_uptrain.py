@@ -187,7 +187,9 @@ def test_killed_during_a_save_resumes_with_identical_losses(workdir, zero2_run):
     assert (run / "checkpoints" / "step_6").is_dir() and not (run / "checkpoints" / "step_6" / "COMPLETE").exists()
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_4", "step_6"]  # --keep-last 1
     assert max(losses(run)) == 6
-    ok(uptrain(workdir, run, config, "--save-interval", 2, "--keep-last", 1))
+    resumed = uptrain(workdir, run, config, "--save-interval", 2, "--keep-last", 1)
+    ok(resumed)
+    assert f"resuming from {run / 'checkpoints' / 'step_4'} (step 4 of {STEPS})" in resumed.stdout
     assert losses(run) == losses(zero2_run)  # exactly: same rows, lr, optimizer state, RNG
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_8"]
 
@@ -589,6 +591,8 @@ def test_data_that_does_not_fit_the_model_is_rejected(workdir, tmp_path):
     assert_one_line_error(run_single(workdir, tmp_path, data=tmp_path / "nothing"), "--data")
     assert_one_line_error(run_single(workdir, tmp_path, init=tmp_path), "--init", "no config.json")
     assert_one_line_error(run_single(workdir, tmp_path, "--valid-rows", 10**6), "--valid-rows")
+    for flag in ("--train-iters", "--train-tokens"):  # not "N rows make no global batch": the cause
+        assert_one_line_error(run_single(workdir, tmp_path, flag, 0), f"{flag} 0 must be at least 1")
 
 
 def test_data_changed_after_packing_is_refused_before_the_first_step(workdir, tmp_path):
@@ -854,3 +858,84 @@ def test_resuming_with_another_teacher_is_refused(workdir, tmp_path):
         run_single(workdir, tmp_path, "--distill-from", workdir / "base", "--distill-weight", 0.9),
         "holds a run with distill_weight = 1.0, this command gives 0.9",
     )
+
+
+def test_a_taken_rendezvous_port_is_one_line_with_a_free_one(workdir, tmp_path):
+    """Another DeepSpeed job holds the port (29500 unless --master_port): one line, not DistNetworkError."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        result = run_single(workdir, tmp_path, env=env, in_process=False)
+    assert_one_line_error(result, f"the rendezvous port {port} is taken", "start with `deepspeed --master_port ")
+
+
+def test_one_command_per_run_folder(workdir, tmp_path):
+    """While a command runs on --out (its lock names it), another is refused in one line; the folder's
+    lock is released when a command ends, also when it ends with an error."""
+    import socket
+
+    run = tmp_path / "run"
+    run.mkdir()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": alive.pid, "started": "now"}))
+        assert_one_line_error(run_single(workdir, tmp_path), f"--out {run} is being written by process {alive.pid}")
+    finally:
+        alive.kill()
+        alive.wait()
+    result = run_single(workdir, tmp_path, "--valid-rows", 10**6)  # the dead writer's lock is taken over
+    assert result.returncode == 2 and "took over the lock of process" in result.stderr
+    assert not (run / ".lock").exists()  # and released at the error
+
+
+def test_data_packed_with_another_tokenizer_is_refused_unless_allowed(workdir, tmp_path):
+    """The same vocabulary size, two tokens swapped: the pack's ids would train the wrong embeddings.
+    Refused in one line, or trained with --allow-other-tokenizer, which the run records."""
+    import shutil
+
+    from megatron_mlkv.training import RunPlan
+
+    init = Path(shutil.copytree(workdir / "mlkv", tmp_path / "init"))
+    spec = json.loads((init / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    (a, i), (b, j) = list(vocab.items())[100:102]
+    vocab[a], vocab[b] = j, i
+    (init / "tokenizer.json").write_text(json.dumps(spec))
+    assert_one_line_error(
+        run_single(workdir, tmp_path, init=init),
+        f"--data {workdir / 'train'} was packed with another tokenizer",
+        f"than the one of --init {init}",
+    )
+    argv = ["--ds_config", str(ds_config(workdir, "zero2.json")), "--init", str(init), "--data", str(workdir / "train")]
+    plan = RunPlan(RunOptions.from_argv([*argv, "--out", str(tmp_path / "run"), "--allow-other-tokenizer"]))
+    assert plan.run_config()["allow_other_tokenizer"] is True
+    RunPlan(RunOptions.from_argv([*argv[:3], str(workdir / "mlkv"), *argv[4:], "--out", str(tmp_path / "ok")]))
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_in_one_line_and_the_rerun_resumes(workdir, tmp_path):
+    """SIGINT (Ctrl-C) during uptraining: no KeyboardInterrupt traceback, one line saying how to go on
+    (exit code 130); the rerun resumes from the last complete checkpoint."""
+    run = tmp_path / "run"
+    argv = ["--ds_config", str(ds_config(workdir, "zero2.json", micro=8)), "--init", str(workdir / "mlkv")]
+    argv += ["--data", str(workdir / "train"), "--out", str(run), "--train-iters", "6", "--save-interval", "2"]
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, str(ROOT / "launch" / "uptrain.py"), *argv]
+    proc = subprocess.Popen(cmd, env=clean, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and max(losses(run), default=0) >= 3:  # step_2 is complete
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "error: interrupted; rerun the same command to continue from where it stood"
+    assert 3 <= max(losses(run)) < 6 and not (run / ".lock").exists()
+    rerun = subprocess.run(cmd, env=clean, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and "resuming from" in rerun.stdout, rerun.stderr[-3000:]
+    assert sorted(losses(run)) == list(range(1, 7))

@@ -90,6 +90,10 @@ class RunOptions:
             f"T, the temperature of both distributions in the KL term (default {DISTILL_TEMPERATURE})", float
         ),
     )
+    allow_other_tokenizer: bool = field(
+        default=False,
+        metadata=_flag("train although --data was packed with another tokenizer than --init's (recorded in the run)"),
+    )
     seed: int = field(default=1234, metadata=_flag("model-side random seed", int))
     data_seed: int | None = field(
         default=None, metadata=_flag("shuffle rows with this seed (default: the packed order, as the paper)", int)

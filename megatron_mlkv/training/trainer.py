@@ -10,6 +10,7 @@ mean over the real (non-padding) tokens of the whole global batch. So resuming a
 k, and ZeRO stages, DP sizes and TP sizes all optimise the same objective.
 
 Run folder:
+    RUN_DIR/.lock                    held while a command runs on RUN_DIR (its host and pid)
     RUN_DIR/run_config.json          what must not change between a run and its resumption
     RUN_DIR/metrics.jsonl            one JSON object per logged step (and per validation)
     RUN_DIR/tensorboard/             the same scalars as TensorBoard events
@@ -33,6 +34,7 @@ its set-up, loop, validation, checkpoint choice, save, resume and export all rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -50,7 +52,8 @@ import torch.distributed as dist
 from .. import parallel as tp
 from ..config import MLKVConfig
 from ..data import DataError, PackedDataset, Prefetcher, RowSampler, collate, rank_slice
-from ..errors import MLKVError, first_line
+from ..data.tokenizer import tokenizer_fingerprint
+from ..errors import MLKVError, as_disk_full, first_line
 from ..hf import (
     CheckpointError,
     export_pretrained,
@@ -59,7 +62,7 @@ from ..hf import (
     remove_partial_exports,
     special_token_ids,
 )
-from ..integrity import atomic_write, manifest
+from ..integrity import OutputLock, atomic_write, manifest
 from .distill import Distillation, check_teacher, distill_settings, load_teacher
 from .ds_config import UptrainError, load_ds_config
 from .engine import compile_blocks, make_engine
@@ -74,6 +77,7 @@ from .run_dir import (
     newest_intact_checkpoint,
 )
 
+LOCK = ".lock"
 # run_config.json keys a resumed run must share with the run it continues
 RESUME_KEYS = (
     "init",
@@ -176,12 +180,31 @@ class RunPlan:
                 raise UptrainError(f"--tp {args.tp}: {e}") from None
         self.data = _open_data(args.data, "--data", self.config)
         self.valid = _open_data(args.valid_data, "--valid-data", self.config) if args.valid_data else None
+        self._check_tokenizer()
         self._plan_rows()
         self._check_evaluation()
         self.distill = distill_settings(args)  # (A, T) or None
         self.teacher_fingerprint = (
             check_teacher(args.distill_from, self.config, args.init, self.data.seq_len) if self.distill else None
         )
+
+    def _check_tokenizer(self) -> None:
+        """--data packed with --init's tokenizer (the same ids for the same tokens), unless
+        --allow-other-tokenizer; packs made before their tokenizer was recorded, and an --init without
+        tokenizer files, have nothing to compare."""
+        packed = self.data.meta.get("tokenizer_fingerprint")
+        if packed is None or self.args.allow_other_tokenizer:
+            return
+        try:
+            mine = tokenizer_fingerprint(self.args.init)
+        except DataError as e:
+            raise UptrainError(f"--init {self.args.init}: its tokenizer does not load ({e})") from None
+        if mine is not None and mine != packed:
+            raise UptrainError(
+                f"--data {self.args.data} was packed with another tokenizer ({self.data.meta['tokenizer']}) than the "
+                f"one of --init {self.args.init}: the ids name other tokens; pack with --init's tokenizer, or pass "
+                f"--allow-other-tokenizer"
+            )
 
     def _check_evaluation(self) -> None:
         """With --eval-tasks, what evaluating each checkpoint needs, before step 1 rather than at the first
@@ -209,6 +232,9 @@ class RunPlan:
         args, n = self.args, len(self.data)
         if args.valid_rows < 0:
             raise UptrainError(f"--valid-rows {args.valid_rows} must be >= 0")
+        for flag, value in (("--train-iters", args.train_iters), ("--train-tokens", args.train_tokens)):
+            if value is not None and value < 1:
+                raise UptrainError(f"{flag} {value} must be at least 1")
         if self.valid is not None:
             self.valid_rows = np.arange(min(len(self.valid), args.valid_rows or len(self.valid)))
             train_rows = n
@@ -253,6 +279,7 @@ class RunPlan:
             "data": str(Path(a.data).resolve()),
             "valid_data": str(Path(a.valid_data).resolve()) if a.valid_data else None,
             "data_fingerprint": self.data.fingerprint,
+            "allow_other_tokenizer": a.allow_other_tokenizer,
             "valid_data_fingerprint": self.valid.fingerprint if self.valid is not None else None,
             "valid_rows": a.valid_rows,
             "tp": a.tp,
@@ -338,7 +365,18 @@ class Trainer(RunPlan):
         if self.rank == 0:
             for partial in remove_partial_exports(self.run_dir / "hf"):
                 print(f"removed {partial}, an export a killed run left unfinished", flush=True)
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        except dist.DistNetworkError as e:
+            if "EADDRINUSE" not in str(e) and "address already in use" not in str(e):
+                raise
+            from ..cli import free_port
+
+            port = os.environ.get("MASTER_PORT", "29500")
+            raise UptrainError(
+                f"the rendezvous port {port} is taken (another DeepSpeed job on this machine?): start with "
+                f"`deepspeed --master_port {free_port()} ...` (any free port)"
+            ) from None
         self.groups = tp.init_groups(args.tp)
         dist.barrier()
         resume_from = self._choose_checkpoint()
@@ -497,20 +535,23 @@ class Trainer(RunPlan):
         if self.rank == 0 and folder.exists():  # a save that was cut short: replace it
             shutil.rmtree(folder)
         dist.barrier()
-        with unpacked_checkpoint(self.engine):  # so zero_to_fp32.py writes the model's own names
-            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state, save_latest=False)
-        sd = self._master_state_dict() if self.args.export_dtype == "float32" else self._full_state_dict()
-        if self.rank == 0:
-            dtype = getattr(torch, self.args.export_dtype, None) or next(iter(sd.values())).dtype
-            export_pretrained(
-                sd,
-                self.config,
-                self.run_dir / "hf" / tag,
-                tokenizer_from=self.args.init,
-                overwrite=True,
-                dtype=dtype,
-                hf_kwargs=special_token_ids(self.hf_config),
-            )
+        try:  # a full disk says so in many ways (torch's zip writer, safetensors): one OSError for all
+            with unpacked_checkpoint(self.engine):  # so zero_to_fp32.py writes the model's own names
+                self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state, save_latest=False)
+            sd = self._master_state_dict() if self.args.export_dtype == "float32" else self._full_state_dict()
+            if self.rank == 0:
+                dtype = getattr(torch, self.args.export_dtype, None) or next(iter(sd.values())).dtype
+                export_pretrained(
+                    sd,
+                    self.config,
+                    self.run_dir / "hf" / tag,
+                    tokenizer_from=self.args.init,
+                    overwrite=True,
+                    dtype=dtype,
+                    hf_kwargs=special_token_ids(self.hf_config),
+                )
+        except Exception as e:
+            raise as_disk_full(e, str(folder)) from None
         dist.barrier()
         if _fault("kill-in-save", step):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -597,6 +638,8 @@ class Trainer(RunPlan):
             _, state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         if state is None:
             raise CheckpointError(f"{self.ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
+        if self.rank == 0:
+            print(f"resuming from {self.ckpt_dir / tag} (step {step} of {self.total_steps})", flush=True)
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -682,10 +725,17 @@ class Trainer(RunPlan):
 
 
 def main(args: RunOptions) -> int:
-    """Entry point for launch/uptrain.py (its errors become one line through `cli.entry_point`)."""
+    """Entry point for launch/uptrain.py (its errors become one line through `cli.entry_point`). Rank 0
+    holds the run folder's lock (`RUN_DIR/.lock`) for the whole run: a second command on the same
+    --out is refused while this one runs."""
     single_process_env()
-    trainer = Trainer(args)
-    try:
-        return trainer.train()
-    finally:
-        trainer.close()
+    lock = contextlib.nullcontext()
+    if int(os.environ["RANK"]) == 0:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        lock = OutputLock(Path(args.out) / LOCK, f"--out {args.out}")
+    with lock:
+        trainer = Trainer(args)
+        try:
+            return trainer.train()
+        finally:
+            trainer.close()
