@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import torch
 from .config import MLKVConfig
 from .configuration_mlkv import CONFIG_CLASSES
 from .errors import MLKVError, first_line
+from .integrity import ordinary_modes
 from .model import MLKVTransformer
 from .modeling_mlkv import CACHE_FIELD, MODEL_CLASSES
 
@@ -69,9 +71,11 @@ def export_pretrained(
     max_shard_size: str = "2GB",
     dtype: torch.dtype | None = None,
     hf_kwargs: dict | None = None,
+    progress: bool = True,
 ) -> Path:
     """Write an `MLKVTransformer` state dict as a transformers folder that loads with
     `AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)` without this package.
+    `progress`: transformers' bar of the shards it writes.
 
     `hf_kwargs` adds config attributes such as the base's `bos_token_id`/`eos_token_id`. Written to
     a temporary sibling and renamed at the end, so `out_dir` is either complete or absent.
@@ -91,8 +95,10 @@ def export_pretrained(
         model.config.dtype = dtype
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL}", dir=out.parent))
     try:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        with progress_bars(progress):
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
         copy_tokenizer_files(tokenizer_from, tmp)
+        ordinary_modes(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -100,6 +106,19 @@ def export_pretrained(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+@contextlib.contextmanager
+def progress_bars(on: bool):
+    """transformers' progress bars (writing shards, loading weights) on or off within the block."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    (logging.enable_progress_bar if on else logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (logging.enable_progress_bar if was else logging.disable_progress_bar)()
 
 
 def remove_partial_exports(parent: str | os.PathLike) -> list[Path]:

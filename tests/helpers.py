@@ -1,6 +1,7 @@
 """Small shared builders for tests: tiny configs, GPT-NeoX oracles, exported checkpoints, and the
 child pytest that runs triton kernels in the CPU interpreter."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -161,6 +162,21 @@ def run_interpreted(test_file: str, *pytest_args: str) -> str:
     )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     return done.stdout
+
+
+@contextlib.contextmanager
+def small_filesystem(folder: Path, size: str = "64k", read_only: bool = False):
+    """A tmpfs of `size` mounted on `folder` (made), read-only if asked: a full or read-only disk for the
+    commands under test. Skips the test where this process may not mount (not root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
 
 
 def overwrite_bytes(path, at: int, value: bytes) -> None:

@@ -697,6 +697,7 @@ def test_cli_converts_a_hub_name_and_reports(tiny_base, tmp_path, tokenizer_dir)
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "local-org/tiny-neox -> " in res.stdout and "| KV heads per token | 16 | 2 | 0.125 |" in res.stdout
+    assert "Writing model shards" not in res.stderr + res.stdout  # --no-progress: transformers' bar too
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["merge"] == "sequential" and report["layout"] == "MLKV-2" and report["base"] == "local-org/tiny-neox"
     assert json.loads((tmp_path / "mlkv-2" / REPORT_NAME).read_text()) == report
@@ -724,6 +725,25 @@ def test_cli_errors_are_one_line_with_exit_code_2(tiny_base, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # usage errors come from argparse, also exit code 2
         main(["--base", str(base), "--paper-variants"])
     assert exc.value.code == 2
+
+
+def test_a_full_or_read_only_disk_is_one_line_and_leaves_nothing(tiny_base, tmp_path, capsys):
+    """convert.py writing onto a 64 kB disk, or a read-only one: one line naming the folder and the
+    cause, no traceback, and no half-written folder left behind."""
+    from helpers import small_filesystem
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        from convert import main
+    finally:
+        sys.path.remove(str(ROOT / "launch"))
+    _, base = tiny_base
+    for read_only, cause in ((False, "no space left on the device"), (True, "the file system is read-only")):
+        with small_filesystem(tmp_path / f"disk-{read_only}", "64k", read_only) as disk:
+            assert main(["--base", str(base), "--no-progress", "--out", str(disk / "mlkv")]) == 2
+            (line,) = capsys.readouterr().err.strip().splitlines()
+            assert line.startswith(f"error: {disk}") and cause in line, line
+            assert not list(disk.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,3 +153,20 @@ def test_export_refuses_existing_folder_and_load_rejects_non_checkpoints(mlkv_di
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="cannot load the checkpoint"):
         load_pretrained(broken)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_exports_get_the_modes_the_umask_gives(tmp_path, mask):
+    """Not mkdtemp's private 0700 folder, nor the 0600 transformers gives safetensors files: what a plain
+    mkdir and open would, so others on a shared machine read exports as the umask allows."""
+    import os
+
+    model = random_mlkv(tiny_config())
+    old = os.umask(mask)
+    try:
+        out = export_pretrained(model.state_dict(), model.config, tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~mask)
+    files = {f.name: oct(f.stat().st_mode & 0o777) for f in out.iterdir()}
+    assert files["model.safetensors"] == files["config.json"] == oct(0o666 & ~mask), files

@@ -285,6 +285,8 @@ def test_cli_converts_and_prints_the_format(tmp_path):
         (dict(num_key_value_heads=3), (), "must divide num_heads"),
         (dict(num_key_value_layers=5), (), "kv_layers (m) = 5"),
         ({}, ("--kv-layers", "1"), "--kv-layers do not apply"),
+        ({}, ("--merge", "sequential", "--no-match-params"), "--merge sequential, --no-match-params do not apply"),
+        ({}, ("--mlp-init", "copy"), "--mlp-init copy do not apply"),
         ({}, ("--paper-variants", "--out-root", "variants"), "without --paper-variants"),
     ],
 )

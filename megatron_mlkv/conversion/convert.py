@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, MLKVConfig
-from ..hf import TOKENIZER_FILES, CheckpointError, copy_tokenizer_files, export_pretrained
+from ..errors import as_disk_full
+from ..hf import TOKENIZER_FILES, CheckpointError, copy_tokenizer_files, export_pretrained, progress_bars
+from ..integrity import ordinary_modes
 from ..layout import KVLayout
 from ..model import MLKVTransformer
 from .checkpoint_io import BaseCheckpoint, _opened, weights_prefix
@@ -194,43 +196,50 @@ def _write_folder(
     max_shard_size: str,
     report: dict,
     overwrite: bool,
+    progress: bool = True,
 ) -> None:
     """Export `sd` and the report into a hidden sibling of `out`, then rename it to `out`: the
     folder is either complete (report and `PLAIN` included) or absent."""
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
     try:
-        folder = export_pretrained(
-            sd,
-            target,
-            stage / out.name,
-            tokenizer_from=ckpt.tokenizer_dir,
-            max_shard_size=max_shard_size,
-            dtype=dtype,
-            hf_kwargs=ckpt.hf_kwargs(),
-        )
-        if plain_form(target):  # also as the base's own class, which needs no remote code
-            from .llama import base_model
-
-            model = base_model(sd, target, dtype, ckpt.hf_kwargs())
-            model.save_pretrained(folder / PLAIN, max_shard_size=max_shard_size)
-            copy_tokenizer_files(ckpt.tokenizer_dir, folder / PLAIN)
-            report["plain"] = f"{PLAIN}/ ({type(model).__name__})"
-            del model
-        sd.clear()  # export is written: drop the converted tensors before the next step
-        report["tokenizer_files"] = sorted(n for n in TOKENIZER_FILES if (folder / n).is_file())
-        (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        # mkdtemp makes the folder private (0700); give it the mode a plain mkdir would (umask)
-        probe = stage / "mode-probe"
-        probe.mkdir()
-        folder.chmod(probe.stat().st_mode & 0o777)
-        if out.exists() or out.is_symlink():
-            if not overwrite:
-                raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
-            shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
-        os.replace(folder, out)
+        _stage_folder(sd, target, out, stage, ckpt, dtype, max_shard_size, report, overwrite, progress)
+    except Exception as e:  # a full disk says so in many ways: one OSError (`cli.entry_point`: one line)
+        raise as_disk_full(e, str(out)) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _stage_folder(sd, target, out, stage, ckpt, dtype, max_shard_size, report, overwrite, progress) -> None:
+    """`_write_folder`'s work in the staging folder, renamed to `out` at the end."""
+    folder = export_pretrained(
+        sd,
+        target,
+        stage / out.name,
+        tokenizer_from=ckpt.tokenizer_dir,
+        max_shard_size=max_shard_size,
+        dtype=dtype,
+        hf_kwargs=ckpt.hf_kwargs(),
+        progress=progress,
+    )
+    if plain_form(target):  # also as the base's own class, which needs no remote code
+        from .llama import base_model
+
+        model = base_model(sd, target, dtype, ckpt.hf_kwargs())
+        with progress_bars(progress):
+            model.save_pretrained(folder / PLAIN, max_shard_size=max_shard_size)
+        copy_tokenizer_files(ckpt.tokenizer_dir, folder / PLAIN)
+        report["plain"] = f"{PLAIN}/ ({type(model).__name__})"
+        del model
+    sd.clear()  # export is written: drop the converted tensors before the next step
+    report["tokenizer_files"] = sorted(n for n in TOKENIZER_FILES if (folder / n).is_file())
+    (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    ordinary_modes(folder)  # the report and the plain folder too (export_pretrained did its own files)
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
+        shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
+    os.replace(folder, out)
 
 
 def _check_out(out: Path, ckpt: BaseCheckpoint, overwrite: bool) -> None:
@@ -281,7 +290,7 @@ def convert_checkpoint(
     with _opened(base, revision) as ckpt:
         _check_out(out, ckpt, overwrite)
         if ckpt.reference:
-            _check_reference_options(ckpt, kv_layers, kv_groups, kv_owner, random_init)
+            _check_reference_options(ckpt, kv_layers, kv_groups, kv_owner, random_init, merge, mlp_init, match_params)
             target = ckpt.config
         else:
             target = target_config(ckpt.config, kv_layers, kv_groups, kv_owner, match_params)
@@ -325,7 +334,7 @@ def convert_checkpoint(
         report["init"] = f"random (seed {seed})" if random_init else "converted"
         if ckpt.reference:
             report.update(format=FORMAT, merge=None, mlp_init=None, match_params=None)
-        _write_folder(sd, target, out, ckpt, out_dtype, max_shard_size, report, overwrite)
+        _write_folder(sd, target, out, ckpt, out_dtype, max_shard_size, report, overwrite, progress)
     if report_path is not None:
         Path(report_path).write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -357,7 +366,10 @@ def load_base_model(name: str, revision: str | None = None, dtype: torch.dtype |
     return model.eval()
 
 
-def _check_reference_options(ckpt: BaseCheckpoint, kv_layers, kv_groups, kv_owner, random_init: bool) -> None:
+def _check_reference_options(
+    ckpt: BaseCheckpoint, kv_layers, kv_groups, kv_owner, random_init: bool, merge, mlp_init, match_params
+) -> None:
+    """A reference checkpoint converts as it is: a flag that would change its layout, merge or MLP is refused."""
     given = [
         flag
         for flag, value in (
@@ -365,13 +377,16 @@ def _check_reference_options(ckpt: BaseCheckpoint, kv_layers, kv_groups, kv_owne
             ("--kv-groups", kv_groups),
             ("--kv-owner-map", kv_owner),
             ("--random-init", random_init or None),
+            (f"--merge {merge}", None if merge == "mean" else merge),
+            (f"--mlp-init {mlp_init}", None if mlp_init == "zero" else mlp_init),
+            ("--no-match-params", None if match_params else True),
         )
         if value is not None
     ]
     if given:
         raise ConfigError(
             f"{ckpt.name} is a {FORMAT} checkpoint ({ckpt.config.layout.name}); it converts as it is, "
-            f"so {', '.join(given)} do not apply (they are for GPT-NeoX bases)"
+            f"so {', '.join(given)} do not apply (they are for multi-head bases)"
         )
 
 
