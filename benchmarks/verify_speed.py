@@ -3,8 +3,10 @@ pack of --gb gigabytes (2048-token rows of random ids), next to plain reads and 
 
     python benchmarks/verify_speed.py --gb 12 --dir /path/on/the/training/disk
 
-Prints a table and writes benchmarks/results/verify/verify_speed.json. The page cache is dropped
-before the cold pass when this process may (root); otherwise that row says "warm".
+Prints a table and writes it as JSON to --out (default: verify_speed.json in the system's temporary
+folder; the results benchmarks/README.md cites are benchmarks/results/verify/verify_speed.json, written
+only when named). The page cache is dropped before the cold pass when this process may (root);
+otherwise that row says "warm".
 """
 
 import argparse
@@ -84,7 +86,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gb", type=float, default=12.0, help="size of the synthetic .bin (default 12)")
     p.add_argument("--dir", default=None, help="folder for the pack (default: the system's temporary folder)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "verify" / "verify_speed.json"))
+    p.add_argument(
+        "--out",
+        default=str(Path(tempfile.gettempdir()) / "verify_speed.json"),
+        help="JSON output (default: the system's temporary folder, not the tracked results)",
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         prefix = Path(tmp) / "pack"

@@ -58,6 +58,7 @@ class Candidate:
     head_dim: int
     engine: str
     load: Callable[[], nn.Module]
+    max_positions: int | None = None  # the model's max_position_embeddings: how long a cache may be
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,6 +110,7 @@ def from_folder(path: str, dtype: torch.dtype, device: torch.device) -> Candidat
         cfg.head_dim,
         "mlkv-fast",
         lambda: pad_mlp_(load_pretrained(path, dtype).to(device).eval()),
+        cfg.max_position_embeddings,
     )
 
 
@@ -132,6 +134,7 @@ def from_shape(shape: str, layouts: str, dtype: torch.dtype, device: torch.devic
                 cfg.head_dim,
                 "mlkv-fast",
                 lambda cfg=cfg: random_model(cfg, dtype, device),
+                cfg.max_position_embeddings,
             )
         )
     return out
@@ -177,7 +180,9 @@ def transformers_baseline(
             "--baseline-hf needs --hf-model DIR, --shape NAME, or a folder among --model that transformers' own "
             "class holds (MHA for GPT-NeoX; no cross-layer sharing for the Llama family)"
         )
-    return [Candidate(name, cfg.layout, cfg.head_dim, engine, load) for engine in TRANSFORMERS]
+    return [
+        Candidate(name, cfg.layout, cfg.head_dim, engine, load, cfg.max_position_embeddings) for engine in TRANSFORMERS
+    ]
 
 
 def base_class_holds(config: MLKVConfig) -> bool:
@@ -481,6 +486,12 @@ def run_benchmark(
         raise BenchError("on CPU the maximum-batch search needs --max-batch (there is no out-of-memory signal)")
     if context < 1 or new_tokens < 1:
         raise BenchError(f"--context {context} and --new-tokens {new_tokens} must be at least 1")
+    for cand in candidates:
+        if cand.max_positions is not None and context + new_tokens > cand.max_positions:
+            raise BenchError(
+                f"--context {context} + --new-tokens {new_tokens} exceed the {cand.max_positions} positions of "
+                f"{cand.name} (max_position_embeddings): lower --context"
+            )
     out.mkdir(parents=True, exist_ok=True)
     records = latest(list(previous))
 

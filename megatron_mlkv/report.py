@@ -83,12 +83,23 @@ def report_rows(sources: Sequence[str | os.PathLike], metric: str = METRIC) -> t
                 "kv_dtype": r.get("kv_dtype", "fp16"),
                 "scores": scores,
                 "average": sum(known) / len(known) if known and len(known) == len(tasks) else None,
+                "limit": (r.get("config") or {}).get("limit"),  # lm-eval's --limit: documents per task
             }
         )
+    _distinct_labels(rows)
     rows.sort(key=lambda row: (-row["kv_heads"], -row["kv_layers"]))  # the paper's order
     for row, on_front in zip(rows, pareto_front([(r["kv_bytes_per_token"], r["average"]) for r in rows])):
         row["pareto"] = on_front
     return tasks, rows
+
+
+def _distinct_labels(rows: list[dict]) -> None:
+    """Where two rows read alike (runs of one name under different folders), each label gains the
+    folder its source lies in, so no two rows of a table share one."""
+    labels = [r["label"] for r in rows]
+    for r in rows:
+        if labels.count(r["label"]) > 1:
+            r["label"] = f"{Path(r['source']).resolve().parent.name}/{r['label']}"
 
 
 def pareto_front(points: Sequence[tuple[float, float | None]]) -> list[bool]:
@@ -109,7 +120,7 @@ def format_table(tasks: Sequence[str], rows: Sequence[dict], metric: str = METRI
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
-            r["label"],
+            r["label"] + (f" (limit {r['limit']:g})" if r.get("limit") else ""),
             r["layout"],
             str(r["kv_heads"]),
             f"{r['kv_bytes_per_token']:,}",
@@ -118,9 +129,14 @@ def format_table(tasks: Sequence[str], rows: Sequence[dict], metric: str = METRI
             "*" if r["pareto"] else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    limited = (
+        " (limit N): evaluated on at most N documents a task (--eval-limit), not comparable to full runs."
+        if any(r.get("limit") for r in rows)
+        else ""
+    )
     return (
         "\n".join(lines) + f"\n\n{metric} per task; avg over the {len(tasks)} tasks; * on the Pareto front "
-        f"(no other row has as little KV memory and as high an avg, one of them strictly better)."
+        f"(no other row has as little KV memory and as high an avg, one of them strictly better).{limited}"
     )
 
 

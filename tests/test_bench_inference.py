@@ -181,6 +181,13 @@ def test_cli_searches_the_batch_up_to_max_batch_on_cpu(folders, tmp_path, capsys
     assert bench_main("--model", folders["mlkv"], "--out", tmp_path / "none", "--device", "cpu") == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
     assert last.startswith("error: ") and "needs --max-batch" in last
+    # a cache longer than the model's positions (this one has 64) is refused before any model is loaded
+    assert (
+        bench_main("--model", folders["mlkv"], "--context", 60, "--new-tokens", 8, "--max-batch", 2, "--out", out) == 2
+    )
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    expected = f"--context 60 + --new-tokens 8 exceed the 64 positions of {folders['mlkv']} (max_position_embeddings)"
+    assert last == f"error: {expected}: lower --context"
 
 
 def test_search_doubles_until_oom_then_bisects():

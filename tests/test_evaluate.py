@@ -271,9 +271,10 @@ def test_cli_bad_input_is_one_line(tmp_path):
 # ------------------------------------------------------------------ report
 
 
-def eval_json(path: Path, name: str, m: int, g: int, accs: dict, step=None) -> Path:
-    """A synthetic evaluation JSON of a 12-layer, 12-head, head_dim 64 model."""
+def eval_json(path: Path, name: str, m: int, g: int, accs: dict, step=None, limit=None) -> Path:
+    """A synthetic evaluation JSON of a 12-layer, 12-head, head_dim 64 model (`limit`: lm-eval's)."""
     result = {
+        "config": {"limit": limit},
         "model": f"/ckpt/{name.lower()}",
         "step": step,
         "tasks": list(accs),
@@ -325,6 +326,19 @@ def test_report_table_front_and_plot(tmp_path):
     assert "| mha | MHA | 144 | 36,864 | 0.6000 | 0.7000 | 0.6500 | * |" in table
     assert "| mlkv-48 | MLKV-48 | 48 | 12,288 | 0.5000 | 0.6000 | 0.5500 |  |" in table
     assert prefix.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_tells_runs_of_one_name_apart_and_flags_limited_evaluations(tmp_path):
+    """Two studies' runs of one name read alike as 'mlkv-6 @ step 8'; each gets its folder. A run
+    evaluated on a few documents a task (--eval-limit) says so in its row."""
+    for study, limit in (("study1", None), ("study2", 20)):
+        eval_json(tmp_path / study / "mlkv-6" / "eval" / "step_8.json", "MLKV-6", 6, 1, {"piqa": 0.5}, 8, limit)
+    report = build_report([tmp_path / "study1" / "mlkv-6", tmp_path / "study2" / "mlkv-6"], tmp_path / "r")
+    assert [r["label"] for r in report["rows"]] == ["study1/mlkv-6 @ step 8", "study2/mlkv-6 @ step 8"]
+    assert (
+        "| study2/mlkv-6 @ step 8 (limit 20) |" in report["table"] and "| study1/mlkv-6 @ step 8 |" in report["table"]
+    )
+    assert "(limit N): evaluated on at most N documents a task" in report["table"]
 
 
 def test_plot_names_ablations_of_one_layout_by_run():
