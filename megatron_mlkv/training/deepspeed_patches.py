@@ -1,9 +1,23 @@
-"""Adjustments to DeepSpeed internals, each replacing one private method and checked against
+"""Adjustments to DeepSpeed internals, each touching one private name and checked against
 DeepSpeed 0.16.6 (the oldest allowed) and 0.19 (the newest tested)."""
 
 from __future__ import annotations
 
 import torch
+
+
+def no_shared_memory_allreduce() -> None:
+    """Keep DeepSpeed's communication backend from building its shared-memory all-reduce op.
+
+    On the CPU, DeepSpeed compiles that op on the first start (about a minute) and maps a 67 MB
+    `/dev/shm/deepspeed_allreduce_buffer_*` per rank that it never unlinks: every run leaves them
+    behind until /dev/shm fills the machine's memory, and a later run on a reused port maps the stale
+    buffers of its peers. Only `inference_all_reduce` (DeepSpeed inference's AutoTP) uses the op;
+    training reduces through gloo or NCCL. Call before `deepspeed.init_distributed` or
+    `deepspeed.initialize`, whichever comes first; the op list is `deepspeed.ops.__compatible_ops__`."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def float32_grad_norm(optimizer) -> None:

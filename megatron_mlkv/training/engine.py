@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .deepspeed_patches import float32_grad_norm
+from .deepspeed_patches import float32_grad_norm, no_shared_memory_allreduce
 from .distill import Distillation
 from .ds_config import UptrainError
 from .loss import distill_loss_sums, lm_loss_sum
@@ -117,6 +117,7 @@ def make_engine(
     `F.linear` whose backward reads each weight's ZeRO id, a guard per layer) is turned off."""
     import deepspeed
 
+    no_shared_memory_allreduce()
     zero = ds_config.get("zero_optimization", {})
     stage3 = zero.get("stage", 0) == 3
     if pack and not stage3 and mpu is None:

@@ -63,6 +63,7 @@ from ..hf import (
     special_token_ids,
 )
 from ..integrity import OutputLock, atomic_write, manifest
+from .deepspeed_patches import no_shared_memory_allreduce
 from .distill import Distillation, check_teacher, distill_settings, load_teacher
 from .ds_config import UptrainError, load_ds_config
 from .engine import compile_blocks, make_engine
@@ -365,6 +366,7 @@ class Trainer(RunPlan):
         if self.rank == 0:
             for partial in remove_partial_exports(self.run_dir / "hf"):
                 print(f"removed {partial}, an export a killed run left unfinished", flush=True)
+        no_shared_memory_allreduce()
         try:
             deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         except dist.DistNetworkError as e:
