@@ -188,8 +188,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
         hf_model, info = MODEL_CLASSES[ours[model_type]].from_pretrained(path, dtype=dtype, output_loading_info=True)
     except Exception as e:  # transformers/safetensors raise many types for a damaged folder
         raise CheckpointError(f"{path}: cannot load the checkpoint ({first_line(e)})") from None
-    problems = [
-        f"{what} {', '.join(str(k) for k in keys[:3])}{' ...' if len(keys) > 3 else ''}"
+    problems = [  # transformers gives sets or lists of names
+        f"{what} {', '.join(sorted(map(str, keys))[:3])}{' ...' if len(keys) > 3 else ''}"
         for what, keys in (("missing", info["missing_keys"]), ("unexpected", info["unexpected_keys"]))
         if keys
     ]

@@ -155,6 +155,25 @@ def test_export_refuses_existing_folder_and_load_rejects_non_checkpoints(mlkv_di
         load_pretrained(broken)
 
 
+def test_load_is_strict_about_weights_that_do_not_map(mlkv_dir, tmp_path):
+    """A weight missing, or one the model has no place for, is refused naming it: nothing trains,
+    benchmarks or evaluates from freshly initialised weights."""
+    from safetensors.torch import load_file, save_file
+
+    path, model = mlkv_dir
+    for name, edit, expected in (
+        ("missing", lambda sd, k: sd.pop(k), "missing model.layers.0.mlp.dense_4h_to_h.weight"),
+        ("unexpected", lambda sd, k: sd.update({"model.extra.weight": sd[k].clone()}), "unexpected model.extra.weight"),
+    ):
+        folder = tmp_path / name
+        export_pretrained(model.state_dict(), model.config, folder)
+        sd = load_file(folder / "model.safetensors")
+        edit(sd, "model.layers.0.mlp.dense_4h_to_h.weight")
+        save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(CheckpointError, match=f"{folder}: its weights do not match its config: {expected}"):
+            load_pretrained(folder)
+
+
 @pytest.mark.parametrize("mask", [0o022, 0o027])
 def test_exports_get_the_modes_the_umask_gives(tmp_path, mask):
     """Not mkdtemp's private 0700 folder, nor the 0600 transformers gives safetensors files: what a plain
