@@ -3,6 +3,7 @@ child pytest that runs triton kernels in the CPU interpreter."""
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,20 +149,30 @@ def left_padded(prompts, pad=1):
 # pytest with TRITON_INTERPRET=1 (`run_interpreted`); in the parent they are skipped (`interpreted`)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="run by the file's child pytest in triton's interpreter")
-interpreter_parent = pytest.mark.skipif(INTERPRETED, reason="the parent of the interpreted tests")
 
 
-def run_interpreted(test_file: str, *pytest_args: str) -> str:
-    """pytest `test_file` in a child process under TRITON_INTERPRET=1; its output, once it passed."""
+PARENT_REASON = "the parent of the interpreted tests"
+interpreter_parent = pytest.mark.skipif(INTERPRETED, reason=PARENT_REASON)
+
+
+def run_interpreted(test_file: str, *pytest_args: str) -> int:
+    """pytest `test_file` in a child process under TRITON_INTERPRET=1; how many of its tests passed.
+    Fails unless the child passed and skipped nothing but the parent test (`interpreter_parent`):
+    interpreted tests that all skip (triton missing there, a wrong mark) would otherwise pass unseen."""
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args, test_file],
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *pytest_args, test_file],
         cwd=Path(__file__).resolve().parent.parent,
         env=dict(os.environ, TRITON_INTERPRET="1"),
         capture_output=True,
         text=True,
     )
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    return done.stdout
+    report = done.stdout[-6000:] + done.stderr[-3000:]
+    assert done.returncode == 0, report
+    skips = [line for line in done.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert all(line.endswith(PARENT_REASON) for line in skips), report
+    passed = re.search(r"(\d+) passed", done.stdout)
+    assert passed, report
+    return int(passed.group(1))
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xxhash
 from helpers import overwrite_bytes
 
 from megatron_mlkv import data
@@ -215,6 +216,8 @@ def test_num_docs_fraction_and_workers_are_deterministic(work, tmp_path):
     pack([corpus], tok, 64, str(tmp_path / "f2"), fraction=0.3, seed=7, workers=2, progress=False)
     pack([corpus], tok, 64, str(tmp_path / "f3"), fraction=0.3, seed=8, progress=False)
     assert_round_trip(PackedDataset(tmp_path / "f1"), sample)
+    kept = PackedDataset(tmp_path / "f1").meta["documents"]  # Binomial(150, 0.3): 45 ± 5.6
+    assert kept == len(sample) and abs(kept - 0.3 * 150) < 4 * (150 * 0.3 * 0.7) ** 0.5
     assert bytes_of(tmp_path / "f1") == bytes_of(tmp_path / "f2")  # the same for any number of workers
     assert bytes_of(tmp_path / "f1") != bytes_of(tmp_path / "f3")
     pack([corpus], tok, 64, str(tmp_path / "fn"), fraction=0.3, seed=7, num_docs=5, progress=False)
@@ -559,6 +562,8 @@ def test_the_fingerprint_finds_files_changed_after_packing(work, packed, tmp_pat
     ds = PackedDataset(packed)
     fingerprint = ds.verify()
     assert fingerprint == ds.meta["fingerprint"] and fingerprint["algorithm"] == "xxh3_128"
+    for ext in ("bin", "idx"):  # the digest of the whole file, computed here in one call
+        assert fingerprint[ext] == xxhash.xxh3_128(Path(f"{packed}.{ext}").read_bytes()).hexdigest()
     assert ds.meta["max_token_id"] == int(np.fromfile(f"{packed}.bin", ds.dtype).max())  # the true largest id
     # ten bytes of 0xff in the middle of .bin: sizes and header intact, so opening succeeds
     bad = copy_pack(packed, tmp_path / "bad_bin")

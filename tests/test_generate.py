@@ -6,6 +6,8 @@ from transformers import AutoModelForCausalLM
 from megatron_mlkv.generate import StaticDecoder, StaticKVCache, generate, pad_mlp_
 from megatron_mlkv.hf import export_pretrained
 
+pytestmark = pytest.mark.compat  # transformers' generation and cache classes: also `make test-compat`
+
 
 def greedy_uncached(model, ids, mask, steps):
     """Greedy decoding by re-running the whole sequence each step: argmax of the full forward."""
@@ -76,7 +78,6 @@ def test_matmul_attention_equals_sdpa_attention():
     assert torch.allclose(logits["sdpa"], logits["matmul"], atol=1e-5)
 
 
-@pytest.mark.compat
 def test_equals_the_transformers_wrapper_generate(tmp_path):
     model = model_for("mlkv-m<l-g<h", seed=2)
     path = export_pretrained(model.state_dict(), model.config, tmp_path / "mlkv")

@@ -20,8 +20,7 @@ from megatron_mlkv.model import apply_rotary, rotary_cos_sin
 @interpreter_parent
 def test_kernels_in_the_cpu_interpreter():
     pytest.importorskip("triton")
-    out = run_interpreted(__file__)
-    assert " passed" in out and " failed" not in out
+    run_interpreted(__file__)  # fails unless every test of the child passed (it skips none but this one)
 
 
 def reference_attention(proj, keys, values, rotary, pos, pad, h, owns_kv):

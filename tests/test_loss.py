@@ -7,8 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import interpreted, interpreter_parent, random_mlkv, run_interpreted, tiny_config
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from megatron_mlkv.training.loss import FusedLinearCrossEntropy, chunked_cross_entropy, lm_loss_sum
+from megatron_mlkv.training.loss import (
+    FusedLinearCrossEntropy,
+    FusedLinearDistillation,
+    chunked_cross_entropy,
+    lm_loss_sum,
+)
+
+pytestmark = pytest.mark.compat  # liger-kernel's fused loss and torch's checkpointing: also `make test-compat`
 
 
 def head_and_targets():
@@ -50,10 +59,60 @@ def test_lm_loss_sum_chunked_equals_logits_for_the_model(tie):
         lm_loss_sum(model, ids, labels, "magic")
 
 
+class LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor an operation returns while the mode is on (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def largest_tensor(loss_fn) -> int:
+    with LargestTensor() as mode:
+        loss_fn().backward()
+    return mode.largest
+
+
+def test_chunked_losses_never_hold_the_full_logits(monkeypatch):
+    """Tensor accounting over forward and backward: the chunked cross-entropy and both chunked
+    distillations keep logits of one chunk at a time; full logits (n x V) appear only with `logits`."""
+    from megatron_mlkv.training import loss
+
+    torch.manual_seed(0)
+    n, vocab, d = 256, 512, 16
+    hidden, weight = torch.randn(n, d, requires_grad=True), torch.randn(vocab, d, requires_grad=True)
+    t_hidden, t_weight = torch.randn(n, d), torch.randn(vocab, d)
+    targets = torch.randint(0, vocab, (n,))
+    full = n * vocab
+    assert largest_tensor(lambda: F.cross_entropy(hidden @ weight.T, targets, reduction="sum")) >= full
+    assert largest_tensor(lambda: chunked_cross_entropy(hidden, weight, targets, chunk_tokens=32)) <= full // 8
+    step = loss.chunk_tokens(n, vocab, d)  # FusedLinearDistillation's chunk
+    assert step < n
+    args = (hidden, weight, t_hidden, t_weight, targets, 0.5, 2.0)
+    assert largest_tensor(lambda: FusedLinearDistillation.apply(*args)[0]) <= step * vocab < full
+    # the model's: 8 rows of 32 tokens, 2,048 words; the chunked distillation's chunks of 16 tokens
+    vocab = 2048
+    monkeypatch.setattr(loss, "DISTILL_CHUNK_ELEMENTS", 16 * vocab)
+    model = random_mlkv(tiny_config(vocab_size=vocab).with_layout(2, 2), std=0.05).train()
+    teacher = random_mlkv(tiny_config(vocab_size=vocab), std=0.05).eval()
+    ids = torch.randint(0, vocab, (8, 32))
+    chunked = largest_tensor(lambda: loss.distill_loss_sums(model, teacher, ids, ids, 0.5, 2.0, "chunked")[0])
+    whole = largest_tensor(lambda: loss.distill_loss_sums(model, teacher, ids, ids, 0.5, 2.0, "logits")[0])
+    head = model.embed_out.weight.numel()  # its gradient: the largest tensor besides logits
+    assert chunked <= max(16 * vocab, head) < 8 * 31 * vocab <= whole
+
+
 @interpreter_parent
 def test_fused_loss_in_the_cpu_interpreter():
     pytest.importorskip("liger_kernel")
-    assert "2 passed" in run_interpreted(__file__, "-k", "interpreted")
+    assert run_interpreted(__file__, "-k", "interpreted") == 2
 
 
 @interpreted

@@ -23,6 +23,7 @@ from megatron_mlkv.conversion.reference import FORMAT
 from megatron_mlkv.generate import generate
 from megatron_mlkv.hf import CheckpointError, export_pretrained, load_pretrained
 
+pytestmark = pytest.mark.compat  # transformers' generation, lm-eval's loader: also `make test-compat`
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, D, H, L, INTER, POSITIONS = 97, 32, 4, 4, 80, 64
 

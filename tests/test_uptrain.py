@@ -10,6 +10,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from megatron_mlkv.data import pack
 from megatron_mlkv.data.synthetic import write_corpus
 from megatron_mlkv.data.tokenizer import train_tokenizer
 from megatron_mlkv.training import lr_factor
+from megatron_mlkv.training.ds_config import UptrainError
 from megatron_mlkv.training.options import RunOptions
 
 pytestmark = pytest.mark.compat  # DeepSpeed's engine, launcher and checkpoints: also run by `make test-compat`
@@ -78,13 +80,15 @@ def workdir(tmp_path_factory):
     return tmp
 
 
-def uptrain(workdir: Path, out: Path, config: Path, *extra, ranks: int = 2, env=None, wait=True, init=None):
+def uptrain(
+    workdir: Path, out: Path, config: Path, *extra, ranks: int = 2, env=None, wait=True, init=None, port=None
+):
     cmd = [
         "deepspeed",
         "--num_gpus",
         str(ranks),
         "--master_port",
-        str(free_port()),
+        str(port or free_port()),
         str(ROOT / "launch" / "uptrain.py"),
         "--ds_config",
         str(config),
@@ -125,11 +129,23 @@ def ok(result) -> None:
 
 
 @pytest.fixture(scope="module")
-def zero2_run(workdir):
+def zero2_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def zero2_run(workdir, zero2_port):
     """The uninterrupted reference run: ZeRO-2, 2 ranks, checkpoints every 4 steps."""
     run = workdir / "runs" / "zero2"
-    ok(uptrain(workdir, run, ds_config(workdir, "zero2.json"), "--save-interval", 4))
+    ok(uptrain(workdir, run, ds_config(workdir, "zero2.json"), "--save-interval", 4, port=zero2_port))
     return run
+
+
+@pytest.mark.slow
+def test_a_run_leaves_no_shared_memory_behind(zero2_run, zero2_port):
+    """DeepSpeed's CPU all-reduce op would map /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
+    per rank and never unlink it (67 MB each): the op is never built."""
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{zero2_port}_*"))
 
 
 @pytest.mark.slow
@@ -196,7 +212,6 @@ def test_killed_during_a_save_resumes_with_identical_losses(workdir, zero2_run):
 
 @pytest.mark.slow
 def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(workdir, zero2_run):
-    import shutil
 
     run = workdir / "runs" / "damaged"
     shutil.copytree(zero2_run, run)
@@ -232,7 +247,6 @@ def test_zero_to_fp32_reads_our_checkpoints_and_the_float32_export_is_the_master
     """bf16 mixed precision. DeepSpeed's own zero_to_fp32.py, run as its users do (no tag: it reads
     `latest`), writes the model's own parameter names, which from_pretrained loads with nothing
     missing; they are the --export-dtype float32 export, and the bf16 weights are their rounding."""
-    import shutil
 
     from transformers import AutoModelForCausalLM
 
@@ -324,11 +338,8 @@ def test_tp2_with_replicated_kv_heads_matches_tp1(workdir, zero2_run):
     run = workdir / "runs" / "tp2_mlkv"
     ok(uptrain(workdir, run, ds_config(workdir, "zero2.json", micro=8), "--tp", 2, "--save-interval", 8))
     assert_same_run(run, zero2_run)
-    # the export merges the TP shards into the TP=1 layout
-    ref = load_file_dir(zero2_run / "hf" / f"step_{STEPS}")
-    got = load_file_dir(run / "hf" / f"step_{STEPS}")
-    assert got.keys() == ref.keys()
-    assert all(got[k].shape == ref[k].shape for k in ref)
+    # the export merges the TP shards, the replicated K/V head once, into the TP=1 layout and values
+    assert_same_weights(run / "hf" / f"step_{STEPS}", zero2_run / "hf" / f"step_{STEPS}")
 
 
 @pytest.mark.slow
@@ -661,19 +672,69 @@ def test_resuming_on_repacked_data_is_refused(workdir, tmp_path):
     )
 
 
-def test_invalid_tp_for_the_layout_is_rejected(workdir, tmp_path):
-    # h = 4, g = 1: T = 2 is valid (replicated KV); h = 4 with T = 3 fails on divisibility of the world
+def test_invalid_tp_for_the_layout_or_the_world_is_rejected(workdir, tmp_path):
+    """h = 4, g = 2: T = 3 divides the world of 3 ranks but not the heads (a layout refusal that lists
+    the valid T); T = 2 suits the heads but not 3 ranks (a world refusal)."""
     gqa = tmp_path / "gqa"
     convert_checkpoint(str(workdir / "base"), gqa, 4, 2, progress=False)
-    env = {"RANK": "0", "WORLD_SIZE": "8", "LOCAL_RANK": "0"}
-    assert_one_line_error(run_single(workdir, tmp_path, "--tp", 8, init=gqa, env=env), "--tp 8")
+    env = {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}
+    layout = run_single(workdir, tmp_path, "--tp", 3, init=gqa, env=env)
+    assert layout.stderr.strip() == (
+        "error: --tp 3: tensor parallelism T = 3 is invalid for h = 4, g = 2: h = 4 query heads are not "
+        "divisible by T = 3; valid T for (h = 4, g = 2): 1, 2, 4"
+    )
+    world = run_single(workdir, tmp_path, "--tp", 2, init=gqa, env=env)
+    assert world.stderr.strip() == "error: --tp 2 must divide the number of ranks 3"
+    assert layout.returncode == world.returncode == 2
 
 
-def test_resuming_with_different_settings_is_rejected(workdir, tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "run_config.json").write_text(json.dumps({"lr": 1.0}))
-    assert_one_line_error(run_single(workdir, tmp_path), "holds a run with", "rerun the same command")
+def copy_pack(prefix: Path, to: Path) -> Path:
+    for ext in (".bin", ".idx", ".json"):
+        shutil.copy(f"{prefix}{ext}", f"{to}{ext}")
+    return to
+
+
+# one change per setting `RESUME_KEYS` guards (distillation's: test_resuming_with_another_teacher_is_refused)
+CHANGED_SETTINGS = {
+    "init": lambda w, t: ["--init", shutil.copytree(w / "mlkv", t / "init")],  # the same weights elsewhere
+    "data": lambda w, t: ["--data", copy_pack(w / "train", t / "train")],  # the same rows elsewhere
+    "valid_data": lambda w, t: ["--valid-data", copy_pack(w / "valid", t / "valid")],
+    "valid_rows": lambda w, t: ["--valid-rows", 3],
+    "tp": lambda w, t: ["--tp", 2],
+    "seed": lambda w, t: ["--seed", 7],
+    "global_batch": lambda w, t: ["--ds_config", ds_config(t, "zero2.json", micro=8)],
+    "total_steps": lambda w, t: ["--train-iters", 9],
+    "lr": lambda w, t: ["--lr", 1e-3],
+    "min_lr_ratio": lambda w, t: ["--min-lr-ratio", 0.2],
+    "warmup_ratio": lambda w, t: ["--warmup-ratio", 0.1],
+    "weight_decay": lambda w, t: ["--weight-decay", 0.1],
+}
+
+
+@pytest.mark.parametrize("key", CHANGED_SETTINGS)
+def test_resuming_with_a_changed_setting_is_refused_naming_it(workdir, tmp_path, key, monkeypatch):
+    """A run folder started with one command, then each guarded setting changed on its own: refused,
+    naming that setting with its recorded and its new value."""
+    from megatron_mlkv.training import RunPlan
+    from megatron_mlkv.training.trainer import RESUME_KEYS
+
+    assert set(CHANGED_SETTINGS) == {k for k in RESUME_KEYS if not k.startswith("distill_")}
+    argv = ["--ds_config", ds_config(workdir, "zero2.json"), "--init", workdir / "mlkv", "--data", workdir / "train"]
+    argv += ["--valid-data", workdir / "valid", "--valid-rows", 2, "--out", tmp_path / "run", "--train-iters", 8]
+    first = RunPlan(RunOptions.from_argv(list(map(str, argv))))
+    first.check_resumable()
+    changed = list(map(str, argv + CHANGED_SETTINGS[key](workdir, tmp_path)))  # a flag given twice: the last wins
+    if key == "tp":
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    second = RunPlan(RunOptions.from_argv(changed))
+    was, now = first.run_config()[key], second.run_config()[key]
+    assert was != now
+    with pytest.raises(UptrainError) as refused:
+        second.check_resumable()
+    assert str(refused.value) == (
+        f"--out {tmp_path / 'run'} holds a run with {key} = {was!r}, this command gives {now!r}; rerun the same "
+        f"command to resume, or choose a new --out"
+    )
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -718,7 +779,7 @@ def test_eval_hook_writes_results_and_survives_a_failing_task(workdir):
     (tasks / "tiny_gone.yaml").write_text((tasks / "tiny_mc.yaml").read_text().replace("tiny_mc", "tiny_gone"))
     broken = workdir / "runs" / "eval_broken"
     args = ("--train-iters", 2, "--save-interval", 2, "--eval-tasks", "tiny_gone", "--eval-include-path", tasks)
-    result = uptrain(workdir, broken, ds_config(workdir, "zero2.json"), *args, env=offline)
+    result = uptrain(workdir, broken, ds_config(workdir, "zero2.json"), *args, env=offline, ranks=1)
     ok(result)
     assert "evaluation at step 2 failed" in result.stderr + result.stdout
     assert sorted(losses(broken)) == [1, 2]
@@ -728,7 +789,6 @@ def test_eval_hook_writes_results_and_survives_a_failing_task(workdir):
 def test_what_evaluation_needs_is_checked_before_the_first_step(workdir, tmp_path):
     """An unknown task, or an --init without tokenizer files, is one line before step 1, not a
     warning at every checkpoint."""
-    import shutil
 
     from test_evaluate import write_tasks
 
@@ -786,7 +846,6 @@ def test_activation_checkpointing_and_train_tokens_change_nothing(workdir, zero2
 
 
 def teacher_copy(workdir: Path, tmp_path: Path, name: str) -> Path:
-    import shutil
 
     return Path(shutil.copytree(workdir / "base", tmp_path / name))
 
@@ -895,7 +954,6 @@ def test_one_command_per_run_folder(workdir, tmp_path):
 def test_data_packed_with_another_tokenizer_is_refused_unless_allowed(workdir, tmp_path):
     """The same vocabulary size, two tokens swapped: the pack's ids would train the wrong embeddings.
     Refused in one line, or trained with --allow-other-tokenizer, which the run records."""
-    import shutil
 
     from megatron_mlkv.training import RunPlan
 
