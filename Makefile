@@ -48,8 +48,13 @@ lock:
 	mv $(LOCK).tmp $(LOCK)
 	rm -rf .venv-lock
 
+# the test files spread over the machine's cores (pytest-xdist; a file's tests stay on one worker, so
+# they share its fixtures); PYTEST_WORKERS=0 runs them in this process
+PYTEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 # ruff (pyproject.toml): lint, and the formatting `ruff format` gives
 lint: $(STAMP)
@@ -57,7 +62,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 # the tests marked `compat` in fresh environments of the newest and of the oldest versions setup.cfg admits
 test-compat:

@@ -29,5 +29,5 @@ for name in "${names[@]}"; do
     "$venv/bin/python" -m pip check
     "$venv/bin/python" -m pip freeze | grep -iE '^(torch|transformers|deepspeed|lm[-_]eval|triton)==' | tr '\n' ' '
     echo
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider -m compat tests
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-auto}" --dist loadfile -m compat tests
 done
