@@ -80,9 +80,7 @@ def workdir(tmp_path_factory):
     return tmp
 
 
-def uptrain(
-    workdir: Path, out: Path, config: Path, *extra, ranks: int = 2, env=None, wait=True, init=None, port=None
-):
+def uptrain(workdir: Path, out: Path, config: Path, *extra, ranks: int = 2, env=None, wait=True, init=None, port=None):
     cmd = [
         "deepspeed",
         "--num_gpus",
