@@ -18,17 +18,17 @@ from pathlib import Path
 
 import torch
 
-from megatron_mlkv.bench_inference import (
-    BenchError,
+from megatron_mlkv.cli import entry_point
+from megatron_mlkv.conversion import DTYPES
+from megatron_mlkv.errors import BenchError
+from megatron_mlkv.inference.bench import (
     base_class_holds,
     from_folder,
     from_shape,
     run_benchmark,
     transformers_baseline,
 )
-from megatron_mlkv.cli import entry_point
-from megatron_mlkv.conversion import DTYPES
-from megatron_mlkv.hf import read_config
+from megatron_mlkv.loading import read_config
 
 
 @entry_point

@@ -110,8 +110,8 @@ def main(argv=None) -> int:
     from megatron_mlkv.data import PackedDataset, pack
     from megatron_mlkv.data.synthetic import write_corpus
     from megatron_mlkv.data.tokenizer import train_tokenizer
-    from megatron_mlkv.evaluate import validation_loss
-    from megatron_mlkv.hf import load_pretrained
+    from megatron_mlkv.evaluation.harness import validation_loss
+    from megatron_mlkv.loading import load_pretrained
 
     out = Path(args.out)
     if out.exists():

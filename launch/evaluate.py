@@ -5,7 +5,7 @@ python launch/evaluate.py --model ckpt/mlkv-6 --tasks my_task --include-path my_
 python launch/evaluate.py --model faridlazuarda/pythia-160m-mlkv-6-b12-g2-v1 --revision master --out eval/p-6.json
 
 FILE.json holds lm-eval's `results` mapping plus the model's KV layout and KV bytes per token; a
-markdown table is printed. The logic lives in megatron_mlkv/evaluate.py; docs/evaluate.md.
+markdown table is printed. The logic lives in megatron_mlkv/evaluation/harness.py; docs/evaluate.md.
 """
 
 import argparse
@@ -13,13 +13,7 @@ import sys
 
 from megatron_mlkv.cli import entry_point
 from megatron_mlkv.errors import MLKVError
-from megatron_mlkv.evaluate import (
-    DEFAULT_TASKS,
-    DTYPES,
-    evaluate_checkpoint,
-    format_error,
-    format_results,
-)
+from megatron_mlkv.evaluation.harness import DEFAULT_TASKS, DTYPES, evaluate_checkpoint, format_error, format_results
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,14 +4,14 @@ python launch/report.py runs/mha runs/mlkv-6 runs/mlkv-2 --out results/table3
 python launch/report.py eval/mha.json eval/mlkv-6.json --out results/table3
 
 A run folder stands for its latest eval/step_N.json. Writes PREFIX.md (printed too), PREFIX.json and
-PREFIX.png. The logic lives in megatron_mlkv/report.py; docs/evaluate.md.
+PREFIX.png. The logic lives in megatron_mlkv/evaluation/report.py; docs/evaluate.md.
 """
 
 import argparse
 import sys
 
 from megatron_mlkv.cli import entry_point
-from megatron_mlkv.report import build_report
+from megatron_mlkv.evaluation.report import build_report
 
 
 def build_parser() -> argparse.ArgumentParser:

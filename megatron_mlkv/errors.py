@@ -15,6 +15,18 @@ class MLKVError(ValueError):
     exit_code = 2  # what an entry point exits with (`cli.entry_point`)
 
 
+class CheckpointError(MLKVError):
+    """A checkpoint folder that cannot be read or written; the message names the path."""
+
+
+class UptrainError(MLKVError):
+    """Bad input to an uptraining run; the message names the flag, file or value."""
+
+
+class BenchError(MLKVError):
+    """A benchmark request that cannot run; the message names the option."""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none): what a one-line
     error quotes from a library's multi-line one."""

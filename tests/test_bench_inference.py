@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,17 +7,12 @@ import pytest
 import torch
 from helpers import random_mlkv, tiny_config
 
-from megatron_mlkv.bench_inference import (
-    BenchError,
-    decode_bytes_per_step,
-    measure,
-    parse_layouts,
-    search_batches,
-)
 from megatron_mlkv.config import ConfigError
 from megatron_mlkv.conversion import to_gpt_neox
+from megatron_mlkv.errors import BenchError
 from megatron_mlkv.hf import export_pretrained
-from megatron_mlkv.inference_report import summarize
+from megatron_mlkv.inference.bench import decode_bytes_per_step, measure, parse_layouts, search_batches
+from megatron_mlkv.inference.report import summarize
 
 pytestmark = pytest.mark.compat  # transformers' generate as the baseline: also run by `make test-compat`
 
@@ -61,10 +55,9 @@ def bench(*args):
 
 def bench_main(*args):
     """The CLI's main() in this process (cheaper than a subprocess)."""
-    spec = importlib.util.spec_from_file_location("bench_cli", ROOT / "launch" / "bench_inference.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli.main([str(a) for a in args])
+    from launch import bench_inference
+
+    return bench_inference.main([str(a) for a in args])
 
 
 def test_cli_with_batch_sizes_baseline_and_eval_json(folders, tmp_path):
@@ -134,7 +127,7 @@ def test_cli_with_batch_sizes_baseline_and_eval_json(folders, tmp_path):
 def test_every_timed_run_follows_a_warm_up_of_the_same_shape(monkeypatch):
     """Each engine's timed run is its second of that exact shape (the first compiles, captures,
     allocates), and the summary's ratios take the faster transformers engine at each batch."""
-    from megatron_mlkv import bench_inference as bi
+    from megatron_mlkv.inference import bench as bi
 
     calls = []
 
@@ -233,7 +226,7 @@ def test_bandwidth_bound_counts_every_layers_kv_reads():
 
 
 def test_later_records_replace_earlier_ones_of_the_same_row():
-    from megatron_mlkv.inference_report import latest
+    from megatron_mlkv.inference.report import latest
 
     row = dict(model="m", engine="mlkv-fast", context=20)
     old8, old16, other = (
@@ -260,8 +253,8 @@ def test_layout_names():
 def test_a_llama_shape_benchmarks_its_own_layout_and_transformers_own_class():
     """`--shape llama-3.2-1b --layouts base,...`: the base is its GQA-8 (no 'mha': g must divide its 8
     K/V heads); the baseline is LlamaForCausalLM, with the logits of ours for a layout it holds."""
-    from megatron_mlkv.bench_inference import base_class_holds
     from megatron_mlkv.conversion import to_base_model
+    from megatron_mlkv.inference.bench import base_class_holds
 
     assert parse_layouts("base,mqa-16,mlkv-8,2:1", 16, 32, 8) == [
         ("GQA-128", 16, 8),

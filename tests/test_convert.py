@@ -26,7 +26,7 @@ from megatron_mlkv.conversion import (
     paper_variants,
     target_config,
 )
-from megatron_mlkv.hf import CheckpointError
+from megatron_mlkv.errors import CheckpointError
 from megatron_mlkv.model import MLKVTransformer
 
 pytestmark = pytest.mark.compat  # transformers' GPT-NeoX and checkpoint formats: also run by `make test-compat`

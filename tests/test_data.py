@@ -1,6 +1,5 @@
 """megatron_mlkv.data and data_tools/pack_pile.py on local corpora and locally trained tokenizers."""
 
-import importlib.util
 import json
 import pickle
 import random
@@ -371,15 +370,14 @@ def test_sampler_order_is_independent_of_ranks_and_resume():
 
 def run_cli(*args) -> tuple[int, str, str]:
     """data_tools/pack_pile.py's main() in this process (the subprocess test below covers the real run)."""
-    spec = importlib.util.spec_from_file_location("pack_pile", ROOT / "data_tools" / "pack_pile.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     import contextlib
     import io
 
+    from data_tools import pack_pile
+
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = module.main([str(a) for a in args])
+        code = pack_pile.main([str(a) for a in args])
     return code, out.getvalue(), err.getvalue()
 
 

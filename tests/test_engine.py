@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_mlkv.training.ds_config import UptrainError
+from megatron_mlkv.errors import UptrainError
 
 pytestmark = pytest.mark.compat  # DeepSpeed's ZeRO-3 hooks under torch.compile: also run by `make test-compat`
 

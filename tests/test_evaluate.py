@@ -1,4 +1,4 @@
-"""Evaluation (launch/evaluate.py, megatron_mlkv/evaluate.py) and the report (launch/report.py).
+"""Evaluation (launch/evaluate.py, megatron_mlkv/evaluation/harness.py) and the report (launch/report.py).
 
 Offline: a tokenizer trained here, a tiny GPT-NeoX converted to MLKV-2 (m=2, g=1), and two local
 lm-eval tasks (multiple choice, and a lambada-like loglikelihood task) reading jsonl files written here.
@@ -16,8 +16,8 @@ import torch
 from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from megatron_mlkv.conversion import convert_checkpoint
-from megatron_mlkv.evaluate import eval_scalars, try_evaluate_checkpoint
-from megatron_mlkv.report import ReportError, build_report, pareto_front, point_labels
+from megatron_mlkv.evaluation.harness import eval_scalars, try_evaluate_checkpoint
+from megatron_mlkv.evaluation.report import ReportError, build_report, pareto_front, point_labels
 
 pytestmark = pytest.mark.compat  # lm-eval: also run by `make test-compat`
 

@@ -3,8 +3,8 @@ import torch
 from helpers import LAYOUTS, left_padded, model_for
 from transformers import AutoModelForCausalLM
 
-from megatron_mlkv.generate import StaticDecoder, StaticKVCache, generate, pad_mlp_
 from megatron_mlkv.hf import export_pretrained
+from megatron_mlkv.inference.generate import StaticDecoder, StaticKVCache, generate, pad_mlp_
 
 pytestmark = pytest.mark.compat  # transformers' generation and cache classes: also `make test-compat`
 

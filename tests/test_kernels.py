@@ -1,10 +1,10 @@
-"""The triton decode kernels (`megatron_mlkv.kernels`, StaticDecoder's attention="triton") against
+"""The triton decode kernels (`megatron_mlkv.inference.kernels`, StaticDecoder's attention="triton") against
 PyTorch, in triton's CPU interpreter.
 
 The interpreter is chosen when triton is imported, so `test_kernels_in_the_cpu_interpreter` runs the
 other tests of this file in a child pytest with TRITON_INTERPRET=1 (here they are skipped). The
 interpreter's bf16 `tl.dot` is wrong, so the kernels are checked in float32 here; in bf16 on a GPU,
-`benchmarks/results/inference/decode_kernels.py` reports their logits against SDPA's.
+`benchmarks/decode_kernels.py` reports their logits against SDPA's.
 """
 
 import pytest
@@ -48,7 +48,7 @@ def reference_attention(proj, keys, values, rotary, pos, pad, h, owns_kv):
 @pytest.mark.parametrize("b,h,g,dk,length,rot", [(3, 4, 4, 16, 90, 4), (3, 8, 1, 32, 130, 16), (2, 6, 2, 16, 70, 16)])
 def test_decode_attention_equals_reference(b, h, g, dk, length, rot, splits, owns_kv):
     """Output into a separate buffer, the MLP's GELU beside it."""
-    from megatron_mlkv import kernels
+    from megatron_mlkv.inference import kernels
 
     torch.manual_seed(0)
     width = (h + 2 * g) * dk if owns_kv else h * dk
@@ -89,7 +89,7 @@ def test_decode_attention_equals_reference(b, h, g, dk, length, rot, splits, own
 @pytest.mark.parametrize("splits", [1, 3])
 def test_decode_attention_kv_first_in_place(splits, owns_kv):
     """The folded layers' layout [k v | q | MLP hidden]: output written over q, GELU in place."""
-    from megatron_mlkv import kernels
+    from megatron_mlkv.inference import kernels
 
     torch.manual_seed(0)
     b, h, g, dk, length, rot = 3, 8, 2, 16, 100, 16
@@ -130,7 +130,7 @@ def test_decode_attention_kv_first_in_place(splits, owns_kv):
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_equals_torch(b, k, n, deep, bias, monkeypatch):
     """Tiles that do not divide the shapes; several row tiles (70 rows); deep: the split-K partials."""
-    from megatron_mlkv import kernels
+    from megatron_mlkv.inference import kernels
 
     monkeypatch.setattr(kernels, "LINEAR_MAX_ROWS", 128)
     monkeypatch.setattr(kernels, "LINEAR_WIDE", (64, 16, 32, 4, 2, 1))
@@ -148,7 +148,7 @@ def test_linear_equals_torch(b, k, n, deep, bias, monkeypatch):
 @interpreted
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_linear_applies_gelu_from_a_column(approximate):
-    from megatron_mlkv import kernels
+    from megatron_mlkv.inference import kernels
 
     torch.manual_seed(0)
     x, w, c = torch.randn(6, 64), torch.randn(80, 64), torch.randn(80)
@@ -159,7 +159,7 @@ def test_linear_applies_gelu_from_a_column(approximate):
 
 @interpreted
 def test_linear_argmax_and_pick_give_the_first_largest_logit(monkeypatch):
-    from megatron_mlkv import kernels
+    from megatron_mlkv.inference import kernels
 
     monkeypatch.setattr(kernels, "LINEAR_WIDE", (64, 16, 32, 4, 2, 1))
     torch.manual_seed(0)
@@ -180,7 +180,7 @@ def test_linear_argmax_and_pick_give_the_first_largest_logit(monkeypatch):
     [(a, n) for a in (0, 1, 2, "partials") for n in (1, 2, "plain")] + [(1, "rms"), ("partials", "rms2")],
 )
 def test_add_norm_equals_torch(addends, norms):
-    from megatron_mlkv import kernels
+    from megatron_mlkv.inference import kernels
     from megatron_mlkv.model import RMSNorm
 
     torch.manual_seed(0)
@@ -207,7 +207,7 @@ def test_add_norm_equals_torch(addends, norms):
 
 @interpreted
 def test_add_norm_gathers_rows_and_advances_the_position():
-    from megatron_mlkv import kernels
+    from megatron_mlkv.inference import kernels
 
     torch.manual_seed(0)
     table, rows, part, position = torch.randn(10, 48), torch.tensor([7, 2, 7]), torch.randn(3, 48), torch.tensor([4])
@@ -219,7 +219,7 @@ def test_add_norm_gathers_rows_and_advances_the_position():
 
 
 def decode_logits(model, attention, splits=None, steps=4):
-    from megatron_mlkv.generate import StaticDecoder
+    from megatron_mlkv.inference.generate import StaticDecoder
 
     ids, mask = left_padded([[5, 6, 7, 8, 9, 10, 11], [3, 4], [9] * 20])
     decoder = StaticDecoder(model, 3, 40, attention=attention)
@@ -275,7 +275,7 @@ def test_triton_decoder_other_activations(act):
 
 @interpreted
 def test_generate_uses_the_kernels_and_equals_uncached_greedy():
-    from megatron_mlkv.generate import StaticDecoder, default_attention, generate
+    from megatron_mlkv.inference.generate import StaticDecoder, default_attention, generate
 
     model = model_for("mlkv-m<l-g<h")
     assert default_attention(model.config, torch.device("cpu")) == "triton"

@@ -12,8 +12,10 @@ from helpers import LLAMA_KINDS, llama_family, tiny_config
 
 from megatron_mlkv.config import ConfigError, MLKVConfig
 from megatron_mlkv.conversion import convert_checkpoint, convert_paper_variants, paper_variants, target_config
-from megatron_mlkv.generate import generate
-from megatron_mlkv.hf import CheckpointError, load_pretrained, output_cache
+from megatron_mlkv.errors import CheckpointError
+from megatron_mlkv.hf import output_cache
+from megatron_mlkv.inference.generate import generate
+from megatron_mlkv.loading import load_pretrained
 
 pytestmark = pytest.mark.compat  # transformers' Llama, Qwen2 and Mistral classes and their generate
 

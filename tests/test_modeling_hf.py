@@ -7,7 +7,9 @@ import torch
 from helpers import LAYOUTS, gpt_neox, left_padded, mlkv_from_gpt_neox, model_for, random_mlkv, tiny_config
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from megatron_mlkv.hf import CheckpointError, export_pretrained, load_pretrained, output_cache
+from megatron_mlkv.errors import CheckpointError
+from megatron_mlkv.hf import export_pretrained, output_cache
+from megatron_mlkv.loading import load_pretrained
 
 pytestmark = pytest.mark.compat  # the exported remote code under transformers: also run by `make test-compat`
 

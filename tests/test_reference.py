@@ -20,8 +20,10 @@ from safetensors.torch import save_file
 from megatron_mlkv.config import ConfigError
 from megatron_mlkv.conversion import convert_checkpoint
 from megatron_mlkv.conversion.reference import FORMAT
-from megatron_mlkv.generate import generate
-from megatron_mlkv.hf import CheckpointError, export_pretrained, load_pretrained
+from megatron_mlkv.errors import CheckpointError
+from megatron_mlkv.hf import export_pretrained
+from megatron_mlkv.inference.generate import generate
+from megatron_mlkv.loading import load_pretrained
 
 pytestmark = pytest.mark.compat  # transformers' generation, lm-eval's loader: also `make test-compat`
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,7 +224,7 @@ def test_cached_decoding_equals_full_forward(tmp_path, m, g):
 
 
 def test_cache_holds_unrotated_keys_of_serving_owners_only(tmp_path):
-    from megatron_mlkv.generate import StaticKVCache
+    from megatron_mlkv.inference.generate import StaticKVCache
 
     write_reference(tmp_path / "ref", 3, 2)  # owners 0, 1, 2: only layer 2 serves another layer
     config = load_pretrained(tmp_path / "ref").config
@@ -335,7 +337,7 @@ def test_evaluate_and_report_take_reference_checkpoints(tmp_path, tokenizer_dir,
     from test_evaluate import BATCH, LIMIT, OFFLINE, TASKS, write_tasks
     from transformers import AutoTokenizer
 
-    from megatron_mlkv.report import build_report
+    from megatron_mlkv.evaluation.report import build_report
 
     for k, v in OFFLINE.items():
         monkeypatch.setenv(k, v)

@@ -30,3 +30,20 @@ def test_the_workflows_output_folders_are_ignored_by_git_and_ruff(tmp_path):
         [ruff, "check", "--output-format", "concise", "."], cwd=tmp_path, capture_output=True, text=True
     )
     assert [line.split(":")[0] for line in lint.stdout.splitlines() if ":" in line] == [ours]
+
+
+def test_benchmark_results_are_the_ones_the_docs_cite():
+    """benchmarks/results holds only what a page or the code cites (no lab notebook), and every result
+    benchmarks/README.md names exists."""
+    import re
+
+    results = ROOT / "benchmarks" / "results"
+    kept = [p for p in results.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    citing = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "benchmarks" / "README.md"]
+    citing += [p for p in ROOT.glob("**/*.py") if ".venv" not in p.parts and results not in p.parents]
+    citing += list((ROOT / "benchmarks" / "uptrain_study").glob("*.sh"))
+    text = "\n".join(p.read_text(errors="ignore") for p in citing)
+    assert [p.relative_to(ROOT) for p in kept if p.name not in text] == []
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    named = set(re.findall(r"results/[\w./-]+\.(?:json|md|png|txt)", readme))
+    assert named and [n for n in named if not (ROOT / "benchmarks" / n).is_file()] == []

@@ -6,7 +6,6 @@ CPU-sized micro-batch.
 """
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -22,22 +21,24 @@ import pytest
 import torch
 from helpers import overwrite_bytes
 
+from launch import uptrain as UPTRAIN
 from megatron_mlkv.cli import free_port
 from megatron_mlkv.conversion import convert_checkpoint
 from megatron_mlkv.data import pack
 from megatron_mlkv.data.synthetic import write_corpus
 from megatron_mlkv.data.tokenizer import train_tokenizer
+from megatron_mlkv.errors import UptrainError
 from megatron_mlkv.training import lr_factor
-from megatron_mlkv.training.ds_config import UptrainError
 from megatron_mlkv.training.options import RunOptions
 
-pytestmark = pytest.mark.compat  # DeepSpeed's engine, launcher and checkpoints: also run by `make test-compat`
+# `make test-compat` (the version bounds) runs the tests marked compat: each DeepSpeed, torch and lm-eval
+# API this file reaches (launcher, engine, ZeRO 1-3 and offload, checkpoints and zero_to_fp32, TP through
+# the mpu, the rendezvous, lm-eval's tasks) at least once. The faults and refusals built on top of them
+# test this package's own logic and run in `make test` only.
+compat = pytest.mark.compat
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
-_spec = importlib.util.spec_from_file_location("uptrain_cli", ROOT / "launch" / "uptrain.py")
-UPTRAIN = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(UPTRAIN)
 
 
 def ds_config(tmp: Path, stage_file: str, micro: int = 4, **changes) -> Path:
@@ -139,6 +140,7 @@ def zero2_run(workdir, zero2_port):
     return run
 
 
+@compat
 @pytest.mark.slow
 def test_a_run_leaves_no_shared_memory_behind(zero2_run, zero2_port):
     """DeepSpeed's CPU all-reduce op would map /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
@@ -146,6 +148,7 @@ def test_a_run_leaves_no_shared_memory_behind(zero2_run, zero2_port):
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{zero2_port}_*"))
 
 
+@compat
 @pytest.mark.slow
 def test_two_rank_zero2_loss_falls_and_everything_is_written(zero2_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -192,6 +195,7 @@ def test_rerunning_a_finished_run_does_nothing(workdir, zero2_run):
     assert sorted(p.name for p in (zero2_run / "hf").iterdir()) == ["step_4", "step_8"]
 
 
+@compat
 @pytest.mark.slow
 def test_killed_during_a_save_resumes_with_identical_losses(workdir, zero2_run):
     run = workdir / "runs" / "kill_in_save"
@@ -240,6 +244,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(workdir
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_4", "step_8", "step_8.damaged"]
 
 
+@compat
 @pytest.mark.slow
 def test_zero_to_fp32_reads_our_checkpoints_and_the_float32_export_is_the_master_weights(workdir):
     """bf16 mixed precision. DeepSpeed's own zero_to_fp32.py, run as its users do (no tag: it reads
@@ -279,6 +284,7 @@ def test_zero_to_fp32_reads_our_checkpoints_and_the_float32_export_is_the_master
     assert any((v != v.to(torch.bfloat16).float()).any() for v in export.values())  # more than bf16 holds
 
 
+@compat
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "stage, loss",
@@ -329,6 +335,7 @@ def assert_same_run(got: Path, ref: Path) -> None:
         assert na[step] == pytest.approx(nb[step], rel=1e-4), step
 
 
+@compat
 @pytest.mark.slow
 def test_tp2_with_replicated_kv_heads_matches_tp1(workdir, zero2_run):
     """MLKV m=2, g=1 < T=2: each KV head replicated on both ranks, non-owner layers reuse the local
@@ -417,7 +424,6 @@ def distill_run(workdir, teacher):
     return run
 
 
-@pytest.mark.slow
 def validation_ce_and_kl(student: Path, teacher: Path, prefix: Path) -> tuple[float, float]:
     """Mean token CE of `student` and KL(teacher || student) on every row of a pack, with transformers'
     own classes (float32)."""
@@ -438,6 +444,8 @@ def validation_ce_and_kl(student: Path, teacher: Path, prefix: Path) -> tuple[fl
     return ce.item(), kl.item() / labels.sum().item()
 
 
+@compat
+@pytest.mark.slow
 def test_distilled_run_logs_both_terms_and_records_its_teacher(workdir, teacher, distill_run, zero2_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -571,6 +579,7 @@ def test_contradictory_ds_config_is_rejected(workdir, tmp_path, changes, fragmen
     assert_one_line_error(run_single(workdir, tmp_path, config=path), str(path), *fragments)
 
 
+@compat
 def test_unreadable_ds_config_and_zero3_with_tp(workdir, tmp_path):
     bad = tmp_path / "broken.json"
     bad.write_text('{"train_micro_batch_size_per_gpu": 4,\n oops}')
@@ -617,7 +626,8 @@ def test_data_changed_after_packing_is_refused_before_the_first_step(workdir, tm
 def test_a_batch_damaged_after_start_up_stops_the_run_with_one_line(workdir, tmp_path):
     """The host checks each global batch's ids before they reach the model (on a GPU an id beyond the
     embedding is a device-side assert): here the file is damaged after the start-up verification."""
-    from megatron_mlkv.training import RunPlan, UptrainError
+    from megatron_mlkv.errors import UptrainError
+    from megatron_mlkv.training import RunPlan
 
     data = tmp_path / "data"
     pack([str(workdir / "train.jsonl")], str(workdir / "tok"), 64, str(data), progress=False)
@@ -714,7 +724,7 @@ def test_resuming_with_a_changed_setting_is_refused_naming_it(workdir, tmp_path,
     """A run folder started with one command, then each guarded setting changed on its own: refused,
     naming that setting with its recorded and its new value."""
     from megatron_mlkv.training import RunPlan
-    from megatron_mlkv.training.trainer import RESUME_KEYS
+    from megatron_mlkv.training.plan import RESUME_KEYS
 
     assert set(CHANGED_SETTINGS) == {k for k in RESUME_KEYS if not k.startswith("distill_")}
     argv = ["--ds_config", ds_config(workdir, "zero2.json"), "--init", workdir / "mlkv", "--data", workdir / "train"]
@@ -784,6 +794,7 @@ def test_eval_hook_writes_results_and_survives_a_failing_task(workdir):
     assert any("eval_error" in json.loads(line) for line in (broken / "metrics.jsonl").read_text().splitlines())
 
 
+@compat
 def test_what_evaluation_needs_is_checked_before_the_first_step(workdir, tmp_path):
     """An unknown task, or an --init without tokenizer files, is one line before step 1, not a
     warning at every checkpoint."""
@@ -917,6 +928,7 @@ def test_resuming_with_another_teacher_is_refused(workdir, tmp_path):
     )
 
 
+@compat
 def test_a_taken_rendezvous_port_is_one_line_with_a_free_one(workdir, tmp_path):
     """Another DeepSpeed job holds the port (29500 unless --master_port): one line, not DistNetworkError."""
     import socket

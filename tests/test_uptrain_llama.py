@@ -64,8 +64,8 @@ def llama_run(workdir, llama):  # noqa: F811
 def test_llama_uptrains_distilled_and_evaluated_into_an_mlkv_export(workdir, llama_run):  # noqa: F811
     from transformers import AutoModelForCausalLM
 
-    from megatron_mlkv.hf import load_pretrained
-    from megatron_mlkv.report import build_report
+    from megatron_mlkv.evaluation.report import build_report
+    from megatron_mlkv.loading import load_pretrained
 
     train = [r for r in records(llama_run) if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, STEPS_LLAMA + 1)) and all(r["kl"] > 0 for r in train)

@@ -329,7 +329,7 @@ def _logits_fn(model_dir: str | Path, device):
     folder's dtype, so losses compare exactly."""
     import torch
 
-    from megatron_mlkv.hf import load_pretrained
+    from megatron_mlkv.loading import load_pretrained
 
     return load_pretrained(model_dir, dtype=torch.float32).to(device).eval()
 
@@ -343,7 +343,7 @@ def _device():
 def validation_loss(model_dir: str | Path, data_prefix: str, rows: int = VALID_ROWS, batch_rows: int = 32) -> float:
     """The mean next-token loss of a model folder over the first `rows` rows of a packed prefix."""
     from megatron_mlkv.data import PackedDataset
-    from megatron_mlkv.evaluate import validation_loss as pack_loss
+    from megatron_mlkv.evaluation.harness import validation_loss as pack_loss
 
     device = _device()
     return pack_loss(_logits_fn(model_dir, device), PackedDataset(data_prefix), batch_rows, rows, device)
@@ -354,7 +354,7 @@ def validation_kl(
 ) -> float:
     """The mean KL(base || model) at temperature 1 over the same rows: how far a model is from its base."""
     from megatron_mlkv.data import PackedDataset
-    from megatron_mlkv.evaluate import validation_kl as pack_kl
+    from megatron_mlkv.evaluation.harness import validation_kl as pack_kl
 
     device = _device()
     fns = (_logits_fn(model_dir, device), _logits_fn(base_dir, device))

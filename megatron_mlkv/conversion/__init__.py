@@ -1,7 +1,8 @@
 """Conversion of GPT-NeoX and Llama-family checkpoints into MLKV layouts. core.py holds the math and the
 one pass over the layers, checkpoint_io.py reads base checkpoints (local or hub), convert.py writes
 converted folders and their reports, family.py says what a family's checkpoints look like, and
-gpt_neox.py and llama.py map each family's own layout in both directions."""
+gpt_neox.py and llama.py map each family's own layout in both directions, and reference.py reads
+the MLKV paper's own checkpoints."""
 
 from .checkpoint_io import SUPPORTED, WEIGHT_FILES, BaseCheckpoint, WeightReader, load_base_config, weight_files
 from .convert import (

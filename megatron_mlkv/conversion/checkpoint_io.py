@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from ..config import LLAMA_MODEL_TYPES, ConfigError, MLKVConfig
-from ..errors import first_line
-from ..hf import TOKENIZER_FILES, CheckpointError, special_token_ids
+from ..errors import CheckpointError, first_line
+from ..hf import TOKENIZER_FILES, special_token_ids
 from .reference import is_reference_config, reference_config
 
 SUPPORTED = (

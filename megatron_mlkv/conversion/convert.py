@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, MLKVConfig
-from ..errors import as_disk_full
-from ..hf import TOKENIZER_FILES, CheckpointError, copy_tokenizer_files, export_pretrained, progress_bars
+from ..errors import CheckpointError, as_disk_full
+from ..hf import TOKENIZER_FILES, copy_tokenizer_files, export_pretrained, progress_bars
 from ..integrity import ordinary_modes
 from ..layout import KVLayout
 from ..model import MLKVTransformer

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..config import ConfigError, MLKVConfig
-from ..hf import CheckpointError
+from ..errors import CheckpointError
 from ..layout import KVLayout
 from .family import Family, expect_shape
 from .gpt_neox import GPT_NEOX, split_qkv

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hf import CheckpointError
+from ..errors import CheckpointError
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, MLKVConfig
-from ..hf import CheckpointError
+from ..errors import CheckpointError
 from ..layout import KVLayout, LayoutError
 from .family import expect_shape
 

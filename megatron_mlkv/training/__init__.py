@@ -1,20 +1,22 @@
 """Uptraining with DeepSpeed: the loop behind `deepspeed launch/uptrain.py`.
 
-Files: ds_config.py (the DeepSpeed JSON, checked), optim.py (parameter groups and schedule),
-engine.py (`LossModel`, compiled layers, `make_engine`), loss.py (the next-token loss without full
-logits), packing.py (each layer's parameters as two flat tensors for DeepSpeed),
-deepspeed_patches.py, run_dir.py (checkpoint folders), integrity.py (manifests and checksums),
-metrics.py (metrics.jsonl, TensorBoard, MFU), trainer.py (`RunPlan`: the options checked before any
-process group exists; `Trainer`: the run).
+Files: options.py (`RunOptions`: the run's flags), ds_config.py (the DeepSpeed JSON, checked),
+optim.py (parameter groups and schedule), engine.py (`LossModel`, compiled layers, `make_engine`),
+loss.py (the next-token loss without full logits), distill.py (the teacher and its loss), packing.py
+(each layer's parameters as two flat tensors for DeepSpeed), deepspeed_patches.py, metrics.py
+(metrics.jsonl, TensorBoard, MFU), plan.py (`RunPlan`: the options checked before any process group
+exists), run_dir.py (which checkpoint folders are complete and intact), checkpointer.py
+(`Checkpointer`: choose, resume, save, prune), trainer.py (`Trainer`: the run, holding its plan and
+checkpointer).
 """
 
-from .ds_config import UptrainError, load_ds_config
+from .ds_config import load_ds_config
 from .engine import LossModel, compile_blocks, make_engine
 from .optim import lr_factor, param_groups
-from .trainer import NonFiniteLoss, RunPlan, Trainer, main
+from .plan import RunPlan
+from .trainer import NonFiniteLoss, Trainer, main
 
 __all__ = [
-    "UptrainError",
     "NonFiniteLoss",
     "load_ds_config",
     "LossModel",

@@ -21,9 +21,8 @@ from torch import nn
 
 from ..config import MLKVConfig
 from ..data.tokenizer import tokenizer_fingerprint
-from ..errors import MLKVError, first_line
+from ..errors import MLKVError, UptrainError, first_line
 from ..integrity import file_digest
-from .ds_config import UptrainError
 from .options import DISTILL_TEMPERATURE, DISTILL_WEIGHT
 
 
@@ -96,7 +95,7 @@ def teacher_folder(path: str) -> Path:
 def check_teacher(path: str, student: MLKVConfig, init: str, seq_len: int) -> str:
     """Refuse, in one line, a teacher that is missing, unreadable, of another vocabulary or tokenizer than
     the student (`--init`), or too short for the data's rows; returns its `weights_fingerprint`."""
-    from ..evaluate import read_model_config
+    from ..evaluation.harness import read_model_config
 
     flag = f"--distill-from {path}"
     folder = teacher_folder(path)
@@ -124,12 +123,11 @@ def check_teacher(path: str, student: MLKVConfig, init: str, seq_len: int) -> st
     return fingerprint
 
 
-def load_teacher(path: str, dtype: torch.dtype, device: torch.device, tp_group=None, compile: bool = False):
+def load_teacher(path: str, dtype: torch.dtype, device: torch.device, tp_group=None):
     """The teacher as a frozen `MLKVTransformer` in `dtype` on `device`: tensor-parallel over `tp_group`
-    with the student's plan, its layers compiled when `compile`."""
+    with the student's plan (the trainer compiles its layers as it does the student's)."""
     from .. import parallel as tp
-    from ..hf import load_pretrained
-    from .engine import compile_blocks
+    from ..loading import load_pretrained
 
     try:
         teacher = load_pretrained(teacher_folder(path), dtype=dtype)
@@ -140,6 +138,4 @@ def load_teacher(path: str, dtype: torch.dtype, device: torch.device, tp_group=N
     teacher.requires_grad_(False).eval().to(device)
     if tp.group_size(tp_group) > 1:
         teacher = tp.parallelize(teacher, tp_group)
-    if compile:
-        compile_blocks(teacher)
     return teacher

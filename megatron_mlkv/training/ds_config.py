@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import json
 
-from ..errors import MLKVError
-
-
-class UptrainError(MLKVError):
-    """Bad input to an uptraining run; the message names the flag, file or value."""
+from ..errors import UptrainError
 
 
 def load_ds_config(path: str, world_size: int, tp_size: int) -> dict:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UptrainError
 from .deepspeed_patches import float32_grad_norm, no_shared_memory_allreduce
 from .distill import Distillation
-from .ds_config import UptrainError
 from .loss import distill_loss_sums, lm_loss_sum
 from .optim import lr_factor, param_groups
 from .packing import ALIGN, pack_layers

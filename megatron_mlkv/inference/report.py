@@ -10,7 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .bench_inference import TRANSFORMERS, BenchError
+from ..errors import BenchError
+
+TRANSFORMERS = {
+    "transformers": "dynamic",
+    "transformers-static": "static",
+}  # transformers' engines: cache_implementation
 
 # ------------------------------------------------------------------------------------------------
 # Reporting
@@ -200,7 +205,7 @@ def plot_throughput(records: list[dict], path: Path) -> None:
 def read_eval(path: str | Path) -> dict:
     """An evaluation JSON (lm-eval's `results` mapping plus `layout`) -> layout name, KV heads, per-task
     and mean accuracy (`report.task_metric`)."""
-    from .report import task_metric
+    from ..evaluation.report import task_metric
 
     data = json.loads(Path(path).read_text())
     if "results" not in data or "layout" not in data:
@@ -243,7 +248,7 @@ def accuracy_points(records: list[dict], evals: list[dict]) -> list[dict]:
 
 def plot_accuracy(points: list[dict], dtype: str, path: Path) -> None:
     """`report.plot_accuracy_vs_kv` (the report's plot, Pareto front marked) of `accuracy_points`."""
-    from .report import pareto_front, plot_accuracy_vs_kv
+    from ..evaluation.report import pareto_front, plot_accuracy_vs_kv
 
     front = pareto_front([(p["kv_bytes_per_token"], p["mean_accuracy"]) for p in points])
     rows = [

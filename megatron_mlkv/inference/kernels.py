@@ -1,4 +1,4 @@
-"""Triton kernels of the one-token decode step (`megatron_mlkv.generate`, attention="triton").
+"""Triton kernels of the one-token decode step (`megatron_mlkv.inference.generate`, attention="triton").
 
 A decode step of a small model at moderate batch is a few hundred small kernels; its time goes to
 their count and to attention kernels that leave most of the GPU idle, not to the bytes it must read.
@@ -47,7 +47,7 @@ except ImportError:  # CPU-only installs: generate.py falls back to SDPA
     triton = None
 
 # decode_attention's tiles (block of cached tokens, warps, pipeline stages) for a few (h/g <= 4) or
-# many query heads per KV head (tuned on an H100: benchmarks/results/inference/decode_kernels.py);
+# many query heads per KV head (tuned on an H100, within 1% of the best found: benchmarks/decode_kernels.py --tune);
 # TILE, when set, overrides both
 FEW_HEADS_TILE = (32, 2, 3)
 MANY_HEADS_TILE = (64, 4, 3)
@@ -62,7 +62,7 @@ LINEAR_WIDE = (64, 64, 128, 8, 4, 1)
 LINEAR_DEEP = (64, 32, 128, 4, 5, 4)
 LINEAR_HEAD = (64, 64, 64, 8, 4, 1)
 LINEAR_MAX_ROWS = 64
-# programmatic dependent launch (Hopper and later; benchmarks/results/inference/pdl_step.py): each kernel
+# programmatic dependent launch (Hopper and later; MLKV-6's step at batch 64 on an H100 0.431 -> 0.407 ms): each kernel
 # waits for the one before it (`gdc_wait`) before it reads anything a kernel of the step writes, then
 # lets the next one start; those in PDL_KERNELS are launched before the one before them has finished,
 # so their start overlaps its drain. Attention is not: launched early, its programs land unevenly on

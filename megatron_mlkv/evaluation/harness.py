@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import MLKVConfig
-from .conversion.reference import FORMAT, is_reference_config, reference_config
-from .errors import MLKVError, first_line
-from .integrity import write_json_atomic
+from ..config import MLKVConfig
+from ..conversion.reference import FORMAT, is_reference_config, reference_config
+from ..errors import MLKVError, first_line
+from ..integrity import write_json_atomic
 
 DEFAULT_TASKS = ("arc_easy", "lambada_openai", "piqa", "sciq")
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # what the model computes in; 'auto': the checkpoint's own
@@ -251,7 +251,7 @@ def _load_model(
     if dtype not in DTYPES:
         raise EvaluationError(f"--dtype {dtype}: allowed {', '.join(DTYPES)}")
     if reference:  # transformers would read it as GPT-NeoX with random attention
-        from .conversion import load_base_model
+        from ..conversion import load_base_model
 
         loaded = load_base_model(str(model), revision, None if dtype == "auto" else getattr(torch, dtype))
         return loaded.to(device)
@@ -296,7 +296,7 @@ def _step_of(model_dir: str | os.PathLike) -> int | None:
 
 def _validation_batches(ds, batch: int, rows: int | None, device):
     """(input_ids, the targets of positions :-1 with -100 on padding) of the first `rows` rows of `ds`."""
-    from .data import collate
+    from ..data import collate
 
     n = len(ds) if rows is None else min(rows, len(ds))
     for start in range(0, n, batch):
@@ -322,7 +322,7 @@ def validation_loss(logits_fn, ds, batch: int = 16, rows: int | None = None, dev
 def validation_kl(logits_fn, reference_fn, ds, batch: int = 16, rows: int | None = None, device=None) -> float:
     """Mean KL(reference || model) over the real next-token positions of the first `rows` rows of `ds`,
     at temperature 1: how far `logits_fn`'s model is from `reference_fn`'s (a distillation's teacher)."""
-    from .parallel import vocab_parallel_distillation
+    from ..parallel import vocab_parallel_distillation
 
     total, count = 0.0, 0
     for ids, labels in _validation_batches(ds, batch, rows, device):

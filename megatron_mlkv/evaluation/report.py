@@ -15,8 +15,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import MLKVError
-from .integrity import atomic_output, write_json_atomic
+from ..errors import MLKVError
+from ..integrity import atomic_output, write_json_atomic
 
 METRIC = "acc"  # the paper reports accuracy for every task
 

@@ -11,7 +11,7 @@ K/V, `l · 2 · b · n · g · d_k` elements at the mean length n) over the devi
 bandwidth measured in the same run (bytes read plus bytes written). `fraction_of_bound` is tokens/s
 over that bound.
 
-Engines: "mlkv-fast" (`megatron_mlkv.generate.StaticDecoder`: static cache, CUDA graph, the triton
+Engines: "mlkv-fast" (`megatron_mlkv.inference.generate.StaticDecoder`: static cache, CUDA graph, the triton
 decode kernels where they run; each record's `attention` says which), and the baseline twice:
 "transformers" (the family's class, `GPTNeoXForCausalLM` or `LlamaForCausalLM`, `generate` with its
 default DynamicCache) and "transformers-static" (`cache_implementation="static"`: its static cache and,
@@ -36,17 +36,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import MLKVConfig, preset
-from .conversion import paper_variants, target_config
-from .errors import MLKVError
+from ..config import MLKVConfig, preset
+from ..conversion import paper_variants, target_config
+from ..errors import BenchError
+from ..hf import output_cache
+from ..layout import KVLayout, LayoutError
+from ..loading import read_config
+from ..model import MLKVTransformer
 from .generate import StaticDecoder, pad_mlp_
-from .hf import output_cache, read_config
-from .layout import KVLayout, LayoutError
-from .model import MLKVTransformer
-
-
-class BenchError(MLKVError):
-    """A benchmark request that cannot run; the message names the option."""
+from .report import TRANSFORMERS
 
 
 @dataclass
@@ -99,7 +97,7 @@ def parse_layouts(
 
 def from_folder(path: str, dtype: torch.dtype, device: torch.device) -> Candidate:
     """An exported MLKV folder (`megatron_mlkv.hf.export_pretrained`), MLP padded (`pad_mlp_`)."""
-    from .hf import load_pretrained
+    from ..loading import load_pretrained
 
     if not (Path(path) / "config.json").is_file():
         raise BenchError(f"--model {path}: no config.json; expected a folder written by launch/convert.py")
@@ -140,9 +138,6 @@ def from_shape(shape: str, layouts: str, dtype: torch.dtype, device: torch.devic
     return out
 
 
-TRANSFORMERS = {"transformers": "dynamic", "transformers-static": "static"}  # engine: cache_implementation
-
-
 def transformers_baseline(
     dtype: torch.dtype,
     device: torch.device,
@@ -155,7 +150,7 @@ def transformers_baseline(
     in memory: one candidate per engine of `TRANSFORMERS`."""
     from transformers import AutoModelForCausalLM
 
-    from .conversion import base_config, to_base_model
+    from ..conversion import base_config, to_base_model
 
     if hf_model:
         cfg = MLKVConfig.from_hf(_read_hf_config(hf_model))
@@ -170,7 +165,7 @@ def transformers_baseline(
 
         name = f"{shape}:base"
     elif base_folder:
-        from .hf import load_pretrained
+        from ..loading import load_pretrained
 
         cfg = read_config(base_folder)[1]
         load = lambda: to_base_model(load_pretrained(base_folder, dtype).to(device))  # noqa: E731
@@ -187,7 +182,7 @@ def transformers_baseline(
 
 def base_class_holds(config: MLKVConfig) -> bool:
     """Whether transformers' own class of the family holds a model of `config` (`to_base_model`)."""
-    from .conversion import plain_form
+    from ..conversion import plain_form
 
     return config.layout.name == "MHA" if config.family == "gpt_neox" else plain_form(config)
 
@@ -480,7 +475,7 @@ def run_benchmark(
 ) -> list[dict]:
     """Benchmark every candidate; results.json is rewritten after each record (a killed run keeps what
     it measured), the summary and plots after each model."""
-    from .inference_report import format_summary, latest, summarize, write_report
+    from .report import format_summary, latest, summarize, write_report
 
     if candidates and not batch_sizes and max_batch is None and device.type != "cuda":
         raise BenchError("on CPU the maximum-batch search needs --max-batch (there is no out-of-memory signal)")

@@ -1,7 +1,7 @@
 """Fast generation: a preallocated cache of the m owner layers' K/V and a one-token decode step that
 a CUDA graph replays.
 
-    from megatron_mlkv.generate import generate
+    from megatron_mlkv.inference.generate import generate
     out = generate(model, input_ids, max_new_tokens=48)              # greedy, (b, s + 48)
     out = generate(model, ids, 48, attention_mask=mask, do_sample=True, top_k=50)
 
@@ -19,7 +19,7 @@ Why it is fast, and where the saved KV memory goes:
 - decode attention puts the h/g query heads that share a KV head in the rows of one attention
   problem (q (b, g, h/g, d_k) over K/V (b, g, L, d_k)), so each shared K/V head is read once and
   never expanded to h heads.
-- on CUDA (attention="triton") the step is few kernels (`megatron_mlkv.kernels`): rotary, cache
+- on CUDA (attention="triton") the step is few kernels (`megatron_mlkv.inference.kernels`): rotary, cache
   write, split-sequence attention and the MLP's GELU in one launch; residual sums with their layer
   norms in another; a parallel-residual layer's four matrix products as two, the norms folded in
   (`FoldedLayer`), triton kernels themselves at up to 64 rows. 50 kernels a step for Pythia-160M,
@@ -51,9 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import MLKVConfig
+from ..model import MLKVTransformer, rotary_cos_sin
 from . import kernels
-from .config import MLKVConfig
-from .model import MLKVTransformer, rotary_cos_sin
 
 
 class StaticKVCache:
@@ -129,7 +129,7 @@ DECODE_ATTENTION = {"sdpa": sdpa_attention, "matmul": matmul_attention, "triton"
 
 
 def default_attention(config: MLKVConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """'triton' (the fused kernels of `megatron_mlkv.kernels`) where they run, else 'sdpa'. On CPU
+    """'triton' (the fused kernels of `megatron_mlkv.inference.kernels`) where they run, else 'sdpa'. On CPU
     (triton's interpreter) only in float32: the interpreter's half-precision matrix products are wrong."""
     power_of_two = config.head_dim & (config.head_dim - 1) == 0
     runs = kernels.available(device) and (device.type == "cuda" or dtype == torch.float32)
@@ -145,7 +145,7 @@ class StaticDecoder:
 
     `attention`: "triton" (default on CUDA when triton is installed: `default_attention`) runs each
     layer's rotary, cache write and attention as one kernel that splits long caches over the GPU,
-    and each residual sum with the layer norms that read it as another (`megatron_mlkv.kernels`);
+    and each residual sum with the layer norms that read it as another (`megatron_mlkv.inference.kernels`);
     "sdpa" and "matmul" are plain PyTorch (the CPU path).
     """
 

@@ -1,21 +1,45 @@
-"""The decode step with SDPA against the triton kernels (`megatron_mlkv.kernels`), side by side on the
+"""The decode step with SDPA against the triton kernels (`megatron_mlkv.inference.kernels`), side by side on the
 same prefilled cache: step time as a CUDA graph replay, its fraction of the bandwidth bound, kernels
 per step, and the largest logit difference. Pythia-160M shape, random weights, bf16, context 2000.
 
-PYTHONPATH=. python benchmarks/results/inference/decode_kernels.py [--tune] [--out FILE.json]
+python benchmarks/decode_kernels.py [--layouts mlkv-6,mha] [--batch-sizes 64 8] [--tune] [--out FILE.json]
 """
+
 import argparse
 import functools
 import gc
 import itertools
+import json
 
 import torch
 
-from megatron_mlkv import kernels
-from megatron_mlkv.bench_inference import decode_bytes_per_step
-from megatron_mlkv.generate import DECODE_ATTENTION, FoldedLayer, StaticDecoder, fused_projection
+from megatron_mlkv.config import preset
+from megatron_mlkv.conversion import target_config
+from megatron_mlkv.inference import kernels
+from megatron_mlkv.inference.bench import copy_bandwidth, decode_bytes_per_step, parse_layouts, random_model
+from megatron_mlkv.inference.generate import DECODE_ATTENTION, FoldedLayer, StaticDecoder, fused_projection
 
-from common import SHAPE, layout_models, measured_bandwidth, save
+SHAPE = preset("pythia-160m")
+
+
+def layout_models(layouts: str, device: torch.device):
+    """(layout name, a random bf16 model of SHAPE in that layout, MLP padded), one at a time."""
+    for name, m, g in parse_layouts(layouts, SHAPE.num_layers, SHAPE.num_heads):
+        yield name, random_model(target_config(SHAPE, m, g), torch.bfloat16, device)
+
+
+def measured_bandwidth(device: torch.device) -> float:
+    """The device's copy bandwidth (bytes/s), printed with its name."""
+    bandwidth = copy_bandwidth(device)
+    print(f"{torch.cuda.get_device_name()}  copy bandwidth {bandwidth / 1e9:,.0f} GB/s", flush=True)
+    return bandwidth
+
+
+def save(path: str | None, bandwidth: float, rows: list[dict]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), copy_bandwidth=bandwidth, rows=rows), f, indent=1)
+
 
 CONTEXT = 2000
 
@@ -142,9 +166,15 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--layouts", default="all")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 64, 256, 1024])
-    p.add_argument("--tune", action="store_true", help="also time tiles (block, warps, stages, programs per SM) at b=64, 256")
-    p.add_argument("--tune-linear", action="store_true", help="also time linear's tiles (rows, columns, K step, "
-                   "warps, stages, K splits) for its wide and deep shapes, one after the other, at b <= 64")
+    p.add_argument(
+        "--tune", action="store_true", help="also time tiles (block, warps, stages, programs per SM) at b=64, 256"
+    )
+    p.add_argument(
+        "--tune-linear",
+        action="store_true",
+        help="also time linear's tiles (rows, columns, K step, "
+        "warps, stages, K splits) for its wide and deep shapes, one after the other, at b <= 64",
+    )
     p.add_argument("--profile", type=int, default=0, help="print the top kernels of the triton step")
     p.add_argument("--two-streams", action="store_true", help="also time two half batches on two streams")
     p.add_argument("--out")
@@ -164,8 +194,11 @@ def main():
                 gc.collect()
                 torch.cuda.empty_cache()
                 break
-            bound_ms = decode_bytes_per_step(model, model.config.layout, model.config.head_dim, batch,
-                                             CONTEXT + 1) / bandwidth * 1e3
+            bound_ms = (
+                decode_bytes_per_step(model, model.config.layout, model.config.head_dim, batch, CONTEXT + 1)
+                / bandwidth
+                * 1e3
+            )
             logits = {}
             row = dict(layout=name, batch=batch, bound_ms=bound_ms)
             for variant in VARIANTS:
@@ -176,15 +209,21 @@ def main():
                 use(decoder, variant)
                 row[f"{variant}_ms"] = step_ms(decoder, token)
                 if variant != "triton":
-                    print(f"   {variant}: {row[f'{variant}_ms']:.3f} ms ({bound_ms / row[f'{variant}_ms']:.0%}, "
-                          f"{row[f'{variant}_kernels']} kernels)", flush=True)
+                    print(
+                        f"   {variant}: {row[f'{variant}_ms']:.3f} ms ({bound_ms / row[f'{variant}_ms']:.0%}, "
+                        f"{row[f'{variant}_kernels']} kernels)",
+                        flush=True,
+                    )
             row["max_logit_diff"] = (logits["sdpa"] - logits["triton"]).abs().max().item()
             row["replay_max_diff"] = replay_diff(decoder, logits["triton"])
             row["logit_scale"] = logits["sdpa"].abs().max().item()
             if args.two_streams:
                 row["two_streams_ms"] = two_streams_ms(model, batch)
-                print(f"   two streams of {batch // 2} rows: {row['two_streams_ms']:.3f} ms "
-                      f"({bound_ms / row['two_streams_ms']:.0%})", flush=True)
+                print(
+                    f"   two streams of {batch // 2} rows: {row['two_streams_ms']:.3f} ms "
+                    f"({bound_ms / row['two_streams_ms']:.0%})",
+                    flush=True,
+                )
             if args.tune and batch in (64, 256):
                 default = kernels.PROGRAMS_PER_SM
                 grid = list(itertools.product((32, 64), (2, 4), (2, 3, 4), (1, 2, 4)))
@@ -192,21 +231,33 @@ def main():
                 kernels.TILE, kernels.PROGRAMS_PER_SM = None, default
             if args.tune_linear and batch <= LINEAR_MAX_ROWS:  # the wide shape's best is kept for the deep sweep
                 for key, setting, grid in (
-                        ("tune_wide", "LINEAR_WIDE",
-                         [(64, *c, 1) for c in itertools.product((32, 64, 128), (64, 128), (4, 8), (2, 3, 4))]),
-                        ("tune_deep", "LINEAR_DEEP",
-                         [(64, *c) for c in itertools.product((32, 64), (64, 128), (4,), (2, 3), (6, 8, 12))])):
+                    (
+                        "tune_wide",
+                        "LINEAR_WIDE",
+                        [(64, *c, 1) for c in itertools.product((32, 64, 128), (64, 128), (4, 8), (2, 3, 4))],
+                    ),
+                    (
+                        "tune_deep",
+                        "LINEAR_DEEP",
+                        [(64, *c) for c in itertools.product((32, 64), (64, 128), (4,), (2, 3), (6, 8, 12))],
+                    ),
+                ):
                     times, (ms, best) = sweep(decoder, token, grid, functools.partial(setattr, kernels, setting))
                     setattr(kernels, setting, grid[[str(c) for c in grid].index(best)])
                     row[key] = dict(best=best, best_ms=ms, times=times)
                 print(f"   linear tiles: wide {row['tune_wide']['best']}, deep {row['tune_deep']['best']}", flush=True)
             rows.append(row)
-            print(f"{name:8s} b={batch:5d}  bound {bound_ms:6.3f} ms | sdpa {row['sdpa_ms']:6.3f} ms "
-                  f"({bound_ms / row['sdpa_ms']:4.0%}, {row['sdpa_kernels']} kernels) | triton {row['triton_ms']:6.3f} ms "
-                  f"({bound_ms / row['triton_ms']:4.0%}, {row['triton_kernels']} kernels) | logits diff "
-                  f"{row['max_logit_diff']:.3g} of {row['logit_scale']:.3g}, replays {row['replay_max_diff']:.3g}"
-                  + (f" | tuned best {row['tune_best'][0]:.3f} ms at {row['tune_best'][1]}" if "tune_best" in row else ""),
-                  flush=True)
+            print(
+                f"{name:8s} b={batch:5d}  bound {bound_ms:6.3f} ms | sdpa {row['sdpa_ms']:6.3f} ms "
+                f"({bound_ms / row['sdpa_ms']:4.0%}, {row['sdpa_kernels']} kernels) | "
+                f"triton {row['triton_ms']:6.3f} ms "
+                f"({bound_ms / row['triton_ms']:4.0%}, {row['triton_kernels']} kernels) | logits diff "
+                f"{row['max_logit_diff']:.3g} of {row['logit_scale']:.3g}, replays {row['replay_max_diff']:.3g}"
+                + (
+                    f" | tuned best {row['tune_best'][0]:.3f} ms at {row['tune_best'][1]}" if "tune_best" in row else ""
+                ),
+                flush=True,
+            )
             del decoder, ids, token, logits
             gc.collect()
             torch.cuda.empty_cache()

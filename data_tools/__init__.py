@@ -1,0 +1,1 @@
+"""data_tools/pack_pile.py, the packing command; a package so that tests import it."""
