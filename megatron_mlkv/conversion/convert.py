@@ -1,5 +1,8 @@
 """Converting checkpoints: one layout (`convert_checkpoint`), the paper's eight
-(`convert_paper_variants`), and the conversion report."""
+(`convert_paper_variants`), and the conversion report.
+
+Why one file of ~510 lines: writing one layout, the paper's eight and a base in memory
+(`load_base_model`) share the stream over the base's tensors, its checks and the report."""
 
 from __future__ import annotations
 

@@ -22,6 +22,9 @@ up the engine (compilation, CUDA graph capture, library handles, the allocator) 
 its time kept as `warmup_s`. Prefill and decode are timed apart the same way for every engine: the
 prefill forward alone, then decoding (for transformers: `generate`'s time less a prefill forward).
 Ratios against transformers (`vs_transformers`) take the faster of its two engines at each batch.
+
+Why one file of ~520 lines: the candidates, the engines and the batch search share the warm-up and
+timing protocol above, and each is read against it (the tables and plots are `report.py`).
 """
 
 from __future__ import annotations
