@@ -9,6 +9,7 @@ in memory), `integrity` (digests, atomic writes, output locks), `cli` (entry poi
 Folders, one concern each: `conversion/` (bases into MLKV layouts), `data/` (tokenize, pack, read),
 `training/` (the DeepSpeed run), `parallel/` (tensor parallelism), `inference/` (fast decoding, its
 kernels, the inference benchmark), `evaluation/` (lm-evaluation-harness, the Table-3 report).
-Imports run one way: folders use the flat modules and `conversion`; nothing flat imports a folder
-but `loading` (conversion).
+Imports run one way, down the ranks of `tests/test_structure.py`: the remote-code core at the
+bottom, then `hf`, then `conversion/`, `data/` and `parallel/`, then `loading` and `evaluation/`,
+then `inference/` and `training/`.
 """

@@ -115,6 +115,20 @@ def progress_bars(on: bool):
         (logging.enable_progress_bar if was else logging.disable_progress_bar)()
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings off within the block: AutoTokenizer on a folder whose config needs
+    remote code (an MLKV export) warns that it reads it as a plain config, which it then ignores."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
 def remove_partial_exports(parent: str | os.PathLike) -> list[Path]:
     """Delete the temporary folders that exports into `parent` left when killed midway; returns them.
     Only while nothing exports into `parent`."""

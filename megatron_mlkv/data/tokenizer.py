@@ -4,7 +4,6 @@ worker processes that encode documents in parallel."""
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -71,13 +70,15 @@ class Tokenizer:
     def _load_pretrained(self) -> None:
         from transformers import AutoTokenizer
 
+        from ..hf import quiet_transformers
+
         folder = Path(self.name).expanduser()
         if self.name.startswith(("/", ".", "~")) and not folder.exists():
             raise DataError(f"--tokenizer {self.name}: no such folder")
         if folder.is_dir() and not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             raise DataError(f"--tokenizer {self.name}: the folder has no tokenizer.json or tokenizer_config.json")
         try:
-            with _quiet_transformers():  # a folder of ours: its config is read, as a plain one, to no end
+            with quiet_transformers():  # a folder of ours: its config is read, as a plain one, to no end
                 self._hf = AutoTokenizer.from_pretrained(os.path.expanduser(self.name))
         except Exception as e:
             raise DataError(f"--tokenizer {self.name}: cannot load ({first_line(e)})") from None
@@ -110,20 +111,6 @@ class Tokenizer:
         else:
             ids = self._hf(texts, add_special_tokens=False)["input_ids"]
         return [np.array(x + [self.eod_id], dtype=np.uint32) for x in ids]
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """transformers' warnings off within the block: AutoTokenizer on a folder whose config needs
-    remote code (an MLKV export) warns that it reads it as a plain config, which it then ignores."""
-    from transformers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
 
 
 def tokenizer_fingerprint(folder: str | os.PathLike) -> str | None:

@@ -12,10 +12,8 @@ from pathlib import Path
 
 from ..errors import BenchError
 
-TRANSFORMERS = {
-    "transformers": "dynamic",
-    "transformers-static": "static",
-}  # transformers' engines: cache_implementation
+# the baselines: transformers' engines and the cache_implementation each runs with
+TRANSFORMERS = {"transformers": "dynamic", "transformers-static": "static"}
 
 # ------------------------------------------------------------------------------------------------
 # Reporting

@@ -130,14 +130,15 @@ class Trainer:
         compiling = a.compile and self.device.type == "cuda"
         # Layers are compiled only without --tp: compiled around the TP region's autograd collectives
         # they give wrong gradients (the losses leave TP=1's after the first step); eager TP matches TP=1.
-        if compiling and a.tp == 1:
+        compile_layers = compiling and a.tp == 1
+        if compile_layers:
             compile_blocks(model)
         distill = None
         if self.plan.distill:
             teacher = load_teacher(
                 a.distill_from, self.train_dtype, self.device, self.groups.tp_group if a.tp > 1 else None
             )
-            if compiling and a.tp == 1:
+            if compile_layers:
                 compile_blocks(teacher)
             distill = Distillation(teacher, *self.plan.distill, compile=compiling)
         return make_engine(
