@@ -7,53 +7,48 @@ python data_tools/pack_pile.py --input 'corpus/*.jsonl.zst' --tokenizer tok/toke
 All logic lives in megatron_mlkv/data/ (pack, PackedDataset); docs/data.md.
 """
 
-import argparse
 import sys
+from dataclasses import dataclass
 
-from megatron_mlkv.cli import entry_point
+from megatron_mlkv.cli import Options, entry_point, option
 from megatron_mlkv.data import DEFAULT_SOURCE, PACKINGS, format_summary, pack
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--input",
-        nargs="+",
-        default=[DEFAULT_SOURCE],
-        metavar="SRC",
+@dataclass(kw_only=True)
+class PackOptions(Options):
+    input: list[str] = option(
         help=f"hub dataset name (streamed; default {DEFAULT_SOURCE}) or local "
         ".jsonl/.jsonl.zst/.json/.parquet/.txt files, globs or folders",
+        default_factory=lambda: [DEFAULT_SOURCE],
+        nargs="+",
+        metavar="SRC",
     )
-    p.add_argument(
-        "--tokenizer", required=True, help="hub name, tokenizer folder, tokenizer.json or sentencepiece .model"
-    )
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per row (default 2048)")
-    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.bin, PREFIX.idx, PREFIX.json")
-    p.add_argument("--num-docs", type=int, metavar="N", help="the first N documents (after --fraction)")
-    p.add_argument("--fraction", type=float, metavar="F", help="a seeded random sample of this share of the documents")
-    p.add_argument("--seed", type=int, default=0, help="seed of --fraction (default 0)")
-    p.add_argument("--text-key", default="text", help="JSON/parquet field holding the text (default 'text')")
-    p.add_argument(
-        "--packing",
+    tokenizer: str = option(help="hub name, tokenizer folder, tokenizer.json or sentencepiece .model")
+    seq_len: int = option(2048, "tokens per row (default 2048)", int)
+    out: str = option(help="writes PREFIX.bin, PREFIX.idx, PREFIX.json", metavar="PREFIX")
+    num_docs: int | None = option(None, "the first N documents (after --fraction)", int, metavar="N")
+    fraction: float | None = option(None, "a seeded random sample of this share of the documents", float, metavar="F")
+    seed: int = option(0, "seed of --fraction (default 0)", int)
+    text_key: str = option("text", "JSON/parquet field holding the text (default 'text')")
+    packing: str = option(
+        "best-fit",
+        "best-fit (default: fills > 99%% of rows) or the reference implementation's greedy packing",
         choices=PACKINGS,
-        default="best-fit",
-        help="best-fit (default: fills > 99%% of rows) or the reference implementation's greedy packing",
     )
-    p.add_argument(
-        "--max-doc-tokens",
-        type=int,
+    max_doc_tokens: int | None = option(
+        None,
+        "keep at most N tokens of a document, end-of-document token included (default: all)",
+        int,
         metavar="N",
-        help="keep at most N tokens of a document, end-of-document token included (default: all)",
     )
-    p.add_argument("--workers", type=int, default=1, metavar="W", help="tokenizer processes (default 1)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX (refused otherwise)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    return p
+    workers: int = option(1, "tokenizer processes (default 1)", int, metavar="W")
+    overwrite: bool = option(False, "replace an existing PREFIX (refused otherwise)")
+    progress: bool = option(True, "no progress bar", flag="--no-progress")
 
 
 @entry_point
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = PackOptions.from_argv(argv, __doc__)
     try:
         meta = pack(
             args.input,

@@ -11,14 +11,14 @@ Writes OUTDIR/results.json (one record per model and batch size), summary.md, me
 throughput.png, and accuracy.png with --eval-json.
 """
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from megatron_mlkv.cli import entry_point
+from megatron_mlkv.cli import Options, entry_point, option
 from megatron_mlkv.conversion import DTYPES
 from megatron_mlkv.errors import BenchError
 from megatron_mlkv.inference.bench import (
@@ -31,56 +31,54 @@ from megatron_mlkv.inference.bench import (
 from megatron_mlkv.loading import read_config
 
 
-@entry_point
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs="+", default=[], metavar="DIR", help="exported MLKV folders")
-    p.add_argument(
-        "--shape",
-        help="a preset shape (pythia-160m, ..., llama-3.2-1b, smollm-135m): random weights, none needed",
+@dataclass(kw_only=True)
+class BenchOptions(Options):
+    model: list[str] = option(help="exported MLKV folders", default_factory=list, nargs="+", metavar="DIR")
+    shape: str | None = option(
+        None, "a preset shape (pythia-160m, ..., llama-3.2-1b, smollm-135m): random weights, none needed"
     )
-    p.add_argument(
-        "--layouts",
-        default="all",
-        help="with --shape: base (its own layout; mha for Pythia), the paper's names (mlkv-6, gqa-48, ...), all, or "
+    layouts: str = option(
+        "all",
+        "with --shape: base (its own layout; mha for Pythia), the paper's names (mlkv-6, gqa-48, ...), all, or "
         "m:g, comma-separated (default: all)",
     )
-    p.add_argument("--context", type=int, default=2000, help="tokens in the cache before decoding")
-    p.add_argument("--new-tokens", type=int, default=48, help="tokens decoded (timed)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", help="measure these; default: search up to OOM")
-    p.add_argument("--max-batch", type=int, help="largest batch the search tries (required on CPU)")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument(
-        "--baseline-hf",
-        action="store_true",
-        help="also benchmark transformers' GPTNeoXForCausalLM twice: its default cache, and its "
+    context: int = option(2000, "tokens in the cache before decoding", int)
+    new_tokens: int = option(48, "tokens decoded (timed)", int)
+    batch_sizes: list[int] | None = option(None, "measure these; default: search up to OOM", int, nargs="+")
+    max_batch: int | None = option(None, "largest batch the search tries (required on CPU)", int)
+    out: Path = option(help="output folder", type=Path)
+    dtype: str | None = option(None, "default: bf16 on CUDA, fp32 on CPU", choices=sorted(DTYPES))
+    device: str | None = option(None, "default: cuda if available, else cpu")
+    baseline_hf: bool = option(
+        False,
+        "also benchmark transformers' GPTNeoXForCausalLM twice: its default cache, and its "
         "static cache with compiled decoding (ratios take the faster at each batch)",
     )
-    p.add_argument(
-        "--hf-model",
-        metavar="DIR",
-        help="a folder of transformers' own class for --baseline-hf (default: the --shape, or a folder among --model "
+    hf_model: str | None = option(
+        None,
+        "a folder of transformers' own class for --baseline-hf (default: the --shape, or a folder among --model "
         "that class holds)",
+        metavar="DIR",
     )
-    p.add_argument(
-        "--eval-json",
-        nargs="+",
-        default=[],
-        metavar="FILE",
+    eval_json: list[str] = option(
         help="evaluation results (lm-eval 'results' plus 'layout') for the accuracy-vs-memory plot",
-    )
-    p.add_argument(
-        "--include-results",
+        default_factory=list,
         nargs="+",
-        default=[],
         metavar="FILE",
+    )
+    include_results: list[str] = option(
         help="records of earlier runs (results.json) to report together with this run's; a "
         "later record of the same model, engine, context and batch replaces an earlier one",
+        default_factory=list,
+        nargs="+",
+        metavar="FILE",
     )
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    seed: int = option(0, "seed of the random weights (default 0)", int)
+
+
+@entry_point
+def main(argv=None):
+    args = BenchOptions.from_argv(argv, __doc__)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]

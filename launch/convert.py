@@ -10,10 +10,10 @@ A checkpoint of the MLKV paper's own code (pythia-mlkv) is recognised and conver
 All logic lives in megatron_mlkv/conversion/ (convert_checkpoint, convert_paper_variants); docs/convert.md.
 """
 
-import argparse
 import sys
+from dataclasses import dataclass
 
-from megatron_mlkv.cli import entry_point
+from megatron_mlkv.cli import Options, entry_point, option
 from megatron_mlkv.conversion import (
     DTYPES,
     MERGE_MODES,
@@ -25,75 +25,58 @@ from megatron_mlkv.conversion import (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--base",
-        required=True,
-        help="hub model name or local transformers folder of a GPT-NeoX model (or of the paper's pythia-mlkv code)",
+@dataclass(kw_only=True)
+class ConvertOptions(Options):
+    base: str = option(
+        help="hub model name or local transformers folder of a GPT-NeoX model (or of the paper's pythia-mlkv code)"
     )
-    p.add_argument("--revision", help="hub branch, tag or commit of --base (default: the hub's default)")
-    p.add_argument("--out", help="output folder (one layout)")
-    p.add_argument("--kv-layers", type=int, help="m, layers that own K/V (default: all)")
-    p.add_argument("--kv-groups", type=int, help="g, KV heads per owner layer (default: all h heads)")
-    p.add_argument(
-        "--kv-owner-map",
-        metavar="MAP",
-        help="explicit owner of each layer, e.g. 0,0,2,2 (layer i attends with layer MAP[i]'s K/V)",
+    revision: str | None = option(None, "hub branch, tag or commit of --base (default: the hub's default)")
+    out: str | None = option(None, "output folder (one layout)")
+    kv_layers: int | None = option(None, "m, layers that own K/V (default: all)", int)
+    kv_groups: int | None = option(None, "g, KV heads per owner layer (default: all h heads)", int)
+    kv_owner_map: str | None = option(
+        None, "explicit owner of each layer, e.g. 0,0,2,2 (layer i attends with layer MAP[i]'s K/V)", metavar="MAP"
     )
-    p.add_argument(
-        "--merge",
+    merge: str = option(
+        "mean",
+        "how layers merge into their owner: arithmetic mean (default) or the reference code's sequential pairwise mean",
         choices=MERGE_MODES,
-        default="mean",
-        help="how layers merge into their owner: arithmetic mean (default) or the reference "
-        "code's sequential pairwise mean",
     )
-    p.add_argument(
-        "--mlp-init",
+    mlp_init: str = option(
+        "zero",
+        "added MLP units: zero output weights (function-preserving, default) or copies of the first units (the "
+        "reference code)",
         choices=MLP_INITS,
-        default="zero",
-        help="added MLP units: zero output weights (function-preserving, default) or copies "
-        "of the first units (the reference code)",
     )
-    p.add_argument(
-        "--no-match-params",
-        dest="match_params",
-        action="store_false",
-        help="keep the base's MLP width instead of matching its parameter count",
+    match_params: bool = option(
+        True, "keep the base's MLP width instead of matching its parameter count", flag="--no-match-params"
     )
-    p.add_argument(
-        "--random-init",
-        action="store_true",
-        help="the layout with freshly initialised weights instead of the base's (a from-scratch baseline)",
+    random_init: bool = option(
+        False, "the layout with freshly initialised weights instead of the base's (a from-scratch baseline)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-init (default 0)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the base's)")
-    p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
-    p.add_argument("--report", metavar="FILE", help="also write the JSON report here")
-    p.add_argument(
-        "--paper-variants",
-        action="store_true",
-        help="convert into the paper's eight layouts, as folders under --out-root",
-    )
-    p.add_argument("--out-root", help="parent folder of the --paper-variants outputs")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    return p
+    seed: int = option(0, "seed of --random-init (default 0)", int)
+    dtype: str | None = option(None, "output dtype (default: the base's)", choices=sorted(DTYPES))
+    max_shard_size: str = option("2GB", "safetensors shard size (default 2GB)")
+    overwrite: bool = option(False, "replace existing output folders")
+    report: str | None = option(None, "also write the JSON report here", metavar="FILE")
+    paper_variants: bool = option(False, "convert into the paper's eight layouts, as folders under --out-root")
+    out_root: str | None = option(None, "parent folder of the --paper-variants outputs")
+    progress: bool = option(True, "no progress bars", flag="--no-progress")
+
+    def problem(self) -> str | None:
+        if self.paper_variants and self.random_init:
+            return "--random-init makes one layout: give --out, not --paper-variants"
+        if self.paper_variants:
+            if not self.out_root or self.out or self.kv_layers or self.kv_groups or self.kv_owner_map:
+                return "--paper-variants takes --out-root, and none of --out, --kv-layers, --kv-groups, --kv-owner-map"
+        elif not self.out or self.out_root:
+            return "give --out (or --paper-variants with --out-root)"
+        return None
 
 
 @entry_point
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.paper_variants and args.random_init:
-        parser.error("--random-init makes one layout: give --out, not --paper-variants")
-    if args.paper_variants:
-        if not args.out_root or args.out or args.kv_layers or args.kv_groups or args.kv_owner_map:
-            parser.error(
-                "--paper-variants takes --out-root, and none of --out, --kv-layers, --kv-groups, --kv-owner-map"
-            )
-    elif not args.out or args.out_root:
-        parser.error("give --out (or --paper-variants with --out-root)")
+    args = ConvertOptions.from_argv(argv, __doc__)
     common = dict(
         merge=args.merge,
         mlp_init=args.mlp_init,

@@ -9,17 +9,19 @@ checkpoint, which comes from elsewhere).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from megatron_mlkv.cli import Options, free_port, option
 
 # run from the repository root (`make demo`), as the user commands are
 DS_CONFIG = Path("ds_configs/zero2.json")
@@ -89,23 +91,25 @@ def _ds_config(out: Path, micro_batch: int) -> Path:
     return path
 
 
+@dataclass(kw_only=True)
+class DemoOptions(Options):
+    out: str = option("demo_out", "working folder (re-created)")
+    kv_layers: int = option(2, "m of the MLKV layout (default 2)", int)
+    kv_groups: int = option(1, "g of the MLKV layout (default 1)", int)
+    docs: int = option(4000, "training documents", int)
+    seq_len: int = option(128, "tokens per packed row (default 128)", int)
+    pretrain_steps: int = option(400, "steps of the tiny base's pre-training (default 400)", int)
+    uptrain_steps: int = option(120, "uptraining steps (default 120)", int)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="The whole MLKV workflow on the CPU in a few minutes.")
-    parser.add_argument("--out", default="demo_out", help="working folder (re-created)")
-    parser.add_argument("--kv-layers", type=int, default=2, help="m of the MLKV layout (default 2)")
-    parser.add_argument("--kv-groups", type=int, default=1, help="g of the MLKV layout (default 1)")
-    parser.add_argument("--docs", type=int, default=4000, help="training documents")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--pretrain-steps", type=int, default=400)
-    parser.add_argument("--uptrain-steps", type=int, default=120)
-    args = parser.parse_args(argv)
+    args = DemoOptions.from_argv(argv, "The whole MLKV workflow on the CPU in a few minutes.")
     if not (DS_CONFIG.is_file() and UPTRAIN.is_file()):
         print(f"error: {DS_CONFIG} or {UPTRAIN} not found; run from the repository root (make demo)", file=sys.stderr)
         return 2
 
     from transformers import GPTNeoXForCausalLM
 
-    from megatron_mlkv.cli import free_port
     from megatron_mlkv.conversion import convert_checkpoint
     from megatron_mlkv.data import PackedDataset, pack
     from megatron_mlkv.data.synthetic import write_corpus

@@ -8,45 +8,37 @@ FILE.json holds lm-eval's `results` mapping plus the model's KV layout and KV by
 markdown table is printed. The logic lives in megatron_mlkv/evaluation/harness.py; docs/evaluate.md.
 """
 
-import argparse
 import sys
+from dataclasses import dataclass
 
-from megatron_mlkv.cli import entry_point
+from megatron_mlkv.cli import Options, entry_point, option
 from megatron_mlkv.errors import MLKVError
 from megatron_mlkv.evaluation.harness import DEFAULT_TASKS, DTYPES, evaluate_checkpoint, format_error, format_results
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--model",
-        required=True,
+@dataclass(kw_only=True)
+class EvaluateOptions(Options):
+    model: str = option(
         help="transformers folder (launch/convert.py, RUN_DIR/hf/step_N) or hub name; the MLKV paper's "
-        "released pythia-mlkv checkpoints too",
+        "released pythia-mlkv checkpoints too"
     )
-    p.add_argument("--revision", help="hub branch, tag or commit of --model (default: the hub's default)")
-    p.add_argument(
-        "--tasks",
-        default=",".join(DEFAULT_TASKS),
-        help=f"comma-separated lm-eval tasks (default {','.join(DEFAULT_TASKS)})",
-    )
-    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
-    p.add_argument("--limit", type=float, help="at most N documents per task (a fraction if < 1; for quick checks)")
-    p.add_argument("--batch-size", default="8", help="batch size, or 'auto' (default 8)")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument(
-        "--dtype",
+    revision: str | None = option(None, "hub branch, tag or commit of --model (default: the hub's default)")
+    tasks: str = option(",".join(DEFAULT_TASKS), f"comma-separated lm-eval tasks (default {','.join(DEFAULT_TASKS)})")
+    include_path: str | None = option(None, "folder of extra lm-eval task YAMLs")
+    limit: float | None = option(None, "at most N documents per task (a fraction if < 1; for quick checks)", float)
+    batch_size: str = option("8", "batch size, or 'auto' (default 8)")
+    device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
+    dtype: str = option(
+        "auto",
+        "what the model computes in, as lm-eval's dtype= (default auto: the checkpoint's own)",
         choices=DTYPES,
-        default="auto",
-        help="what the model computes in, as lm-eval's dtype= (default auto: the checkpoint's own)",
     )
-    p.add_argument("--out", required=True, help="JSON file for the results (written atomically)")
-    return p
+    out: str = option(help="JSON file for the results (written atomically)")
 
 
 @entry_point
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = EvaluateOptions.from_argv(argv, __doc__)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     batch_size = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
     try:

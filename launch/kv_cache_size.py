@@ -8,9 +8,10 @@ python launch/kv_cache_size.py --preset llama-3.2-1b --batch 8 --seq 2048 --kv-l
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_mlkv.cli import entry_point
+from megatron_mlkv.cli import Options, entry_point, option
 from megatron_mlkv.layout import DTYPE_BYTES, cache_size_table, format_cache_table
 
 
@@ -21,33 +22,39 @@ def positive(text: str) -> int:
     return value
 
 
+@dataclass(kw_only=True)
+class CacheSizeOptions(Options):
+    preset: str | None = option(
+        None,
+        "take l, h and d_k from a released shape (config.preset: pythia-160m, ..., llama-3.2-1b, smollm-135m)",
+    )
+    layers: int | None = option(None, "l, decoder layers", positive)
+    heads: int | None = option(None, "h, query heads per layer", positive)
+    head_dim: int | None = option(None, "d_k", positive)
+    batch: int = option(1, "b", positive)
+    seq: int = option(2048, "s, cached tokens", positive)
+    kv_layers: int = option(help="m, layers that own KV (MLKV)", type=positive)
+    kv_groups: int = option(help="g, KV heads per owner layer (GQA, MLKV)", type=positive)
+    dtype: str = option("fp16", "bytes per cached number (default fp16)", choices=sorted(DTYPE_BYTES))
+    json: str | None = option(None, "also write the rows as JSON", metavar="FILE")
+
+    def __post_init__(self):
+        if self.preset:
+            from megatron_mlkv.config import preset
+
+            shape = preset(self.preset)
+            self.layers = self.layers or shape.num_layers
+            self.heads = self.heads or shape.num_heads
+            self.head_dim = self.head_dim or shape.head_dim
+
+    def problem(self) -> str | None:
+        missing = [f"--{k.replace('_', '-')}" for k in ("layers", "heads", "head_dim") if getattr(self, k) is None]
+        return f"{', '.join(missing)} required (or --preset)" if missing else None
+
+
 @entry_point
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--preset",
-        help="take l, h and d_k from a released shape (config.preset: pythia-160m, ..., llama-3.2-1b, smollm-135m)",
-    )
-    p.add_argument("--layers", type=positive, help="l, decoder layers")
-    p.add_argument("--heads", type=positive, help="h, query heads per layer")
-    p.add_argument("--head-dim", type=positive, help="d_k")
-    p.add_argument("--batch", type=positive, default=1, help="b")
-    p.add_argument("--seq", type=positive, default=2048, help="s, cached tokens")
-    p.add_argument("--kv-layers", type=positive, required=True, help="m, layers that own KV (MLKV)")
-    p.add_argument("--kv-groups", type=positive, required=True, help="g, KV heads per owner layer (GQA, MLKV)")
-    p.add_argument("--dtype", default="fp16", choices=sorted(DTYPE_BYTES))
-    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    args = p.parse_args(argv)
-    if args.preset:
-        from megatron_mlkv.config import preset
-
-        shape = preset(args.preset)
-        args.layers = args.layers or shape.num_layers
-        args.heads = args.heads or shape.num_heads
-        args.head_dim = args.head_dim or shape.head_dim
-    missing = [f"--{k.replace('_', '-')}" for k in ("layers", "heads", "head_dim") if getattr(args, k) is None]
-    if missing:
-        p.error(f"{', '.join(missing)} required (or --preset)")
+    args = CacheSizeOptions.from_argv(argv, __doc__)
     rows = cache_size_table(
         args.layers, args.heads, args.head_dim, args.batch, args.seq, args.kv_layers, args.kv_groups, args.dtype
     )

@@ -7,28 +7,27 @@ A run folder stands for its latest eval/step_N.json. Writes PREFIX.md (printed t
 PREFIX.png. The logic lives in megatron_mlkv/evaluation/report.py; docs/evaluate.md.
 """
 
-import argparse
 import sys
+from dataclasses import dataclass
 
-from megatron_mlkv.cli import entry_point
+from megatron_mlkv.cli import Options, entry_point, option
 from megatron_mlkv.evaluation.report import build_report
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "sources",
+@dataclass(kw_only=True)
+class ReportOptions(Options):
+    sources: list[str] = option(
+        help="run folders (their latest eval/step_N.json) or evaluation JSONs",
+        positional=True,
         nargs="+",
         metavar="RUN_DIR_OR_EVAL_JSON",
-        help="run folders (their latest eval/step_N.json) or evaluation JSONs",
     )
-    p.add_argument("--out", default="report", metavar="PREFIX", help="output prefix (default: report)")
-    return p
+    out: str = option("report", "output prefix (default: report)", metavar="PREFIX")
 
 
 @entry_point
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = ReportOptions.from_argv(argv, __doc__)
     report = build_report(args.sources, args.out)
     print(report["table"])
     print("\nwrote " + ", ".join(report["files"].values()))

@@ -7,15 +7,10 @@ Rerunning the same command resumes from the latest complete checkpoint. The logi
 megatron_mlkv/training/; docs/uptrain.md.
 """
 
-import argparse
 import sys
 
 from megatron_mlkv.cli import entry_point
 from megatron_mlkv.training.options import RunOptions
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return RunOptions.parser(__doc__)
 
 
 @entry_point

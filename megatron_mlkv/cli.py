@@ -1,11 +1,14 @@
-"""The one place where entry points turn a user's error into one line (`entry_point`), and the free port
-a launch takes (`free_port`)."""
+"""What every command shares: its options as a dataclass whose fields generate its flags (`Options`,
+`option`), a user's error as one line (`entry_point`), and the free port a launch takes (`free_port`)."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import functools
 import os
 import sys
+from typing import Any
 
 from .errors import MLKVError, os_error_line
 
@@ -43,6 +46,82 @@ def entry_point(main):
             return code
 
     return run
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    type=None,
+    *,
+    flag: str | None = None,
+    positional: bool = False,
+    default_factory=dataclasses.MISSING,
+    **argparse_kwargs,
+) -> Any:
+    """A field of an `Options` dataclass and its flag: `--field-name` unless `flag` names another,
+    required when it has no default, a switch when its default is a bool (`flag` then spells the
+    `--no-...` of a field that defaults to True), a positional argument with `positional=True`.
+    `minimum=N` refuses smaller values as a usage error; any other keyword (`choices`, `nargs`,
+    `metavar`) goes to `argparse.add_argument` as it is."""
+    meta = dict(help=help, type=type, flag=flag, positional=positional, **argparse_kwargs)
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    """A field's flag: its `flag`, else `--field-name` (a positional argument: its metavar, else its name)."""
+    if f.metadata.get("positional"):
+        return f.metadata.get("metavar") or f.name
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+class Options:
+    """The base of every command's options (subclasses are dataclasses of `option` fields): the fields
+    generate the command line (`parser`), and `from_argv` parses one into an instance. A subclass's
+    `problem()` names a combination of flags that makes no sense; it is a usage error (exit code 2)."""
+
+    @classmethod
+    def parser(cls, description: str | None = None) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        for f in dataclasses.fields(cls):
+            meta = dict(f.metadata)
+            kwargs = {k: v for k, v in meta.items() if k not in ("help", "type", "flag", "positional", "minimum")}
+            kwargs["help"] = meta["help"]
+            if f.default is False or f.default is True:
+                p.add_argument(flag_name(f), dest=f.name, action=f"store_{str(not f.default).lower()}", **kwargs)
+                continue
+            if meta["type"] is not None:
+                kwargs["type"] = meta["type"]
+            if f.default is not dataclasses.MISSING:
+                kwargs["default"] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                kwargs["default"] = f.default_factory()
+            elif not meta["positional"]:
+                kwargs["required"] = True
+            if meta["positional"]:
+                p.add_argument(f.name, **kwargs)
+            else:
+                p.add_argument(flag_name(f), dest=f.name, **kwargs)
+        return p
+
+    @classmethod
+    def from_argv(cls, argv=None, description: str | None = None):
+        """Parse a command line; a value below a field's minimum, or a `problem()`, is a usage error."""
+        p = cls.parser(description)
+        args = p.parse_args(argv)
+        for f in dataclasses.fields(cls):
+            minimum = f.metadata.get("minimum")
+            if minimum is not None and getattr(args, f.name) < minimum:
+                p.error(f"{flag_name(f)} must be >= {minimum}")
+        options = cls(**vars(args))
+        problem = options.problem()
+        if problem:
+            p.error(problem)
+        return options
+
+    def problem(self) -> str | None:
+        return None
 
 
 def free_port() -> int:
