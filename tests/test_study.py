@@ -112,6 +112,19 @@ def test_the_budget_curve_takes_the_sweep_run_of_the_chosen_a_and_t(tmp_path):
     ]
 
 
+def test_the_loss_curves_compare_cross_entropy_also_of_distilled_runs(tmp_path):
+    records = [{"step": 1, "loss": 2.0, "ce": 5.0, "kl": 2.0}, {"step": 2, "valid_loss": 4.0}, {"step": 3, "loss": 3.0}]
+    assert steps.train_curve(records) == [(1, 5.0), (3, 3.0)]  # a distilled step's CE; validation lines skipped
+    runs = [
+        {**_run("mha", "MHA", kv_heads=144), "train_loss": [(1, 3.0), (2, 2.5)]},
+        {**_run("mlkv-6-kd", weight=1.0, temperature=1.0), "train_loss": [(1, 6.0), (2, 5.0)]},
+    ]
+    for r in runs:
+        r.update(init="converted", merge="mean", mlp_init="zero")
+    # no base/pretrain.jsonl (a results folder copied without it): the uptraining panel alone
+    assert steps.plot_curves(tmp_path, {"base": BASE, "runs": runs, "stage_seconds": {}}).is_file()
+
+
 BASE = dict(layers=12, heads=12, hidden=384, parameters=1, tokens=1000, tokens_per_s=1.0, valid_loss=2.0)
 
 

@@ -412,6 +412,12 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def train_curve(records: list[dict]) -> list[tuple[int, float]]:
+    """(step, training cross-entropy) of a run's logged steps: of a distilled run its `ce`, not its
+    `loss` (the objective, mostly the KL to the teacher), so that every run's curve is comparable."""
+    return [(r["step"], r.get("ce", r["loss"])) for r in records if "loss" in r]
+
+
 def budget_percent(run: str) -> float:
     """The share of the base's tokens a run was given (run.sh): P for `NAME-tokensP`, else 5."""
     head, _, percent = run.rpartition("-tokens")
@@ -469,7 +475,7 @@ def summarize(out_dir: str | Path, task: str = "next_line") -> dict:
                 "uptrain_tokens": tokens,
                 "budget_percent": budget_percent(run.name),
                 "tokens_per_s": float(np.median([r["tokens_per_s"] for r in train[1:]] or [float("nan")])),
-                "train_loss": [(r["step"], r["loss"]) for r in train],
+                "train_loss": train_curve(train),
             }
         )
     times = json.loads((out / "times.json").read_text()) if (out / "times.json").is_file() else {}
@@ -571,7 +577,7 @@ def plot_budget(out: Path, results: dict) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 5))
     control = next((r for r in results["runs"] if r["run"] == "mha"), None)
@@ -591,6 +597,7 @@ def plot_budget(out: Path, results: dict) -> Path | None:
         ax.set_xscale("log")
         ax.set_xticks(budgets)
         ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())  # the log scale's own labels would sit between the budgets
         ax.set(xlabel="uptraining tokens (% of the base's pre-training tokens)", ylabel=label)
         ax.legend()
     fig.suptitle("MLKV-6: what uptraining recovers, plain and distilled from the base")
@@ -602,20 +609,27 @@ def plot_budget(out: Path, results: dict) -> Path | None:
 
 
 def plot_curves(out: Path, results: dict) -> Path:
-    """Training loss against step for every uptraining run (one panel), and the base's pre-training."""
+    """Training cross-entropy against step for every uptraining run at 5% (one panel), and the base's
+    pre-training beside it where its log is at hand (a results folder copied without it: one panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_pre, ax_up) = plt.subplots(1, 2, figsize=(13, 5))
-    pre = _records(out / "base" / "pretrain.jsonl")
-    ax_pre.plot([r["tokens"] / 1e6 for r in pre], [r["loss"] for r in pre])
-    ax_pre.set(xlabel="tokens (millions)", ylabel="training loss", title="pre-training the MHA base")
+    pre_log = out / "base" / "pretrain.jsonl"
+    if pre_log.is_file():
+        fig, (ax_pre, ax_up) = plt.subplots(1, 2, figsize=(15, 5))
+        pre = _records(pre_log)
+        ax_pre.plot([r["tokens"] / 1e6 for r in pre], [r["loss"] for r in pre])
+        ax_pre.set(xlabel="tokens (millions)", ylabel="training loss", title="pre-training the MHA base")
+    else:
+        fig, ax_up = plt.subplots(figsize=(10, 5))
     five = [r for r in results["runs"] if r["budget_percent"] == 5.0 and not r["run"].startswith("mlkv-6-kd-a")]
     runs = sorted(five, key=lambda r: (-r["kv_heads"], r["run"]))  # legend from most KV to least
-    colors = plt.cm.tab20(np.linspace(0, 1, max(1, len(runs))))
-    for r, color in zip(runs, colors):
+    layouts = list(dict.fromkeys(r["layout"] for r in runs))  # one colour a layout, its variants dashed
+    palette = plt.cm.tab10(np.arange(len(layouts)) % 10)
+    for r in runs:
+        color = palette[layouts.index(r["layout"])]
         steps, losses = zip(*r["train_loss"]) if r["train_loss"] else ((), ())
         ablation = r["init"] != "converted" or r["merge"] != "mean" or r["mlp_init"] != "zero" or r["recipe"] != "plain"
         ax_up.plot(
@@ -625,8 +639,8 @@ def plot_curves(out: Path, results: dict) -> Path:
             label=f"{r['run']} ({r['kv_heads']} KV heads)",
             linestyle="--" if ablation else "-",
         )
-    ax_up.set(xlabel="step", ylabel="training loss", title="uptraining (5% of the base's tokens)")
-    ax_up.legend(fontsize=8)
+    ax_up.set(xlabel="step", ylabel="training cross-entropy", title="uptraining (5% of the base's tokens)")
+    ax_up.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, not over them
     path = out / "loss_curves.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
