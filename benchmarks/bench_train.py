@@ -31,6 +31,7 @@ import argparse
 import gc
 import json
 import multiprocessing
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -48,21 +49,38 @@ from megatron_mlkv.training.trainer import single_process_env
 # m and g as functions of l and h (named for Pythia-160M); "mha" is the shape's own layout (the base's
 # GQA for the Llama family); gqa-48 needs h/3 to divide the base's K/V heads
 LAYOUTS = {"mha": None, "gqa-48": ("l", "h/3"), "mqa-12": ("l", 1), "mlkv-6": ("l/2", 1), "mlkv-2": ("l/6", 1)}
-MATCHED = "@matched"  # a layout name's suffix: the MLP widened to the base's parameter count, as convert.py does
+# a layout name's suffix: the MLP widened to the base's parameter count, as convert.py does; `@matchedN`
+# rounds that width to a multiple of N (`convert.py --mlp-multiple N`)
+MATCHED = "@matched"
 DEFAULT_MICRO = {"pythia-160m": 12, "pythia-410m": 16, "pythia-1b": 8, "llama-3.2-1b": 8, "smollm-135m": 12}
 ENGINES = ("mlkv", "mlkv-unpacked", "mlkv-eager", "mlkv-distill", "hf", "hf-compiled")
 
 
+def _split_layout(layout: str) -> tuple[str, int | None]:
+    """'mlkv-6@matched64' -> ('mlkv-6', 64); '@matched' -> multiple 1; no suffix -> None (MHA's MLP
+    width). ValueError for another suffix."""
+    name, at, suffix = layout.partition("@")
+    if not at:
+        return name, None
+    match = re.fullmatch(r"matched([1-9]\d*)?", suffix)
+    if match is None:
+        raise ValueError(f"{layout}: the suffix is {MATCHED} or {MATCHED}N")
+    return name, int(match.group(1) or 1)
+
+
 def known_layout(layout: str) -> bool:
-    return layout.removesuffix(MATCHED) in LAYOUTS
+    try:
+        return _split_layout(layout)[0] in LAYOUTS
+    except ValueError:
+        return False
 
 
 def layout_config(shape: str, layout: str) -> MLKVConfig:
     """The preset shape with one of `LAYOUTS` (m and g as functions of l and h), its MLP at the MHA
-    width, or with the suffix `@matched` widened as a converted checkpoint's (`target_config`)."""
+    width, or with the suffix `@matched` (`@matchedN`) widened as a converted checkpoint's
+    (`target_config`, its width a multiple of N)."""
     base = preset(shape)
-    matched = layout.endswith(MATCHED)
-    layout = layout.removesuffix(MATCHED)
+    layout, multiple = _split_layout(layout)
     if LAYOUTS[layout] is None:
         return base
     m, g = LAYOUTS[layout]
@@ -74,10 +92,10 @@ def layout_config(shape: str, layout: str) -> MLKVConfig:
         "h/3": base.num_heads // 3,
     }
     m, g = value.get(m, m), value.get(g, g)
-    if matched:
+    if multiple is not None:
         from megatron_mlkv.conversion import target_config
 
-        return target_config(base, m, g)
+        return target_config(base, m, g, mlp_multiple=multiple)
     return base.with_layout(m, g)
 
 
@@ -604,7 +622,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--layouts",
         default="mha,mqa-12,mlkv-6",
-        help=f"comma-separated, from {', '.join(LAYOUTS)}; a suffix {MATCHED} widens the MLP as convert.py does",
+        help=f"comma-separated, from {', '.join(LAYOUTS)}; a suffix {MATCHED} widens the MLP as convert.py does, "
+        f"{MATCHED}N to a multiple of N (convert.py --mlp-multiple N)",
     )
     p.add_argument(
         "--micro-batch",

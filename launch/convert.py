@@ -51,6 +51,14 @@ class ConvertOptions(Options):
     match_params: bool = option(
         True, "keep the base's MLP width instead of matching its parameter count", flag="--no-match-params"
     )
+    mlp_multiple: int = option(
+        1,
+        "round the matched MLP width to a multiple of N (64: whole GPU tiles; at least 16 for --fp8 "
+        "uptraining); the parameter count then matches within N/2 MLP units a layer (default 1: exactly)",
+        int,
+        minimum=1,
+        metavar="N",
+    )
     random_init: bool = option(
         False, "the layout with freshly initialised weights instead of the base's (a from-scratch baseline)"
     )
@@ -87,6 +95,7 @@ def main(argv=None) -> int:
         report_path=args.report,
         progress=args.progress,
         revision=args.revision,
+        mlp_multiple=args.mlp_multiple,
     )
     if args.paper_variants:
         print(format_variants_table(convert_paper_variants(args.base, args.out_root, **common)))

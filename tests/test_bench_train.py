@@ -52,12 +52,20 @@ def test_matched_layouts_widen_the_mlp_as_conversion_does():
     """`mlkv-6@matched` is the converted checkpoint's shape (parameters of the MHA base, a wider MLP),
     so the benchmark can measure the widened MLP's share of memory; `mlkv-6` keeps the MHA width."""
     from benchmarks.bench_train import known_layout, layout_config
+    from megatron_mlkv.config import preset
 
     mha, plain, matched = (layout_config("pythia-160m", name) for name in ("mha", "mlkv-6", "mlkv-6@matched"))
     assert plain.layout == matched.layout and plain.layout.name == "MLKV-6"
     assert plain.intermediate_size == mha.intermediate_size < matched.intermediate_size == 3809
     assert abs(matched.num_parameters() / mha.num_parameters() - 1) < 1e-4
     assert known_layout("mqa-12@matched") and not known_layout("mlkv-7") and not known_layout("mha@other")
+    assert known_layout("mlkv-6@matched64") and not known_layout("mlkv-6@matched0")
+    rounded = layout_config("pythia-1b", "mqa-12@matched64")  # convert.py --mlp-multiple 64
+    assert layout_config("pythia-1b", "mqa-12@matched").intermediate_size == 9985  # no multiple of 16: no float8
+    assert (
+        rounded.intermediate_size == 9984
+        and abs(rounded.num_parameters() / preset("pythia-1b").num_parameters() - 1) < 1e-4
+    )
 
 
 def test_distillation_cost_divides_by_the_plain_engine_of_the_same_shape_and_layout():

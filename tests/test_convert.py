@@ -23,10 +23,13 @@ from megatron_mlkv.conversion import (
     convert_paper_variants,
     convert_state_dict,
     format_report,
+    matched_intermediate_size,
     paper_variants,
     target_config,
 )
 from megatron_mlkv.errors import CheckpointError
+from megatron_mlkv.layout import KVLayout
+from megatron_mlkv.loading import load_pretrained
 from megatron_mlkv.model import MLKVTransformer
 
 pytestmark = pytest.mark.compat  # transformers' GPT-NeoX and checkpoint formats: also run by `make test-compat`
@@ -380,6 +383,28 @@ def test_mlp_widening_zero_and_copy(tmp_path, mlp_init):
         assert torch.equal(sd[f"layers.{j}.mlp.dense_4h_to_h.bias"], mlp.dense_4h_to_h.bias)
 
 
+def test_mlp_multiple_rounds_the_matched_width_and_keeps_the_function(tmp_path):
+    """`--mlp-multiple 16`: the matched 157 units become 160 (the nearest multiple; float8 matmuls need
+    multiples of 16), the added units start silent, so the converted model computes what it computes
+    with 157, and the parameter count stays within half a multiple of units a layer of the base's."""
+    ref = gpt_neox(num_hidden_layers=4)
+    base = save_base(ref, tmp_path / "base")
+    exact = convert_checkpoint(base, tmp_path / "exact", kv_layers=1, kv_groups=1, progress=False)
+    rounded = convert_checkpoint(base, tmp_path / "r16", kv_layers=1, kv_groups=1, mlp_multiple=16, progress=False)
+    assert exact["intermediate_size"]["after"] == 157 and rounded["intermediate_size"]["after"] == 160
+    assert rounded["mlp_multiple"] == 16 and "a multiple of 16" in format_report(rounded)
+    per_unit = 2 * 64 + 1  # an MLP unit: a row of the input matrix and its bias, a column of the output matrix
+    assert rounded["parameters"]["after"] - exact["parameters"]["after"] == 4 * 3 * per_unit
+    ids = torch.randint(0, 101, (2, 12))
+    with torch.no_grad():
+        logits = [load_pretrained(tmp_path / name).eval()(ids) for name in ("exact", "r16")]
+    torch.testing.assert_close(logits[0], logits[1])
+    # an MLP that needs no widening keeps the base's width, and a widened one is never narrower
+    config = MLKVConfig.from_hf(ref.config)
+    assert matched_intermediate_size(config, KVLayout.uniform(4, 4, 4, 4), 64) == 96
+    assert matched_intermediate_size(config, KVLayout.uniform(4, 4, 4, 2), 1000) == 96
+
+
 def test_no_match_params_keeps_the_mlp(tiny_base, tmp_path):
     _, base = tiny_base
     report = convert_checkpoint(base, tmp_path / "out", 2, 1, match_params=False, progress=False)
@@ -567,6 +592,7 @@ def test_an_already_converted_folder_is_refused(tiny_base, tmp_path):
         (dict(merge="median"), "merge = 'median' is not supported"),
         (dict(mlp_init="random"), "mlp_init = 'random' is not supported"),
         (dict(dtype="int8"), "dtype 'int8' is not supported"),
+        (dict(kv_layers=2, mlp_multiple=0), "mlp_multiple = 0 must be >= 1"),
     ],
 )
 def test_invalid_layouts_and_options(tiny_base, tmp_path, kwargs, message):

@@ -290,6 +290,7 @@ def test_cli_converts_and_prints_the_format(tmp_path):
         ({}, ("--kv-layers", "1"), "--kv-layers do not apply"),
         ({}, ("--merge", "sequential", "--no-match-params"), "--merge sequential, --no-match-params do not apply"),
         ({}, ("--mlp-init", "copy"), "--mlp-init copy do not apply"),
+        ({}, ("--mlp-multiple", "64"), "--mlp-multiple 64 do not apply"),
         ({}, ("--paper-variants", "--out-root", "variants"), "without --paper-variants"),
     ],
 )

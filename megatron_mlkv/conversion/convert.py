@@ -94,6 +94,7 @@ def conversion_report(
     merge: str = "mean",
     mlp_init: str = "zero",
     match_params: bool = True,
+    mlp_multiple: int = 1,
     base_dtype: torch.dtype = torch.float32,
     out_dtype: torch.dtype = torch.float32,
 ) -> dict:
@@ -116,6 +117,7 @@ def conversion_report(
         "merge": merge,
         "mlp_init": mlp_init,
         "match_params": match_params,
+        "mlp_multiple": mlp_multiple,
         "dtype": {"before": _dtype_name(base_dtype), "after": _dtype_name(out_dtype)},
         "parameters": {"before": base.num_parameters(), "after": target.num_parameters()},
         "intermediate_size": {"before": base.intermediate_size, "after": target.intermediate_size},
@@ -140,6 +142,7 @@ def format_report(report: dict) -> str:
         f"{report['format']} checkpoint: its weights as trained, with its arithmetic (unrotated_shared_keys)"
         if report.get("format")
         else f"merge {report['merge']}, mlp init {report['mlp_init']}, match params {report['match_params']}"
+        + (f" (MLP width a multiple of {report['mlp_multiple']})" if report.get("mlp_multiple", 1) > 1 else "")
         if report.get("init", "converted") == "converted"
         else f"weights {report['init']} (the base's are not used), match params {report['match_params']}",
         "",
@@ -267,6 +270,7 @@ def convert_checkpoint(
     report_path: str | os.PathLike | None = None,
     progress: bool = True,
     random_init: bool = False,
+    mlp_multiple: int = 1,
     seed: int = 0,
     revision: str | None = None,
 ) -> dict:
@@ -275,7 +279,8 @@ def convert_checkpoint(
     Layout: `kv_layers` (m) owner layers with `kv_groups` (g) KV heads each, at the paper's uniform
     positions, or an explicit `kv_owner` map (list or '0,0,2,2'); unset values keep the base's (MHA).
     `merge`: 'mean' or 'sequential' (the reference code); `mlp_init`: 'zero' (function-preserving)
-    or 'copy' (the reference code); `match_params=False` keeps the base's MLP width; `dtype` defaults
+    or 'copy' (the reference code); `match_params=False` keeps the base's MLP width, `mlp_multiple`
+    rounds the matched one (`core.matched_intermediate_size`); `dtype` defaults
     to the base's. The base is read one tensor at a time (peak memory about the converted model plus
     one base layer, plus transformers' saving buffers). Writes `out/conversion_report.json` (and
     `report_path` if given) and returns the report. Raises ConfigError for an invalid layout or
@@ -293,10 +298,12 @@ def convert_checkpoint(
     with _opened(base, revision) as ckpt:
         _check_out(out, ckpt, overwrite)
         if ckpt.reference:
-            _check_reference_options(ckpt, kv_layers, kv_groups, kv_owner, random_init, merge, mlp_init, match_params)
+            _check_reference_options(
+                ckpt, kv_layers, kv_groups, kv_owner, random_init, merge, mlp_init, match_params, mlp_multiple
+            )
             target = ckpt.config
         else:
-            target = target_config(ckpt.config, kv_layers, kv_groups, kv_owner, match_params)
+            target = target_config(ckpt.config, kv_layers, kv_groups, kv_owner, match_params, mlp_multiple)
         with ckpt.tensors() as reader:
             prefix = weights_prefix(reader, ckpt.config)
             base_dtype = reader.dtype(f"{prefix}{family_of(ckpt.config).embed}")
@@ -330,6 +337,7 @@ def convert_checkpoint(
             merge=merge,
             mlp_init=mlp_init,
             match_params=match_params,
+            mlp_multiple=mlp_multiple,
             base_dtype=base_dtype,
             out_dtype=out_dtype,
         )
@@ -370,7 +378,7 @@ def load_base_model(name: str, revision: str | None = None, dtype: torch.dtype |
 
 
 def _check_reference_options(
-    ckpt: BaseCheckpoint, kv_layers, kv_groups, kv_owner, random_init: bool, merge, mlp_init, match_params
+    ckpt: BaseCheckpoint, kv_layers, kv_groups, kv_owner, random_init: bool, merge, mlp_init, match_params, mlp_multiple
 ) -> None:
     """A reference checkpoint converts as it is: a flag that would change its layout, merge or MLP is refused."""
     given = [
@@ -383,6 +391,7 @@ def _check_reference_options(
             (f"--merge {merge}", None if merge == "mean" else merge),
             (f"--mlp-init {mlp_init}", None if mlp_init == "zero" else mlp_init),
             ("--no-match-params", None if match_params else True),
+            (f"--mlp-multiple {mlp_multiple}", None if mlp_multiple == 1 else mlp_multiple),
         )
         if value is not None
     ]
@@ -446,6 +455,7 @@ def convert_paper_variants(
     report_path: str | os.PathLike | None = None,
     progress: bool = True,
     revision: str | None = None,
+    mlp_multiple: int = 1,
 ) -> list[dict]:
     """Convert `base` into each of `paper_variants(l, h)`, as `out_root/<name>` (e.g. `mlkv-6`).
 
@@ -478,6 +488,7 @@ def convert_paper_variants(
                     merge=merge,
                     mlp_init=mlp_init,
                     match_params=match_params,
+                    mlp_multiple=mlp_multiple,
                     overwrite=overwrite,
                     dtype=dtype,
                     max_shard_size=max_shard_size,

@@ -35,20 +35,30 @@ def family_of(config: MLKVConfig) -> Family:
     return FAMILIES[config.family]
 
 
-def matched_intermediate_size(base: MLKVConfig, layout: KVLayout) -> int:
+def matched_intermediate_size(base: MLKVConfig, layout: KVLayout, multiple: int = 1) -> int:
     """The MLP width that keeps the parameter count of `base` after moving to `layout`.
 
     The paper's rule (its Table 2): parameters lost = lost KV heads · (2·d·d_k + 2·d_k), per layer
     = lost // l, intermediate += round(per_layer / d) // 2. A gated MLP grows three matrices a unit
     (and two biases with `mlp_bias`): intermediate += round(per_layer / (3·d + 2·mlp_bias)).
+    `multiple` rounds a widened MLP to the nearest multiple (never below the base's width, which an
+    unchanged MLP keeps): matrix shapes the GPU's kernels tile without a ragged edge, and float8
+    matmuls need multiples of 16; the parameter count then matches within half a multiple of MLP
+    units a layer.
     """
+    if multiple < 1:
+        raise ConfigError(f"mlp_multiple = {multiple} must be >= 1")
     d, dk = base.hidden_size, base.head_dim
     lost_heads = base.layout.kv_heads_total() - layout.kv_heads_total()
     if not base.gated_mlp:
         per_layer = lost_heads * (2 * d * dk + 2 * dk) // base.num_layers
-        return base.intermediate_size + round(per_layer / d) // 2
-    per_layer = lost_heads * 2 * (d + int(base.attention_bias)) * dk / base.num_layers
-    return base.intermediate_size + round(per_layer / (3 * d + 2 * int(base.mlp_bias)))
+        width = base.intermediate_size + round(per_layer / d) // 2
+    else:
+        per_layer = lost_heads * 2 * (d + int(base.attention_bias)) * dk / base.num_layers
+        width = base.intermediate_size + round(per_layer / (3 * d + 2 * int(base.mlp_bias)))
+    if width == base.intermediate_size:  # nothing to widen (the base's own layout): the base's width
+        return width
+    return max(base.intermediate_size, multiple * round(width / multiple))
 
 
 def target_config(
@@ -57,8 +67,10 @@ def target_config(
     kv_groups: int | None = None,
     kv_owner: list[int] | None = None,
     match_params: bool = True,
+    mlp_multiple: int = 1,
 ) -> MLKVConfig:
-    """The converted model's config: the base's shape, the new layout, and a matched MLP width.
+    """The converted model's config: the base's shape, the new layout, and a matched MLP width
+    (rounded to a multiple of `mlp_multiple`: `matched_intermediate_size`).
 
     `kv_layers` (m) and `kv_groups` (g) give the paper's uniform layout; `kv_owner` an explicit map
     (layer i attends with the K/V of layer kv_owner[i]). Unset values keep the base's (its g_b KV
@@ -78,7 +90,10 @@ def target_config(
         )
     if match_params:
         cfg = base.with_layout(
-            kv_layers, kv_groups, kv_owner, intermediate_size=matched_intermediate_size(base, cfg.layout)
+            kv_layers,
+            kv_groups,
+            kv_owner,
+            intermediate_size=matched_intermediate_size(base, cfg.layout, mlp_multiple),
         )
     return cfg
 
