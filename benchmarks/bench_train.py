@@ -8,6 +8,9 @@ For each (shape, layout) it times optimizer steps of
     mlkv-eager     the same without compiled layers
     mlkv-distill   `mlkv` distilled from a teacher (`--distill-from`): the shape's own model (MHA for
                    Pythia), frozen in bf16, its layers compiled; what distillation costs
+    mlkv-fp8-tensorwise, mlkv-fp8-rowwise  `mlkv` with the blocks' linear layers in float8
+                   (`uptrain.py --fp8 RECIPE`, torchao); `--precision-data PREFIX` compares their loss
+                   curves with bf16's over `--precision-steps` batches of real packed rows
     hf     transformers' own class of the family (`GPTNeoXForCausalLM`, `LlamaForCausalLM`; SDPA
            attention) with the same optimizer (the base's layout only: transformers has no
            cross-layer KV sharing), eager, as users run it under DeepSpeed
@@ -20,6 +23,8 @@ optimised path is compared with the eager path (no compile, full logits) from th
 python benchmarks/bench_train.py --shapes pythia-1b,pythia-2.8b --layouts mha,mqa-12,mlkv-6 --max-micro-batch \
     --out benchmarks/results/train/h200.json
 python benchmarks/bench_train.py --memory --shapes pythia-160m --seq-len 128 --micro-batch 160m=2 --out /tmp/m.json
+python benchmarks/bench_train.py --shapes pythia-1b,pythia-2.8b --layouts mha --engines mlkv,mlkv-fp8-tensorwise,\
+    mlkv-fp8-rowwise --precision-data data/rows2048 --out fp8.json
 
 Run from the repository root (the default --ds-config is ds_configs/zero2.json). Results:
 benchmarks/README.md.
@@ -41,7 +46,7 @@ import numpy as np
 import torch
 
 from megatron_mlkv.config import MLKVConfig, preset
-from megatron_mlkv.data import Prefetcher, RowSampler, collate
+from megatron_mlkv.data import PackedDataset, Prefetcher, RowSampler, collate
 from megatron_mlkv.training.engine import compile_blocks, make_engine
 from megatron_mlkv.training.metrics import matmul_flops_per_s
 from megatron_mlkv.training.trainer import single_process_env
@@ -53,7 +58,17 @@ LAYOUTS = {"mha": None, "gqa-48": ("l", "h/3"), "mqa-12": ("l", 1), "mlkv-6": ("
 # rounds that width to a multiple of N (`convert.py --mlp-multiple N`)
 MATCHED = "@matched"
 DEFAULT_MICRO = {"pythia-160m": 12, "pythia-410m": 16, "pythia-1b": 8, "llama-3.2-1b": 8, "smollm-135m": 12}
-ENGINES = ("mlkv", "mlkv-unpacked", "mlkv-eager", "mlkv-distill", "hf", "hf-compiled")
+ENGINES = (
+    "mlkv",
+    "mlkv-unpacked",
+    "mlkv-eager",
+    "mlkv-distill",
+    "mlkv-fp8-tensorwise",
+    "mlkv-fp8-rowwise",
+    "hf",
+    "hf-compiled",
+)
+FP8 = "mlkv-fp8-"  # the engines of `uptrain.py --fp8 RECIPE`: "mlkv-fp8-tensorwise", "mlkv-fp8-rowwise"
 
 
 def _split_layout(layout: str) -> tuple[str, int | None]:
@@ -164,14 +179,19 @@ def _mlkv_engine(
     seed: int = 0,
     pack: bool = True,
     teacher: MLKVConfig | None = None,
+    fp8: str | None = None,
 ):
     """Our engine; with `teacher` (the shape's base config), distilled from a random model of it, frozen
-    in bf16 (the default A and T of `--distill-from`)."""
+    in bf16 (the default A and T of `--distill-from`); with `fp8` (a recipe), the blocks' linear layers
+    in float8 (`uptrain.py --fp8`)."""
     from megatron_mlkv.model import MLKVTransformer
     from megatron_mlkv.training.distill import Distillation
+    from megatron_mlkv.training.float8 import to_float8
 
     torch.manual_seed(seed)
     model = MLKVTransformer(config).cuda()
+    if fp8:
+        to_float8(model, fp8)
     if compiled:
         compile_blocks(model)
     distill = None
@@ -195,6 +215,7 @@ def _engine(kind: str, config: MLKVConfig, cfg: dict, loss: str = "auto", base: 
         loss=loss,
         pack=kind != "mlkv-unpacked",
         teacher=base if kind == "mlkv-distill" else None,
+        fp8=kind.removeprefix(FP8) if kind.startswith(FP8) else None,
     )
 
 
@@ -296,7 +317,9 @@ def measure(
         "seq_len": seq_len,
         "ds_config": Path(ds_path).name,
         "zero_stage": cfg.get("zero_optimization", {}).get("stage", 0),
-        "precision": "bf16 mixed",
+        "precision": f"float8 {kind.removeprefix(FP8)} (blocks' linear layers), bf16 mixed"
+        if kind.startswith(FP8)
+        else "bf16 mixed",
         "loss": loss,
         "device": torch.cuda.get_device_name(device),
     }
@@ -431,6 +454,74 @@ def loss_check(shape: str, micro: int, seq_len: int, steps: int, ds_path=DS_CONF
         "curves": curves,
         "max_abs_diff": diff,
     }
+
+
+FP8_SETTLED = 50  # steps after which the float8 curves are compared with bf16's (the first are noisy)
+
+
+def settled_difference(ref: list[float], curve: list[float], after: int = FP8_SETTLED) -> float:
+    """The largest relative difference of `curve` to `ref` after step `after` (steps count from 1)."""
+    return max(abs(b / a - 1) for a, b in zip(ref[after:], curve[after:]))
+
+
+def _precision_curve(kind: str, shape: str, layout: str, micro: int, steps: int, data_prefix: str, ds_path) -> list:
+    device = single_gpu_process()
+    config = layout_config(shape, layout)
+    ds = PackedDataset(data_prefix)
+    ds.check_ids(np.arange(min(len(ds), micro * steps)), config.vocab_size)
+    engine = _engine(kind, config, ds_config(micro, ds_path), base=layout_config(shape, "mha"))
+    return time_steps(engine, ds, micro, steps, 0, device)["losses"]
+
+
+def precision_check(
+    shape: str, layout: str, micro: int, steps: int, data_prefix: str, recipes: list[str], ds_path=DS_CONFIG
+) -> dict:
+    """The loss curves of bf16 (`mlkv`) and of each float8 engine (`mlkv-fp8-RECIPE`) from the same
+    weights over the same `steps` batches of real packed rows (`data_prefix`, in order), and the largest
+    relative difference of each float8 curve to bf16's after step `FP8_SETTLED`."""
+    kinds = ["mlkv", *(FP8 + r for r in recipes)]
+    curves = {
+        k: in_fresh_process(_precision_curve, k, shape, layout, micro, steps, data_prefix, ds_path) for k in kinds
+    }
+    diffs = {k: settled_difference(curves["mlkv"], curves[k]) for k in kinds[1:]}
+    for kind, diff in diffs.items():
+        print(f"precision check ({shape} {layout}, {steps} steps of {data_prefix}): {kind} within {diff:.2%} of bf16")
+    return {
+        "precision_check": True,
+        "shape": shape,
+        "layout": layout_config(shape, layout).layout.name,
+        "data": str(data_prefix),
+        "micro_batch": micro,
+        "curves": curves,
+        "settled_after": FP8_SETTLED,
+        "max_rel_diff": diffs,
+    }
+
+
+def plot_precision(check: dict, path: Path) -> Path:
+    """The precision check's curves (PNG): loss against step, and each float8 curve's relative
+    difference to bf16's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_diff) = plt.subplots(1, 2, figsize=(13, 4.5))
+    ref = np.array(check["curves"]["mlkv"])
+    for kind, curve in check["curves"].items():
+        label = "bf16" if kind == "mlkv" else kind.removeprefix(FP8) + " float8"
+        ax_loss.plot(np.arange(1, len(curve) + 1), curve, label=label)
+        if kind != "mlkv":
+            ax_diff.plot(np.arange(1, len(curve) + 1), np.array(curve) / ref - 1, label=label)
+    ax_diff.axvline(check["settled_after"], color="grey", linestyle=":")
+    ax_loss.set(xlabel="step", ylabel="training loss", title=f"{check['shape']} {check['layout']}: real packed text")
+    ax_diff.set(xlabel="step", ylabel="float8 / bf16 - 1", title="relative difference to bf16")
+    for ax in (ax_loss, ax_diff):
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def profile(shape: str, layout: str, micro: int, seq_len: int = 2048, steps: int = 4, kind: str = "mlkv") -> str:
@@ -580,7 +671,7 @@ def format_table(records: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        if r.get("loss_check"):
+        if r.get("loss_check") or r.get("precision_check"):
             continue
         if r.get("oom"):
             lines.append(f"| {r['shape']} | {r['layout']} | {r['engine']} | {r['micro_batch']} | OOM | | | | |")
@@ -658,6 +749,13 @@ def main(argv=None) -> int:
         help="instead: what a training forward saves for backward, by kind, per shape and layout "
         "(and the peak on a GPU); runs on the CPU too",
     )
+    p.add_argument(
+        "--precision-data",
+        metavar="PREFIX",
+        help="also compare the loss curves of bf16 and float8 (the fp8 engines of --engines, else both "
+        "recipes) on these packed rows, first shape and layout (JSON, and OUT_precision.png)",
+    )
+    p.add_argument("--precision-steps", type=int, default=200, help="steps of that comparison (default 200)")
     p.add_argument("--out", default="bench_train.json", help="JSON output")
     args = p.parse_args(argv)
     micro = dict(DEFAULT_MICRO)
@@ -703,6 +801,19 @@ def main(argv=None) -> int:
         args.max_micro_batch,
         args.loss,
     )
+    if args.precision_data:
+        from megatron_mlkv.training.float8 import RECIPES
+
+        engines = args.engines.split(",")
+        recipes = [e.removeprefix(FP8) for e in engines if e.startswith(FP8)] or list(RECIPES)
+        shape, layout = shapes[0], args.layouts.split(",")[0]
+        check = precision_check(
+            shape, layout, micro[shape], args.precision_steps, args.precision_data, recipes, ds_path
+        )
+        records.append(check)
+        out = Path(args.out)
+        out.write_text(json.dumps(records, indent=2) + "\n")
+        plot_precision(check, out.with_name(out.stem + "_precision.png"))
     print(format_table(records))
     cost = format_distill_cost(records)
     if cost:

@@ -6,11 +6,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import logging
 import os
 import sys
 from typing import Any
 
 from .errors import MLKVError, os_error_line
+
+# Import-time noise of other packages that concerns no user of a command, off before any command
+# imports them: torchao (the `gpu` extra, for --fp8), which transformers imports whenever it loads a
+# model, logs that its CUDA extensions do not load under a CPU build of torch, and torch 2.13 warns
+# about two of torchao's registrations. Errors still show.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 
 def _close_process_group() -> None:

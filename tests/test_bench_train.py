@@ -98,3 +98,16 @@ def test_llama_shapes_keep_their_own_layout_and_widen_three_matrices():
     assert base.layout.name == "GQA-128" and plain.layout.name == matched.layout.name == "MLKV-8"
     assert plain.intermediate_size == base.intermediate_size < matched.intermediate_size
     assert abs(matched.num_parameters() / base.num_parameters() - 1) < 1e-4
+
+
+def test_the_precision_check_compares_float8_with_bf16_once_settled(tmp_path):
+    """`--precision-data`: the largest relative difference after step 50 (what the first steps do is
+    left out), and its plot."""
+    from benchmarks.bench_train import plot_precision, settled_difference
+
+    ref = [4.0] * 50 + [2.0] * 150
+    curve = [8.0] * 50 + [2.0] * 99 + [2.06] + [2.0] * 50  # far off before step 50, 3% off at step 150
+    assert settled_difference(ref, curve) == pytest.approx(0.03)
+    assert settled_difference(ref, ref) == 0.0
+    check = dict(shape="pythia-1b", layout="MHA", settled_after=50, curves={"mlkv": ref, "mlkv-fp8-rowwise": curve})
+    assert plot_precision(check, tmp_path / "p.png").stat().st_size > 10_000

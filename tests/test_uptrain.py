@@ -716,6 +716,7 @@ CHANGED_SETTINGS = {
     "min_lr_ratio": lambda w, t: ["--min-lr-ratio", 0.2],
     "warmup_ratio": lambda w, t: ["--warmup-ratio", 0.1],
     "weight_decay": lambda w, t: ["--weight-decay", 0.1],
+    "fp8": lambda w, t: ["--fp8"],  # torchao's float8 emulated (FP8_EMULATE): the CPU has no float8 units
 }
 
 
@@ -724,11 +725,12 @@ def test_resuming_with_a_changed_setting_is_refused_naming_it(workdir, tmp_path,
     """A run folder started with one command, then each guarded setting changed on its own: refused,
     naming that setting with its recorded and its new value."""
     from megatron_mlkv.training import RunPlan
-    from megatron_mlkv.training.plan import RESUME_KEYS
+    from megatron_mlkv.training.plan import FP8_EMULATE, RESUME_KEYS
 
     assert set(CHANGED_SETTINGS) == {k for k in RESUME_KEYS if not k.startswith("distill_")}
     argv = ["--ds_config", ds_config(workdir, "zero2.json"), "--init", workdir / "mlkv", "--data", workdir / "train"]
     argv += ["--valid-data", workdir / "valid", "--valid-rows", 2, "--out", tmp_path / "run", "--train-iters", 8]
+    monkeypatch.setenv(FP8_EMULATE, "1")
     first = RunPlan(RunOptions.from_argv(list(map(str, argv))))
     first.check_resumable()
     changed = list(map(str, argv + CHANGED_SETTINGS[key](workdir, tmp_path)))  # a flag given twice: the last wins

@@ -2,7 +2,8 @@
 
 Files: options.py (`RunOptions`: the run's flags), ds_config.py (the DeepSpeed JSON, checked),
 optim.py (parameter groups and schedule), engine.py (`LossModel`, compiled layers, `make_engine`),
-loss.py (the next-token loss without full logits), distill.py (the teacher and its loss), packing.py
+loss.py (the next-token loss without full logits), distill.py (the teacher and its loss), float8.py
+(`--fp8`: the blocks' linear layers in float8, torchao), packing.py
 (each layer's parameters as two flat tensors for DeepSpeed), deepspeed_patches.py, metrics.py
 (metrics.jsonl, TensorBoard, MFU), plan.py (`RunPlan`: the options checked before any process group
 exists), run_dir.py (which checkpoint folders are complete and intact), checkpointer.py

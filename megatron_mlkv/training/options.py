@@ -7,6 +7,7 @@ import argparse
 from dataclasses import dataclass
 
 from ..cli import Options, option
+from .float8 import DEFAULT_RECIPE, RECIPES
 
 # distillation defaults (--distill-from): A, the KL term's share, and T, its temperature: the best of the
 # uptraining study's sweep (benchmarks/README.md, "Distillation from the base"; docs/uptrain.md)
@@ -51,6 +52,15 @@ class RunOptions(Options):
         "auto",
         "loss implementation: auto = liger's fused linear cross-entropy on GPUs, full logits elsewhere",
         choices=("auto", "fused", "chunked", "logits"),
+    )
+    fp8: str | None = option(
+        None,
+        "train the blocks' linear layers in float8 (torchao; GPUs of compute capability 8.9+), with this "
+        f"recipe: {' or '.join(RECIPES)} scaling (default {DEFAULT_RECIPE}; docs/uptrain.md)",
+        choices=RECIPES,
+        nargs="?",
+        const=DEFAULT_RECIPE,
+        metavar="RECIPE",
     )
     distill_from: str | None = option(
         None,

@@ -31,6 +31,7 @@ from ..integrity import atomic_write
 from ..loading import read_config
 from .distill import check_teacher, distill_settings
 from .ds_config import load_ds_config
+from .float8 import float8_problem
 from .options import RunOptions
 
 # run_config.json keys a resumed run must share with the run it continues
@@ -49,7 +50,10 @@ RESUME_KEYS = (
     "weight_decay",
     "distill_weight",
     "distill_temperature",
+    "fp8",
 )
+# tests: float8 matmuls computed in float32 (torchao's emulation), so that --fp8 runs on the CPU
+FP8_EMULATE = "MLKV_FP8_EMULATE"
 
 
 def _open_data(prefix: str, flag: str, config: MLKVConfig) -> PackedDataset:
@@ -78,6 +82,13 @@ def _open_data(prefix: str, flag: str, config: MLKVConfig) -> PackedDataset:
             f"of {config.vocab_size}; pack with the model's tokenizer"
         )
     return ds
+
+
+def _cuda_capability() -> tuple[int, int] | None:
+    """This rank's GPU's compute capability, or None without one."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(int(os.environ.get("LOCAL_RANK", 0)))
 
 
 class RunPlan:
@@ -114,6 +125,11 @@ class RunPlan:
         self.teacher_fingerprint = (
             check_teacher(args.distill_from, self.config, args.init, self.data.seq_len) if self.distill else None
         )
+        self.fp8_emulate = os.environ.get(FP8_EMULATE) == "1"
+        if args.fp8:
+            problem = float8_problem(args.fp8, args.tp, (9, 0) if self.fp8_emulate else _cuda_capability())
+            if problem:
+                raise UptrainError(problem)
 
     def _check_tokenizer(self) -> None:
         """--data packed with --init's tokenizer (the same ids for the same tokens), unless
@@ -221,6 +237,7 @@ class RunPlan:
             "teacher_fingerprint": self.teacher_fingerprint,
             "distill_weight": self.distill[0] if self.distill else None,
             "distill_temperature": self.distill[1] if self.distill else None,
+            "fp8": a.fp8,
             "world_size": self.world,
             "micro_batch": self.micro,
             "gradient_accumulation": self.gas,

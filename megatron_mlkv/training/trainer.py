@@ -41,6 +41,7 @@ from .checkpointer import Checkpointer, fault
 from .deepspeed_patches import no_shared_memory_allreduce
 from .distill import Distillation, load_teacher
 from .engine import compile_blocks, make_engine
+from .float8 import left_in_bf16, to_float8
 from .metrics import MetricsLog, matmul_flops_per_s, max_memory_bytes, sync
 from .options import RunOptions
 from .plan import RunPlan
@@ -127,6 +128,11 @@ class Trainer:
         if self.args.tp > 1:
             model = tp.parallelize(model, self.groups.tp_group)
         a = self.args
+        if a.fp8:  # before the layers are compiled and DeepSpeed takes the parameters
+            note = left_in_bf16(model)
+            if note and self.plan.rank == 0:
+                print(f"note: {note}", flush=True)
+            to_float8(model, a.fp8, emulate=self.plan.fp8_emulate)
         compiling = a.compile and self.device.type == "cuda"
         # Layers are compiled only without --tp: compiled around the TP region's autograd collectives
         # they give wrong gradients (the losses leave TP=1's after the first step); eager TP matches TP=1.
