@@ -13,7 +13,7 @@ EXTRAS := .[test,eval]
 # them: pip itself included, this package (editable) left out, a build's local label such as +cpu dropped
 FREEZE = $(1) -m pip freeze --all --exclude-editable | sed -E 's/\+[[:alnum:].]+$$//' | LC_ALL=C sort -f
 
-.PHONY: test test-fast test-compat lint demo install lock check-venv clean
+.PHONY: test test-fast test-fp8 test-compat lint demo install lock check-venv clean
 
 $(STAMP): $(LOCK) setup.cfg pyproject.toml
 	rm -rf $(VENV)
@@ -64,6 +64,14 @@ lint: $(STAMP)
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow" tests
 
+# the float8 tests (tests/test_float8.py, skipped without torchao) with the newest torchao setup.cfg's gpu
+# extra allows, installed beside .venv: in .venv itself transformers would import it in every process
+FP8_SITE := .fp8-site
+test-fp8: $(STAMP)
+	rm -rf $(FP8_SITE)
+	$(PY) -m pip install -q --no-deps --target $(FP8_SITE) "$$(sed -nE 's/^[[:space:]]*(torchao[<>=][^;#]*).*/\1/p' setup.cfg | head -1 | xargs)"
+	PYTHONPATH=$(FP8_SITE) $(PYTEST) tests/test_float8.py tests/test_uptrain.py -k "fp8 or float8"
+
 # the tests marked `compat` in fresh environments of the newest and of the oldest versions setup.cfg admits
 test-compat:
 	PYTHON=$(PYTHON) tools/test_compat.sh newest oldest
@@ -72,4 +80,4 @@ demo: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) launch/demo.py --out demo_out
 
 clean:
-	rm -rf $(VENV) .venv-lock .venv-compat demo_out
+	rm -rf $(VENV) .venv-lock .venv-compat $(FP8_SITE) demo_out

@@ -4,13 +4,14 @@
 `Float8Linear`: forward and both backward matmuls run in float8 (e4m3; the tensorwise recipe keeps
 gradients in e5m2) with dynamic scales, one per tensor (`tensorwise`) or one per row (`rowwise`),
 while the weights, the optimizer and every other operation stay as they were (bf16 compute, fp32
-master weights). The embedding, the norms, attention itself and the output layer stay in bf16: the
-output layer's fused loss and the vocabulary's large range are where float8 costs most accuracy.
+master weights). The embedding, the norms and attention itself stay in bf16, and so does the output
+layer: the fused loss multiplies by its weight directly, never through the module.
 
 Float8 matmuls need matrix units that do float8: compute capability 8.9 (Ada) or 9.0 (Hopper) and
 later. Elsewhere, and with tensor parallelism (its layers are ours, not `nn.Linear`), `--fp8` is
-refused in one line before step 1 (`float8_problem`). The parameters keep their names, so checkpoints,
-exports and resume are unchanged, and a run can switch `--fp8` on or off between restarts.
+refused in one line before step 1 (`float8_problem`). The parameters keep their names, so checkpoints
+and exports are those of a bf16 run; `--fp8` is one of the settings a resume must repeat
+(`plan.RESUME_KEYS`).
 """
 
 from __future__ import annotations
